@@ -1,0 +1,30 @@
+# Two entry points: `make demo` trains on the built-in data, `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of PyTorch; on a CUDA machine set TORCH_SPEC=torch to take the default build.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python setup.py
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test,torch]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m dino_jax.train --config configs/demo.py --workdir $${WORKDIR:-runs/demo}
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

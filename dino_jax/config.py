@@ -1,0 +1,106 @@
+"""The base configuration (the reference's defaults) and its validation.
+
+Recipe files in `configs/` start from `base_config()` and change what their recipe changes. Keys keep
+the names of the reference's `main_dino.py` arguments; `batch_size` is the GLOBAL batch (the
+reference's is per GPU).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
+ARCHS = (*VIT_ARCHS, "resnet50")
+OPTIMIZERS = ("adamw", "sgd", "lars")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The reference's defaults (SPEC 3): ViT-S/16, 100 epochs, AdamW, 2 global + 8 local crops."""
+    c = ml_collections.ConfigDict()
+    # Model.
+    c.arch = "vit_small"
+    c.patch_size = 16
+    c.img_size = 224  # the resolution pos_embed is built for; other crop sizes interpolate it
+    c.drop_path_rate = 0.1
+    c.out_dim = 65536
+    c.norm_last_layer = True
+    c.use_bn_in_head = False
+    c.head_nlayers = 3
+    c.head_hidden_dim = 2048
+    c.head_bottleneck_dim = 256
+    # Loss.
+    c.student_temp = 0.1
+    c.warmup_teacher_temp = 0.04
+    c.teacher_temp = 0.04
+    c.warmup_teacher_temp_epochs = 0
+    c.center_momentum = 0.9
+    # Optimisation.
+    c.optimizer = "adamw"
+    c.batch_size = 512  # global
+    c.epochs = 100
+    c.steps_per_epoch = 0  # 0: derived from the dataset size (drop_last)
+    c.lr = 5e-4  # for a global batch of 256; scaled linearly
+    c.min_lr = 1e-6
+    c.warmup_epochs = 10
+    c.weight_decay = 0.04
+    c.weight_decay_end = 0.4
+    c.clip_grad = 3.0  # 0 disables clipping
+    c.freeze_last_layer = 1
+    c.momentum_teacher = 0.996
+    c.seed = 0
+    # Multi-crop.
+    c.global_crops_scale = (0.4, 1.0)
+    c.local_crops_number = 8
+    c.local_crops_scale = (0.05, 0.4)
+    c.data = ml_collections.ConfigDict()
+    c.data.global_crop_size = 224
+    c.data.local_crop_size = 96
+    # Devices: mesh axes (name, size); -1 takes the remaining devices.
+    c.mesh = (("data", -1), ("fsdp", 1))
+    c.dtype = "float32"  # matmul compute dtype; params, softmax, loss and EMAs stay float32
+    return c
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+    """Iterations per epoch; set by the train loop from the dataset when the recipe leaves 0."""
+    if config.steps_per_epoch <= 0:
+        raise ValueError(
+            f"steps_per_epoch={config.steps_per_epoch}: set it to the number of iterations per "
+            "epoch (dataset size // batch_size) before building the train step."
+        )
+    return int(config.steps_per_epoch)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks the values that would otherwise fail deep inside compilation, naming the key."""
+    _check_choice("arch", config.arch, ARCHS)
+    _check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    _check_choice("dtype", config.dtype, DTYPES)
+    if config.arch in VIT_ARCHS:
+        for key in ("global_crop_size", "local_crop_size"):
+            size = config.data[key]
+            if size % config.patch_size:
+                raise ValueError(
+                    f"data.{key}={size} is not divisible by patch_size={config.patch_size}: "
+                    f"choose a crop size that is a multiple of {config.patch_size}."
+                )
+    if config.batch_size <= 0:
+        raise ValueError(f"batch_size={config.batch_size} must be positive.")
+    if num_devices is not None and config.batch_size % num_devices:
+        raise ValueError(
+            f"batch_size={config.batch_size} is not divisible by {num_devices} devices: use a "
+            f"multiple of {num_devices} (the batch is split evenly over all devices)."
+        )
+    if config.local_crops_number < 0:
+        raise ValueError(f"local_crops_number={config.local_crops_number} must be >= 0.")
+    if config.warmup_teacher_temp_epochs > config.epochs:
+        raise ValueError(
+            f"warmup_teacher_temp_epochs={config.warmup_teacher_temp_epochs} exceeds "
+            f"epochs={config.epochs}."
+        )
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {key}={value!r}; choose one of {', '.join(choices)}.")

@@ -1,0 +1,66 @@
+"""Backbones, the DINO head, the multi-crop network, and the registry that builds them from a config."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from dino_jax.config import ARCHS, VIT_ARCHS
+from dino_jax.models.dino import MultiCrop
+from dino_jax.models.head import DINOHead
+from dino_jax.models.resnet import ResNet, resnet50
+from dino_jax.models.vit import VisionTransformer, vit_base, vit_small, vit_tiny
+
+__all__ = [
+    "DINOHead",
+    "MultiCrop",
+    "ResNet",
+    "VisionTransformer",
+    "build_backbone",
+    "build_dino",
+    "resnet50",
+    "vit_base",
+    "vit_small",
+    "vit_tiny",
+]
+
+_VITS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+
+
+def build_backbone(
+    arch: str,
+    patch_size: int = 16,
+    drop_path_rate: float = 0.0,
+    img_size: int = 224,
+    dtype=jnp.float32,
+):
+    """The backbone named by `arch` ("vit_tiny", "vit_small", "vit_base", "resnet50")."""
+    if arch in VIT_ARCHS:
+        return _VITS[arch](
+            patch_size=patch_size, drop_path_rate=drop_path_rate, img_size=img_size, dtype=dtype
+        )
+    if arch == "resnet50":
+        return resnet50(dtype=dtype)
+    raise ValueError(f"Unknown arch={arch!r}; choose one of {', '.join(ARCHS)}.")
+
+
+def build_dino(config: ml_collections.ConfigDict, *, teacher: bool = False) -> MultiCrop:
+    """The student (with stochastic depth) or the teacher (without) network of `config`."""
+    dtype = jnp.dtype(config.dtype)
+    backbone = build_backbone(
+        config.arch,
+        patch_size=config.patch_size,
+        drop_path_rate=0.0 if teacher else config.drop_path_rate,
+        img_size=config.img_size,
+        dtype=dtype,
+    )
+    head = DINOHead(
+        out_dim=config.out_dim,
+        use_bn=config.use_bn_in_head,
+        norm_last_layer=config.norm_last_layer,
+        nlayers=config.head_nlayers,
+        hidden_dim=config.head_hidden_dim,
+        bottleneck_dim=config.head_bottleneck_dim,
+        dtype=dtype,
+    )
+    return MultiCrop(backbone=backbone, head=head)

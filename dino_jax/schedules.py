@@ -1,0 +1,98 @@
+"""Every schedule of a DINO run, as pure functions of the global iteration.
+
+The reference precomputes NumPy arrays (`utils.cosine_scheduler`) and indexes them by iteration; we
+build the same curves from optax schedules so that they are evaluated inside the jitted step from
+`state.step` and a resumed or imported run needs no extra state.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dino_jax.config import steps_per_epoch
+
+
+def cosine_scheduler(
+    base_value: float,
+    final_value: float,
+    epochs: int,
+    niter_per_ep: int,
+    warmup_epochs: int = 0,
+    start_warmup_value: float = 0.0,
+) -> optax.Schedule:
+    """The reference's `cosine_scheduler`: linspace warmup (both ends included), then cosine.
+
+    Warmup iteration i < W gives linspace(start, base, W)[i]; iteration W + i gives
+    final + (base - final)(1 + cos(pi i / T)) / 2 with T = total - W. Past the last iteration
+    the final value of the array is held.
+    """
+    warmup_iters = warmup_epochs * niter_per_ep
+    total_iters = epochs * niter_per_ep
+    decay_iters = total_iters - warmup_iters
+    if decay_iters <= 0:
+        raise ValueError(
+            f"warmup_epochs={warmup_epochs} leaves no iteration for the cosine of {epochs} epochs."
+        )
+
+    def cosine(i):
+        i = jnp.minimum(i, decay_iters - 1)
+        return final_value + 0.5 * (base_value - final_value) * (
+            1.0 + jnp.cos(jnp.pi * i / decay_iters)
+        )
+
+    if warmup_iters == 0:
+        return cosine
+    # linspace(start, base, W) reaches base at W - 1; with W == 1 it is just [start].
+    warmup = optax.linear_schedule(start_warmup_value, base_value, max(warmup_iters - 1, 0))
+    return optax.join_schedules([warmup, cosine], [warmup_iters])
+
+
+def teacher_temp_schedule(
+    warmup_teacher_temp: float, teacher_temp: float, warmup_epochs: int
+) -> optax.Schedule:
+    """Teacher temperature per EPOCH: linspace(warmup, final, warmup_epochs), then constant."""
+    if warmup_epochs == 0:
+        return optax.constant_schedule(teacher_temp)
+    warmup = optax.linear_schedule(warmup_teacher_temp, teacher_temp, max(warmup_epochs - 1, 0))
+    return optax.join_schedules([warmup, optax.constant_schedule(teacher_temp)], [warmup_epochs])
+
+
+class Hyperparams(NamedTuple):
+    """The values one iteration uses, all scalars."""
+
+    lr: jax.Array
+    weight_decay: jax.Array
+    momentum: jax.Array  # teacher EMA
+    teacher_temp: jax.Array
+    last_layer_frozen: jax.Array  # bool
+
+
+def hyperparams_at(config: ml_collections.ConfigDict, step: jax.Array) -> Hyperparams:
+    """All schedules of `config` at global iteration `step` (SPEC 3)."""
+    niter = steps_per_epoch(config)
+    epoch = step // niter
+    lr = cosine_scheduler(
+        config.lr * config.batch_size / 256.0,
+        config.min_lr,
+        config.epochs,
+        niter,
+        warmup_epochs=config.warmup_epochs,
+    )
+    wd = cosine_scheduler(config.weight_decay, config.weight_decay_end, config.epochs, niter)
+    momentum = cosine_scheduler(config.momentum_teacher, 1.0, config.epochs, niter)
+    temp = teacher_temp_schedule(
+        config.warmup_teacher_temp, config.teacher_temp, config.warmup_teacher_temp_epochs
+    )
+    f32 = jnp.float32
+    return Hyperparams(
+        lr=jnp.asarray(lr(step), f32),
+        weight_decay=jnp.asarray(wd(step), f32),
+        momentum=jnp.asarray(momentum(step), f32),
+        teacher_temp=jnp.asarray(temp(epoch), f32),
+        last_layer_frozen=epoch < config.freeze_last_layer,
+    )

@@ -1,0 +1,165 @@
+"""TrainState, its initialisation, and the pure DINO train step jitted over a device mesh."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from dino_jax import loss as dino
+from dino_jax import parallel
+from dino_jax.config import steps_per_epoch, validate
+from dino_jax.models import MultiCrop, build_dino
+from dino_jax.optim import init_hyperparams, make_optimizer
+from dino_jax.schedules import hyperparams_at
+
+Batch = dict[str, jax.Array]  # {"global": [B, 2, H, W, 3], "local": [B, n, h, w, 3]} (optional)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a DINO run carries from one iteration to the next (a pytree).
+
+    `batch_stats` holds {"student": ..., "teacher": ...} BatchNorm statistics, empty without BN.
+    """
+
+    step: jax.Array  # global iteration, int32
+    student: Any  # params
+    teacher: Any  # params, an EMA of the student
+    center: jax.Array  # [K]
+    opt_state: optax.OptState
+    batch_stats: Any
+
+
+def init_state(config: ml_collections.ConfigDict, rng: jax.Array, mesh: Mesh | None = None):
+    """A fresh TrainState: the teacher starts as a copy of the student, the center at 0.
+
+    With a mesh, the state is created directly in its sharded layout (no full copy on one device).
+    """
+    validate(config, None if mesh is None else mesh.size)
+    if mesh is None:
+        return _init_state(config, rng)
+    shardings = state_sharding(config, mesh)
+    return jax.jit(partial(_init_state, config), out_shardings=shardings)(rng)
+
+
+def _init_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
+    size = config.data.global_crop_size
+    dummy = jnp.zeros((1, 2, size, size, 3), jnp.float32)
+    variables = build_dino(config).init(rng, dummy, train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    return TrainState(
+        step=jnp.zeros([], jnp.int32),
+        student=params,
+        # A distinct buffer, so that donating the state never donates one array twice.
+        teacher=jax.tree.map(jnp.copy, params),
+        center=jnp.zeros([config.out_dim], jnp.float32),
+        opt_state=make_optimizer(config, init_hyperparams()).init(params),
+        batch_stats={"student": batch_stats, "teacher": batch_stats} if batch_stats else {},
+    )
+
+
+def state_sharding(config: ml_collections.ConfigDict, mesh: Mesh):
+    """The NamedShardings of every leaf of the TrainState (rules in parallel.py)."""
+    shapes = jax.eval_shape(partial(_init_state, config), jax.random.key(0))
+    return parallel.state_sharding(shapes, mesh)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    config: ml_collections.ConfigDict,
+    student: MultiCrop,
+    teacher: MultiCrop,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One DINO iteration (SPEC 3): schedules, both forwards, loss, update, teacher and center EMAs."""
+    hp = hyperparams_at(config, state.step)
+    global_crops, local_crops = batch["global"], batch.get("local")
+    stats = state.batch_stats or {"student": {}, "teacher": {}}
+
+    teacher_logits, teacher_updates = teacher.apply(
+        {"params": state.teacher, "batch_stats": stats["teacher"]},
+        global_crops,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    drop_path_rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+
+    def loss_fn(params):
+        student_logits, student_updates = student.apply(
+            {"params": params, "batch_stats": stats["student"]},
+            global_crops,
+            local_crops,
+            train=True,
+            rngs={"drop_path": drop_path_rng},
+            mutable=["batch_stats"],
+        )
+        loss = dino.dino_loss(
+            student_logits, teacher_logits, state.center, hp.teacher_temp, config.student_temp
+        )
+        return loss, student_updates
+
+    (loss, student_updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
+    updates, opt_state = make_optimizer(config, hp).update(grads, state.opt_state, state.student)
+    student_params = optax.apply_updates(state.student, updates)
+    teacher_params = jax.tree.map(
+        lambda t, s: t * hp.momentum + (1.0 - hp.momentum) * s, state.teacher, student_params
+    )
+    new_state = state.replace(
+        step=state.step + 1,
+        student=student_params,
+        teacher=teacher_params,
+        center=dino.update_center(state.center, teacher_logits, config.center_momentum),
+        opt_state=opt_state,
+        batch_stats=_batch_stats(state, student_updates, teacher_updates),
+    )
+    metrics = {
+        "loss": loss,
+        "lr": hp.lr,
+        "weight_decay": hp.weight_decay,
+        "momentum": hp.momentum,
+        "teacher_temp": hp.teacher_temp,
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(student_params),
+        **dino.teacher_stats(teacher_logits, state.center, hp.teacher_temp),
+    }
+    return new_state, metrics
+
+
+def _batch_stats(state: TrainState, student_updates: dict, teacher_updates: dict):
+    """The updated BatchNorm statistics; each network keeps its own (the teacher's are not EMAs)."""
+    if not state.batch_stats:
+        return state.batch_stats
+    return {"student": student_updates["batch_stats"], "teacher": teacher_updates["batch_stats"]}
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict, mesh: Mesh
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """`train_step` jitted over `mesh`: state sharded by the parallel.py rules and donated, batch
+    split over every device, metrics replicated. Bad settings fail here, before compilation."""
+    validate(config, mesh.size)
+    steps_per_epoch(config)  # the schedules need it: fail now rather than while tracing
+    step = partial(
+        train_step,
+        config=config,
+        student=build_dino(config),
+        teacher=build_dino(config, teacher=True),
+    )
+    shardings = state_sharding(config, mesh)
+    return jax.jit(
+        step,
+        in_shardings=(shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(shardings, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )

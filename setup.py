@@ -1,0 +1,31 @@
+"""dino_jax: DINO self-supervised vision training in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dino_jax",
+    version="0.1.0",
+    description="DINO self-supervised vision training (Caron et al. 2021) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dino_jax", "dino_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9",
+        "grain>=0.2.12",
+        "ml_collections>=1.0",
+        "numpy>=1.26",
+        "pillow>=10",
+        "absl-py",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6"],
+        # Only for importing/exporting the official PyTorch checkpoints.
+        "torch": ["torch>=2.1"],
+    },
+)
