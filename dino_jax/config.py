@@ -23,6 +23,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.patch_size = 16
     c.img_size = 224  # the resolution pos_embed is built for; other crop sizes interpolate it
     c.drop_path_rate = 0.1
+    # ViT size overrides (0 keeps the arch's): for small experiments and tests.
+    c.embed_dim = 0
+    c.depth = 0
+    c.num_heads = 0
     c.out_dim = 65536
     c.norm_last_layer = True
     c.use_bn_in_head = False
@@ -78,13 +82,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_choice("optimizer", config.optimizer, OPTIMIZERS)
     _check_choice("dtype", config.dtype, DTYPES)
     if config.arch in VIT_ARCHS:
-        for key in ("global_crop_size", "local_crop_size"):
-            size = config.data[key]
+        sizes = {
+            "img_size": config.img_size,
+            "data.global_crop_size": config.data.global_crop_size,
+            "data.local_crop_size": config.data.local_crop_size,
+        }
+        for key, size in sizes.items():
             if size % config.patch_size:
                 raise ValueError(
-                    f"data.{key}={size} is not divisible by patch_size={config.patch_size}: "
-                    f"choose a crop size that is a multiple of {config.patch_size}."
+                    f"{key}={size} is not divisible by patch_size={config.patch_size}: "
+                    f"choose a size that is a multiple of {config.patch_size}."
                 )
+        if config.embed_dim and config.num_heads and config.embed_dim % config.num_heads:
+            raise ValueError(
+                f"embed_dim={config.embed_dim} is not divisible by num_heads={config.num_heads}."
+            )
     if config.batch_size <= 0:
         raise ValueError(f"batch_size={config.batch_size} must be positive.")
     if num_devices is not None and config.batch_size % num_devices:

@@ -129,8 +129,8 @@ def train_step(
         "weight_decay": hp.weight_decay,
         "momentum": hp.momentum,
         "teacher_temp": hp.teacher_temp,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(student_params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(student_params),
         **dino.teacher_stats(teacher_logits, state.center, hp.teacher_temp),
     }
     return new_state, metrics

@@ -10,3 +10,27 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+from dino_jax.config import base_config  # noqa: E402
+
+
+def make_tiny_config(**overrides):
+    """A ViT of depth 2 and width 64 with out_dim 256 on 32/16 px crops: behaviour, not size."""
+    c = base_config()
+    c.arch, c.patch_size, c.img_size = "vit_small", 8, 32
+    c.embed_dim, c.depth, c.num_heads = 64, 2, 4
+    c.out_dim, c.head_hidden_dim, c.head_bottleneck_dim = 256, 256, 64
+    c.data.global_crop_size, c.data.local_crop_size = 32, 16
+    c.local_crops_number = 2
+    c.batch_size, c.epochs, c.steps_per_epoch, c.warmup_epochs = 8, 4, 3, 1
+    c.freeze_last_layer = 0
+    for key, value in overrides.items():
+        c[key] = value
+    return c
+
+
+@pytest.fixture
+def tiny_config():
+    return make_tiny_config

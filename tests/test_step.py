@@ -1,0 +1,176 @@
+"""The jitted train step: sharding invariance, the EMA/center/freeze formulas, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dino_jax import parallel
+from dino_jax.loss import dino_loss
+from dino_jax.models import build_dino
+from dino_jax.step import init_state, make_train_step
+
+
+def random_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    b, g, l = config.batch_size, config.data.global_crop_size, config.data.local_crop_size
+    batch = {"global": rng.normal(size=(b, 2, g, g, 3)).astype(np.float32)}
+    if config.local_crops_number:
+        batch["local"] = rng.normal(size=(b, config.local_crops_number, l, l, 3)).astype(np.float32)
+    return batch
+
+
+def run_steps(config, mesh_axes, n_devices, n_steps=1, start_step=0):
+    mesh = parallel.make_mesh(mesh_axes, jax.devices()[:n_devices])
+    state = init_state(config, jax.random.key(0), mesh)
+    state = state.replace(step=jnp.int32(start_step))
+    train_step = make_train_step(config, mesh)
+    metrics = []
+    for i in range(n_steps):
+        state, m = train_step(state, parallel.to_global(random_batch(config, seed=i), mesh))
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state), metrics
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    leaves_a = jax.tree_util.tree_leaves_with_path(a)
+    leaves_b = jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for (path, x), y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(
+            np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol,
+            err_msg=jax.tree_util.keystr(path),
+        )
+
+
+def test_sharded_step_equals_single_device(tiny_config):
+    config = tiny_config(drop_path_rate=0.2)  # stochastic depth must not depend on the layout
+    one, m_one = run_steps(config, (("data", 1),), 1, n_steps=2)
+    for axes in [(("data", 8), ("fsdp", 1)), (("data", 4), ("fsdp", 2))]:
+        many, m_many = run_steps(config, axes, 8, n_steps=2)
+        assert_trees_close(many, one)
+        for a, b in zip(m_many, m_one):
+            np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+
+
+def test_fsdp_splits_large_params_and_their_moments(tiny_config):
+    config = tiny_config()
+    mesh = parallel.make_mesh((("data", 4), ("fsdp", 2)))
+    state = init_state(config, jax.random.key(0), mesh)
+    kernel = state.student["head"]["mlp_0"]["kernel"]  # 64 x 256: split on its larger axis
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    bias = state.student["head"]["mlp_0"]["bias"]
+    assert bias.sharding.spec == jax.sharding.PartitionSpec()
+    specs = {
+        leaf.sharding.spec for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == kernel.shape
+    }
+    assert specs == {kernel.sharding.spec}
+
+
+def test_step_follows_the_formulas(tiny_config):
+    """Teacher EMA, center EMA and loss from the step equal their formulas on its own inputs."""
+    config = tiny_config(drop_path_rate=0.0)
+    mesh = parallel.make_mesh((("data", 8),))
+    state0 = jax.device_get(init_state(config, jax.random.key(0), mesh))
+    batch = random_batch(config)
+    teacher_logits = build_dino(config, teacher=True).apply(
+        {"params": state0.teacher}, jnp.asarray(batch["global"]), train=True
+    )
+    state1, metrics = run_steps(config, (("data", 8),), 8)
+    m = float(metrics[0]["momentum"])
+    np.testing.assert_allclose(m, 0.996, rtol=1e-7)  # the first iteration of the schedule
+    expected_teacher = jax.tree.map(lambda t, s: m * t + (1 - m) * s, state0.teacher, state1.student)
+    assert_trees_close(state1.teacher, expected_teacher)
+    expected_center = 0.1 * np.mean(np.asarray(teacher_logits), axis=(0, 1))  # c0 = 0
+    np.testing.assert_allclose(state1.center, expected_center, rtol=1e-5, atol=1e-7)
+    assert int(state1.step) == 1
+    # Loss at the initial state: student without stochastic depth is the teacher (same params).
+    student_logits = build_dino(config, teacher=True).apply(
+        {"params": state0.student},
+        jnp.asarray(batch["global"]),
+        jnp.asarray(batch["local"]),
+        train=True,
+    )
+    expected_loss = dino_loss(student_logits, teacher_logits, jnp.zeros(256), 0.04)
+    np.testing.assert_allclose(metrics[0]["loss"], expected_loss, rtol=1e-5)
+    # lr of iteration 0 is the warmup start (0): the student only moves by weight decay (none
+    # either at lr 0), so it is unchanged.
+    assert_trees_close(state1.student, state0.student, rtol=0, atol=0)
+
+
+def test_last_layer_frozen_during_first_epochs(tiny_config):
+    config = tiny_config(freeze_last_layer=1, warmup_epochs=0)
+    state0 = jax.device_get(init_state(config, jax.random.key(0)))
+    frozen, _ = run_steps(config, (("data", 8),), 8, start_step=1)  # epoch 0
+    kernel = lambda s: s.student["head"]["last_layer"]["kernel_v"]  # noqa: E731
+    np.testing.assert_array_equal(kernel(frozen), kernel(state0))
+    assert not np.array_equal(
+        frozen.student["head"]["mlp_0"]["kernel"], state0.student["head"]["mlp_0"]["kernel"]
+    )
+    thawed, _ = run_steps(config, (("data", 8),), 8, start_step=config.steps_per_epoch)  # epoch 1
+    assert not np.array_equal(kernel(thawed), kernel(state0))
+
+
+def test_norm_last_layer_false_trains_weight_g(tiny_config):
+    config = tiny_config(norm_last_layer=False, warmup_epochs=0)
+    state, _ = run_steps(config, (("data", 8),), 8, start_step=4)
+    g = state.student["head"]["last_layer"]["weight_g"]
+    assert g.shape == (1, 256) and not np.allclose(g, 1.0)
+
+
+def test_no_local_crops(tiny_config):
+    config = tiny_config(local_crops_number=0)
+    _, metrics = run_steps(config, (("data", 8),), 8)
+    assert np.isfinite(metrics[0]["loss"])
+
+
+def test_bfloat16_close_to_float32(tiny_config):
+    f32, m32 = run_steps(tiny_config(warmup_epochs=0), (("data", 8),), 8, start_step=2)
+    bf16, m16 = run_steps(tiny_config(warmup_epochs=0, dtype="bfloat16"), (("data", 8),), 8, start_step=2)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16.student))
+    # bfloat16 keeps 8 bits of mantissa: the loss agrees to about 1e-2 relative.
+    np.testing.assert_allclose(m16[0]["loss"], m32[0]["loss"], rtol=2e-2)
+    assert_trees_close(bf16.student, f32.student, rtol=0, atol=5e-3)
+
+
+def test_step_compiles_once(tiny_config):
+    config = tiny_config()
+    mesh = parallel.make_mesh((("data", 8),))
+    state = init_state(config, jax.random.key(0), mesh)
+    train_step = make_train_step(config, mesh)
+    for i in range(3):
+        state, _ = train_step(state, parallel.to_global(random_batch(config, i), mesh))
+    assert train_step._cache_size() == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 12}, "batch_size=12 is not divisible by 8 devices"),
+        (
+            {"patch_size": 16, "img_size": 32, "data.local_crop_size": 24},
+            "local_crop_size=24 is not divisible by patch_size=16",
+        ),
+        ({"patch_size": 16, "img_size": 48, "data.global_crop_size": 40}, "global_crop_size=40"),
+        ({"patch_size": 16, "img_size": 40}, "img_size=40"),
+        ({"arch": "vit_huge"}, "Unknown arch='vit_huge'"),
+        ({"optimizer": "adam"}, "Unknown optimizer='adam'"),
+        ({"dtype": "float16"}, "Unknown dtype='float16'"),
+        ({"steps_per_epoch": 0}, "steps_per_epoch=0"),
+    ],
+)
+def test_bad_config_fails_before_compilation(tiny_config, overrides, message):
+    config = tiny_config()
+    for key, value in overrides.items():
+        node, _, leaf = key.rpartition(".")
+        (config[node] if node else config)[leaf] = value
+    mesh = parallel.make_mesh((("data", 8),))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        make_train_step(config, mesh)
+
+
+def test_bad_mesh():
+    with pytest.raises(ValueError, match="needs 6 devices but 8"):
+        parallel.make_mesh((("data", 3), ("fsdp", 2)))
+    with pytest.raises(ValueError, match="does not divide 8 devices"):
+        parallel.make_mesh((("data", -1), ("fsdp", 3)))
