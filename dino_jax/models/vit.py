@@ -1,0 +1,255 @@
+"""The DINO Vision Transformer backbone (ViT-T/S/B) and its bicubic position-embedding resize.
+
+Parameter names follow the reference state dict (`blocks.3.attn.qkv.weight` is
+`blocks_3/attn/qkv/kernel` here), so converting a released checkpoint is a rename plus transposes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IN_CHANS = 3  # the patch conv's bias init needs its fan-in before any input is seen
+LN_EPS = 1e-6
+INIT_STD = 0.02
+# torch's bicubic kernel constant; jax.image.resize uses -0.5, hence our own resize.
+CUBIC_A = -0.75
+
+# The reference's trunc_normal_(std=0.02) truncates at ±2 absolute (±100 std): a plain normal.
+_normal_init = nn.initializers.normal(INIT_STD)
+
+
+def _cubic_weights(t: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Weights of the taps at offsets -1, 0, 1, 2 for fractional positions t in [0, 1)."""
+
+    def near(d: np.ndarray) -> np.ndarray:  # |d| <= 1
+        return ((CUBIC_A + 2) * d - (CUBIC_A + 3)) * d * d + 1
+
+    def far(d: np.ndarray) -> np.ndarray:  # 1 < |d| < 2
+        return ((CUBIC_A * d - 5 * CUBIC_A) * d + 8 * CUBIC_A) * d - 4 * CUBIC_A
+
+    return far(t + 1), near(t), near(1 - t), far(2 - t)
+
+
+def _bicubic_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
+    """[out_size, in_size] float64 matrix of torch's bicubic upsample along one axis.
+
+    torch maps output index i to source coordinate (i + 0.5) / scale - 0.5 with the scale it was
+    GIVEN (not in_size / out_size), does not clamp that coordinate, and clamps each tap's index.
+    """
+    dst = np.arange(out_size)
+    src = (1.0 / scale) * (dst + 0.5) - 0.5
+    base = np.floor(src)
+    matrix = np.zeros((out_size, in_size))
+    for offset, weight in zip((-1, 0, 1, 2), _cubic_weights(src - base), strict=True):
+        taps = np.clip(base + offset, 0, in_size - 1).astype(np.int64)
+        np.add.at(matrix, (dst, taps), weight)
+    return matrix
+
+
+def resize_pos_embed(pos_embed: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
+    """Resize [1, 1+N, D] position embeddings of a square grid to [1, 1+grid_h*grid_w, D].
+
+    Matches the reference's `interpolate_pos_encoding` exactly: torch bicubic with
+    scale_factor (grid + 0.1) / sqrt(N) per axis; the +0.1 shifts the sampling positions, so a plain
+    resize to (grid_h, grid_w) gives different numbers. The cls embedding is kept.
+    """
+    num_patches = pos_embed.shape[1] - 1
+    if grid_h * grid_w == num_patches and grid_h == grid_w:
+        return pos_embed
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"pos_embed has {num_patches} patch positions, not a square grid")
+    dim = pos_embed.shape[2]
+    # floor(side * (grid + 0.1) / sqrt(N)) == grid, the output size torch computes.
+    rows = _bicubic_matrix(side, grid_h, (grid_h + 0.1) / math.sqrt(num_patches))
+    cols = _bicubic_matrix(side, grid_w, (grid_w + 0.1) / math.sqrt(num_patches))
+    grid = pos_embed[0, 1:].reshape(side, side, dim)
+    hp = jax.lax.Precision.HIGHEST
+    grid = jnp.einsum("hi,ijd->hjd", jnp.asarray(rows, pos_embed.dtype), grid, precision=hp)
+    grid = jnp.einsum("wj,hjd->hwd", jnp.asarray(cols, pos_embed.dtype), grid, precision=hp)
+    return jnp.concatenate([pos_embed[:, :1], grid.reshape(1, grid_h * grid_w, dim)], axis=1)
+
+
+def _uniform_init(bound: float) -> nn.initializers.Initializer:
+    """U(-bound, bound), for a bias whose fan-in the initializer cannot see."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(
+        features, dtype=dtype, param_dtype=jnp.float32, kernel_init=_normal_init, name=name
+    )
+
+
+def _layer_norm(name: str | None = None) -> nn.LayerNorm:
+    # Two-pass variance, as torch computes it; the float32 compute keeps mixed precision stable.
+    return nn.LayerNorm(
+        epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; returns the projected output and the softmax weights."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, N, D] -> (out [B, N, D] in dtype, attn [B, heads, N, N] float32)."""
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        qkv = _dense(3 * dim, self.dtype, "qkv")(x)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, hd]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        attn = jax.nn.softmax(logits * head_dim**-0.5, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v)
+        return _dense(dim, self.dtype, "proj")(out.reshape(batch, tokens, dim)), attn
+
+
+class Mlp(nn.Module):
+    """Linear(D, hidden) -> exact erf GELU -> Linear(hidden, D)."""
+
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, N, D] -> [B, N, D] in dtype."""
+        h = nn.gelu(_dense(self.hidden_dim, self.dtype, "fc1")(x), approximate=False)
+        return _dense(x.shape[-1], self.dtype, "fc2")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with per-sample stochastic depth on both residual branches."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    def _drop_path(self, branch: jax.Array, train: bool) -> jax.Array:
+        """Zero the branch of whole samples with prob. rate, scale the kept ones by 1/keep_prob."""
+        if not train or self.drop_path_rate == 0.0:
+            return branch
+        keep_prob = 1.0 - self.drop_path_rate
+        shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
+        noise = jax.random.uniform(self.make_rng("drop_path"), shape, branch.dtype)
+        return branch / keep_prob * jnp.floor(keep_prob + noise)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        """x [B, N, D] float32 -> (x [B, N, D] float32, attention [B, heads, N, N] float32)."""
+        branch, attn = Attention(self.num_heads, self.dtype, name="attn")(_layer_norm("norm1")(x))
+        x = x + self._drop_path(branch.astype(jnp.float32), train)
+        hidden = int(x.shape[-1] * self.mlp_ratio)
+        branch = Mlp(hidden, self.dtype, name="mlp")(_layer_norm("norm2")(x))
+        return x + self._drop_path(branch.astype(jnp.float32), train), attn
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone: NHWC images -> normed cls features; any size divisible by the patch size."""
+
+    patch_size: int = 16
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    img_size: int = 224  # pos_embed is built for (img_size // patch_size) ** 2 patches
+    dtype: Any = jnp.float32  # matmul compute dtype; params, residuals and outputs stay float32
+
+    def setup(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
+            )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+        self.patch_embed = nn.Conv(
+            self.embed_dim,
+            (self.patch_size, self.patch_size),
+            strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            # torch Conv2d default: kaiming_uniform(a=sqrt(5)) = U(±1/sqrt(fan_in)), bias alike.
+            kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+            bias_init=_uniform_init(1.0 / math.sqrt(IN_CHANS * self.patch_size**2)),
+        )
+        num_patches = (self.img_size // self.patch_size) ** 2
+        self.cls_token = self.param("cls_token", _normal_init, (1, 1, self.embed_dim))
+        self.pos_embed = self.param("pos_embed", _normal_init, (1, 1 + num_patches, self.embed_dim))
+        rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        self.blocks = [
+            Block(self.num_heads, self.mlp_ratio, float(rate), self.dtype) for rate in rates
+        ]
+        self.norm = _layer_norm()
+
+    def _tokens(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, 3] -> [B, 1 + (H/p)(W/p), D] float32: patches, cls token, positions."""
+        batch, height, width, chans = x.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by patch_size={self.patch_size}; "
+                "crop or resize it to a multiple"
+            )
+        if chans != IN_CHANS:
+            raise ValueError(f"expected {IN_CHANS} channels (NHWC), got x.shape={x.shape}")
+        patches = self.patch_embed(x).astype(jnp.float32)  # [B, H/p, W/p, D]
+        grid_h, grid_w = patches.shape[1:3]
+        cls = jnp.broadcast_to(self.cls_token, (batch, 1, self.embed_dim))
+        tokens = jnp.concatenate([cls, patches.reshape(batch, -1, self.embed_dim)], axis=1)
+        return tokens + resize_pos_embed(self.pos_embed, grid_h, grid_w)
+
+    def _encode(self, x: jax.Array, train: bool) -> tuple[list[jax.Array], jax.Array]:
+        """x [B, H, W, 3] -> (each block's output [B, 1+N, D], last attention [B, h, 1+N, 1+N])."""
+        h = self._tokens(x)
+        outputs = []
+        for block in self.blocks:
+            h, attn = block(h, train=train)
+            outputs.append(h)
+        return outputs, attn
+
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """x [B, H, W, 3] -> cls features [B, D] float32 after the final LayerNorm."""
+        outputs, _ = self._encode(x, train)
+        return self.norm(outputs[-1])[:, 0]
+
+    def get_last_selfattention(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, 3] -> last block's softmax attention [B, heads, 1+N, 1+N] float32."""
+        return self._encode(x, train=False)[1]
+
+    def get_intermediate_layers(self, x: jax.Array, n: int = 1) -> list[jax.Array]:
+        """x [B, H, W, 3] -> outputs of the last n blocks, each final-normed, [B, 1+N, D]."""
+        if not 1 <= n <= self.depth:
+            raise ValueError(f"n={n} must be between 1 and depth={self.depth}")
+        outputs, _ = self._encode(x, train=False)
+        return [self.norm(h) for h in outputs[-n:]]
+
+
+def vit_tiny(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-T: 192 wide, 12 blocks, 3 heads."""
+    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, **kwargs)
+
+
+def vit_small(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-S: 384 wide, 12 blocks, 6 heads."""
+    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, **kwargs)
+
+
+def vit_base(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-B: 768 wide, 12 blocks, 12 heads."""
+    return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, **kwargs)

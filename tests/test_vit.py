@@ -1,0 +1,418 @@
+"""ViT backbone against an independent PyTorch re-implementation of the reference's behaviour."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torch import nn as tnn
+
+from dino_jax.models.vit import (
+    VisionTransformer,
+    resize_pos_embed,
+    vit_base,
+    vit_small,
+    vit_tiny,
+)
+
+# Tiny models keep the suite fast; width 64 with 4 heads still exercises the head split.
+TINY = {"embed_dim": 64, "depth": 2, "num_heads": 4}
+RTOL = 1e-5
+
+
+def assert_close(got, want):
+    """Agreement to 1e-5 relative per entry, or to 1e-5 of the tensor's RMS for entries near 0.
+
+    The float64 reference is exact; float32 rounding leaves ~2e-6 absolute error on unit-scale
+    LayerNorm outputs (torch float32 itself is off by ~4e-6), so near-zero entries of a unit-scale
+    tensor cannot meet a pure 1e-5 relative bound.
+    """
+    want = np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.sqrt(np.mean(want**2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch reference, written from facebookresearch/dino vision_transformer.py's behaviour.
+# Runs in float64 so its numbers are the exact answer our float32 code is measured against.
+
+
+class TorchAttention(tnn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = tnn.Linear(dim, dim * 3)
+        self.proj = tnn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(x), attn
+
+
+class TorchMlp(tnn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = tnn.Linear(dim, hidden)
+        self.act = tnn.GELU()
+        self.fc2 = tnn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TorchBlock(tnn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.norm1 = tnn.LayerNorm(dim, eps=1e-6)
+        self.attn = TorchAttention(dim, num_heads)
+        self.norm2 = tnn.LayerNorm(dim, eps=1e-6)
+        self.mlp = TorchMlp(dim, 4 * dim)
+
+    def forward(self, x, keep_attn=1.0, keep_mlp=1.0):
+        """keep_* multiply the residual branches: 1 in eval, 0 or 1/keep_prob under DropPath."""
+        y, attn = self.attn(self.norm1(x))
+        x = x + keep_attn * y
+        return x + keep_mlp * self.mlp(self.norm2(x)), attn
+
+
+class PatchEmbed(tnn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = tnn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TorchViT(tnn.Module):
+    def __init__(self, patch_size, embed_dim, depth, num_heads, img_size):
+        super().__init__()
+        num_patches = (img_size // patch_size) ** 2
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = tnn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = tnn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.blocks = tnn.ModuleList([TorchBlock(embed_dim, num_heads) for _ in range(depth)])
+        self.norm = tnn.LayerNorm(embed_dim, eps=1e-6)
+
+    def interpolate_pos_encoding(self, x, w, h):
+        npatch = x.shape[1] - 1
+        N = self.pos_embed.shape[1] - 1
+        if npatch == N and w == h:
+            return self.pos_embed
+        class_pos_embed = self.pos_embed[:, 0]
+        patch_pos_embed = self.pos_embed[:, 1:]
+        dim = x.shape[-1]
+        w0 = w // self.patch_embed.patch_size + 0.1
+        h0 = h // self.patch_embed.patch_size + 0.1
+        side = int(math.sqrt(N))
+        patch_pos_embed = tnn.functional.interpolate(
+            patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2),
+            scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
+            mode="bicubic",
+        )
+        assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+        return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+    def prepare_tokens(self, x):
+        B, _, w, h = x.shape  # as in the reference: "w" is the height (NCHW dim 2)
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        return x + self.interpolate_pos_encoding(x, w, h)
+
+    def forward(self, x, keeps=None):
+        x = self.prepare_tokens(x)
+        for i, blk in enumerate(self.blocks):
+            x, _ = blk(x, *(keeps[i] if keeps else (1.0, 1.0)))
+        return self.norm(x)[:, 0]
+
+    def get_last_selfattention(self, x):
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x, attn = blk(x)
+        return attn
+
+    def get_intermediate_layers(self, x, n=1):
+        x = self.prepare_tokens(x)
+        output = []
+        for i, blk in enumerate(self.blocks):
+            x, _ = blk(x)
+            if len(self.blocks) - i <= n:
+                output.append(self.norm(x))
+        return output
+
+
+def torch_state_dict(params):
+    """Flax params -> a reference-named torch state dict (float64), transposing kernels."""
+    state = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [p.key for p in path]
+        value = np.asarray(value, np.float64)
+        if names[-1] == "kernel":
+            # Linear (in, out) -> (out, in); conv (kh, kw, in, out) -> (out, in, kh, kw).
+            value = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
+        leaf = {"kernel": "weight", "scale": "weight"}.get(names[-1], names[-1])
+        names = [n.replace("blocks_", "blocks.") for n in names[:-1]]
+        if names == ["patch_embed"]:
+            names = ["patch_embed", "proj"]
+        key = ".".join([*names, leaf]) if names else leaf
+        state[key] = torch.from_numpy(value.copy())
+    return state
+
+
+def torch_twin(model, params):
+    twin = TorchViT(model.patch_size, model.embed_dim, model.depth, model.num_heads, model.img_size)
+    twin.load_state_dict(torch_state_dict(params), strict=True)
+    return twin.double().eval()
+
+
+def to_torch(x):
+    return torch.from_numpy(np.asarray(x, np.float64).transpose(0, 3, 1, 2))
+
+
+@functools.cache
+def tiny_variables(patch=8, img_size=32):
+    """Shared float32 params of a TINY model; drop rate and dtype do not change their tree."""
+    model = VisionTransformer(patch_size=patch, img_size=img_size, **TINY)
+    return model.init(jax.random.key(0), jnp.zeros((1, img_size, img_size, 3)))
+
+
+def images(key, batch, height, width):
+    return jax.random.normal(jax.random.key(key), (batch, height, width, 3), jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward parity
+
+
+@pytest.mark.parametrize(
+    ("patch", "img_size", "height", "width"),
+    [
+        (8, 32, 32, 32),  # native grid: pos_embed used as is
+        (8, 32, 24, 24),  # smaller square: bicubic downsample
+        (8, 32, 48, 48),  # larger square: bicubic upsample
+        (8, 32, 40, 24),  # non-square, H > W
+        (8, 32, 16, 64),  # 2x8 grid: same patch count as 4x4 but must still be resized
+        (16, 64, 48, 80),  # patch 16, non-square, W > H
+    ],
+)
+def test_matches_torch_reference(patch, img_size, height, width):
+    model = VisionTransformer(patch_size=patch, img_size=img_size, **TINY)
+    variables = tiny_variables(patch, img_size)
+    x = images(2, 2, height, width)
+
+    @jax.jit
+    def outputs(variables, x):
+        return (
+            model.apply(variables, x),
+            model.apply(variables, x, method="get_last_selfattention"),
+            model.apply(variables, x, 2, method=VisionTransformer.get_intermediate_layers),
+        )
+
+    cls, attn, layers = outputs(variables, x)
+    twin, xt = torch_twin(model, variables["params"]), to_torch(x)
+    with torch.no_grad():
+        want_cls = twin(xt).numpy()
+        want_attn = twin.get_last_selfattention(xt).numpy()
+        want_layers = [t.numpy() for t in twin.get_intermediate_layers(xt, 2)]
+
+    tokens = 1 + (height // patch) * (width // patch)
+    assert cls.shape == (2, 64) and cls.dtype == jnp.float32
+    assert attn.shape == (2, 4, tokens, tokens) and attn.dtype == jnp.float32
+    assert len(layers) == 2 and all(h.shape == (2, tokens, 64) for h in layers)
+    assert_close(cls, want_cls)
+    assert_close(attn, want_attn)
+    for got, want in zip(layers, want_layers, strict=True):
+        assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Position-embedding resize
+
+
+def torch_resize(pos_embed, grid_h, grid_w, *, plus_tenth=True):
+    """The reference's interpolation of the patch part (float64), or a plain resize to size."""
+    n = pos_embed.shape[1] - 1
+    side = math.isqrt(n)
+    grid = torch.from_numpy(np.asarray(pos_embed[:, 1:], np.float64))
+    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    if plus_tenth:
+        scale = ((grid_h + 0.1) / math.sqrt(n), (grid_w + 0.1) / math.sqrt(n))
+        out = tnn.functional.interpolate(grid, scale_factor=scale, mode="bicubic")
+    else:
+        out = tnn.functional.interpolate(grid, size=(grid_h, grid_w), mode="bicubic")
+    return out.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).numpy()
+
+
+@pytest.mark.parametrize(
+    ("grid_h", "grid_w"),
+    [(6, 6), (3, 3), (30, 30), (10, 20), (20, 9), (7, 28), (1, 14)],
+)
+def test_resize_pos_embed_matches_torch_bicubic(grid_h, grid_w):
+    pos_embed = jax.random.normal(jax.random.key(3), (1, 197, 16), jnp.float32)
+    got = np.asarray(resize_pos_embed(pos_embed, grid_h, grid_w))
+    assert got.shape == (1, 1 + grid_h * grid_w, 16)
+    np.testing.assert_array_equal(got[:, :1], pos_embed[:, :1])
+    want = torch_resize(pos_embed, grid_h, grid_w)
+    assert_close(got[:, 1:], want)
+    # Resizing to exactly (grid_h, grid_w) samples elsewhere: the +0.1 must be honoured.
+    plain = torch_resize(pos_embed, grid_h, grid_w, plus_tenth=False)
+    assert np.abs(got[:, 1:] - plain).max() > 1e-3
+
+
+def test_resize_pos_embed_keeps_native_grid():
+    pos_embed = jax.random.normal(jax.random.key(4), (1, 197, 16), jnp.float32)
+    np.testing.assert_array_equal(resize_pos_embed(pos_embed, 14, 14), pos_embed)
+
+
+@pytest.mark.parametrize(("grid_h", "grid_w"), [(6, 6), (30, 30), (10, 20)])
+def test_resize_pos_embed_is_not_jax_image_resize(grid_h, grid_w):
+    # jax.image.resize uses A=-0.5, antialiases downsampling and ignores the +0.1.
+    pos_embed = jax.random.normal(jax.random.key(5), (1, 197, 16), jnp.float32)
+    got = resize_pos_embed(pos_embed, grid_h, grid_w)[0, 1:].reshape(grid_h, grid_w, 16)
+    grid = pos_embed[0, 1:].reshape(14, 14, 16)
+    other = jax.image.resize(grid, (grid_h, grid_w, 16), "bicubic")
+    assert jnp.abs(got - other).max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and parameters
+
+
+def closed_form_count(dim, depth, patch, img_size=224):
+    block = 12 * dim * dim + 13 * dim  # qkv 3D²+3D, proj D²+D, fc1 4D²+4D, fc2 4D²+D, 2 LNs 4D
+    embed = 3 * patch * patch * dim + dim + dim + (1 + (img_size // patch) ** 2) * dim
+    return depth * block + embed + 2 * dim
+
+
+def param_count(model):
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+
+
+@pytest.mark.parametrize(
+    ("build", "patch", "want"),
+    [
+        (vit_small, 16, 21_665_664),
+        (vit_base, 16, 85_798_656),
+        (vit_small, 8, closed_form_count(384, 12, 8)),
+        (vit_small, 14, closed_form_count(384, 12, 14)),
+        (vit_tiny, 16, closed_form_count(192, 12, 16)),
+    ],
+)
+def test_parameter_counts(build, patch, want):
+    assert param_count(build(patch_size=patch)) == want
+
+
+def test_parameter_names_follow_the_reference():
+    shapes = jax.eval_shape(vit_small().init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    params = shapes["params"]
+    assert params["cls_token"].shape == (1, 1, 384)
+    assert params["pos_embed"].shape == (1, 197, 384)
+    assert params["patch_embed"]["kernel"].shape == (16, 16, 3, 384)
+    assert params["blocks_11"]["attn"]["qkv"]["kernel"].shape == (384, 1152)
+    assert set(params["blocks_0"]) == {"norm1", "attn", "norm2", "mlp"}
+    assert set(params["blocks_0"]["mlp"]) == {"fc1", "fc2"}
+    assert "norm" in params
+
+
+def test_image_not_divisible_by_patch_raises():
+    model = VisionTransformer(patch_size=8, img_size=32, **TINY)
+    with pytest.raises(ValueError, match=r"30x32.*patch_size=8"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 30, 32, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stochastic depth
+
+
+def test_drop_path_rates_rise_linearly():
+    model = VisionTransformer(patch_size=8, img_size=32, embed_dim=64, depth=5, num_heads=4,
+                              drop_path_rate=0.4)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    rates = [block.drop_path_rate for block in model.bind(variables).blocks]
+    np.testing.assert_allclose(rates, [0.0, 0.1, 0.2, 0.3, 0.4], atol=1e-12)
+
+
+def test_drop_path_drops_whole_samples_and_rescales_kept_ones():
+    # depth 2, rate 0.5: block 0 has rate 0, block 1 drops each branch per sample with p 0.5.
+    model = VisionTransformer(patch_size=8, img_size=32, drop_path_rate=0.5, **TINY)
+    x = images(6, 16, 32, 32)
+    variables = tiny_variables()
+    train = jax.jit(lambda v, x, key: model.apply(v, x, train=True, rngs={"drop_path": key}))
+    got = np.asarray(train(variables, x, jax.random.key(7)))
+
+    twin, xt = torch_twin(model, variables["params"]), to_torch(x)
+    combos = [(a, m) for a in (0.0, 2.0) for m in (0.0, 2.0)]  # 0 = dropped, 2 = 1 / keep_prob
+    with torch.no_grad():
+        candidates = np.stack([twin(xt, [(1.0, 1.0), combo]).numpy() for combo in combos])
+    seen = set()
+    for i in range(len(x)):
+        matches = [c for c, want in zip(combos, candidates[:, i], strict=True)
+                   if np.allclose(got[i], want, rtol=RTOL, atol=RTOL)]
+        assert len(matches) == 1, f"sample {i} matches {matches}"
+        seen.add(matches[0])
+    assert len(seen) >= 3, f"per-sample masks look shared across the batch: {seen}"
+
+
+def test_drop_path_off_in_eval():
+    dropping = VisionTransformer(patch_size=8, img_size=32, drop_path_rate=0.5, **TINY)
+    plain = VisionTransformer(patch_size=8, img_size=32, **TINY)
+    x = images(8, 4, 32, 32)
+    variables = tiny_variables()
+    got = jax.jit(dropping.apply)(variables, x)
+    np.testing.assert_array_equal(got, jax.jit(plain.apply)(variables, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation and precision
+
+
+def test_init_statistics():
+    params = tiny_variables()["params"]
+    blocks = [params["blocks_0"], params["blocks_1"]]
+    dense = [blk[m][d] for blk in blocks for m, d in
+             [("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2")]]
+    kernels = np.concatenate([np.ravel(d["kernel"]) for d in dense])
+    assert abs(kernels.std() - 0.02) < 0.02 * 0.02
+    # A plain normal: about 4.6% of draws lie beyond 2 std, none would if truncated there.
+    assert 0.035 < np.mean(np.abs(kernels) > 0.04) < 0.055
+    for d in dense:
+        np.testing.assert_array_equal(d["bias"], 0.0)
+    for norm in [params["norm"]] + [blk[n] for blk in blocks for n in ("norm1", "norm2")]:
+        np.testing.assert_array_equal(norm["scale"], 1.0)
+        np.testing.assert_array_equal(norm["bias"], 0.0)
+    embeds = np.concatenate([np.ravel(params["cls_token"]), np.ravel(params["pos_embed"])])
+    assert abs(embeds.std() - 0.02) < 0.02 * 0.1
+
+    bound = 1 / math.sqrt(3 * 8 * 8)  # torch Conv2d default: U(±1/sqrt(fan_in)) for both
+    conv = params["patch_embed"]
+    assert np.abs(conv["kernel"]).max() <= bound
+    assert abs(np.std(conv["kernel"]) - bound / math.sqrt(3)) < 0.03 * bound
+    assert np.abs(conv["bias"]).max() <= bound
+    assert np.abs(conv["bias"]).max() > 0.8 * bound
+
+
+def test_bfloat16_compute_stays_close_with_float32_params():
+    model32 = VisionTransformer(patch_size=8, img_size=32, **TINY)
+    model16 = VisionTransformer(patch_size=8, img_size=32, dtype=jnp.bfloat16, **TINY)
+    x = images(9, 4, 24, 40)
+    shapes = jax.eval_shape(model16.init, jax.random.key(0), x)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
+    variables = tiny_variables()
+    got = jax.jit(model16.apply)(variables, x)
+    want = jax.jit(model32.apply)(variables, x)
+    assert got.dtype == jnp.float32
+    # Features are LayerNorm outputs of unit scale; bfloat16 keeps ~3 significant digits.
+    np.testing.assert_allclose(got, want, atol=5e-2)
+    attn = jax.jit(lambda v, x: model16.apply(v, x, method="get_last_selfattention"))(variables, x)
+    assert attn.dtype == jnp.float32
+    np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=1e-5)
