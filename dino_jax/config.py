@@ -1,8 +1,8 @@
 """The base configuration (the reference's defaults) and its validation.
 
-Recipe files in `configs/` start from `base_config()` and change what their recipe changes. Keys keep
-the names of the reference's `main_dino.py` arguments; `batch_size` is the GLOBAL batch (the
-reference's is per GPU).
+Recipe files in `configs/` start from `base_config()` and change what their recipe changes.
+Keys keep the names of the reference's `main_dino.py` arguments; `batch_size` is the GLOBAL
+batch (the reference's is per GPU).
 """
 
 from __future__ import annotations
@@ -58,8 +58,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.local_crops_number = 8
     c.local_crops_scale = (0.05, 0.4)
     c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic:shapes"  # or "tfds:imagenet2012", "folder:/path/to/images"
+    c.data.split = "train"
+    c.data.data_dir = ""  # tfds data_dir ("" = tfds default)
     c.data.global_crop_size = 224
     c.data.local_crop_size = 96
+    c.data.num_workers = 0  # grain worker processes (0: decode and augment in the main process)
+    c.data.num_threads = 16  # grain reader threads per process
+    c.data.eval_split = "val"
+    c.data.eval_resize_size = 256
+    c.data.eval_crop_size = 224
     # Devices: mesh axes (name, size); -1 takes the remaining devices.
     c.mesh = (("data", -1), ("fsdp", 1))
     c.dtype = "float32"  # matmul compute dtype; params, softmax, loss and EMAs stay float32

@@ -1,4 +1,4 @@
-"""The DINO objective: teacher centering and sharpening, the multi-crop cross-entropy, the center EMA.
+"""The DINO objective: teacher centering and sharpening, multi-crop cross-entropy, center EMA.
 
 Logits are crop-major, `[n_crops, B, K]`: crops 0 and 1 are the global crops. Everything here is
 float32 whatever the compute dtype of the networks.
@@ -40,7 +40,7 @@ def dino_loss(
 
 
 def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float) -> jax.Array:
-    """c <- m c + (1 - m) mean of the raw teacher logits over both global crops of the global batch."""
+    """c <- m c + (1 - m) mean of the raw teacher logits (both global crops, global batch)."""
     batch_center = jnp.mean(teacher_logits.astype(jnp.float32), axis=(0, 1))
     return center * momentum + batch_center * (1.0 - momentum)
 

@@ -49,7 +49,9 @@ def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
 def base_optimizer(name: str, lr, weight_decay) -> optax.GradientTransformation:
     """One optimizer step with decoupled (AdamW) or coupled (SGD, LARS) decay on `decay_mask`."""
     if name == "adamw":
-        return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask)
+        return optax.adamw(
+            lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask
+        )
     if name == "sgd":
         # torch SGD: d = g + wd * p; buf = 0.9 buf + d; p -= lr * buf.
         return optax.chain(
@@ -69,7 +71,9 @@ def base_optimizer(name: str, lr, weight_decay) -> optax.GradientTransformation:
     raise ValueError(f"Unknown optimizer={name!r}; choose one of adamw, sgd, lars.")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, hp: Hyperparams) -> optax.GradientTransformation:
+def make_optimizer(
+    config: ml_collections.ConfigDict, hp: Hyperparams
+) -> optax.GradientTransformation:
     """Clip each gradient tensor, then step; the last layer is skipped entirely while frozen.
 
     Frozen means no update, no decay and no moment or count update, as when the reference sets

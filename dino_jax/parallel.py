@@ -1,4 +1,4 @@
-"""Device mesh, the sharding rules for parameters, optimizer state and batch, and host-to-global arrays.
+"""Device mesh, sharding rules for parameters, optimizer state and batch; host-to-global arrays.
 
 Parameters (and everything shaped like them: teacher, Adam moments, center) are replicated over
 "data" and split over "fsdp" along their largest divisible axis; small tensors stay replicated,
@@ -75,7 +75,7 @@ def state_sharding(shapes, mesh: Mesh):
 
 
 def to_global(local_batch, mesh: Mesh):
-    """This process's slice of the batch (NumPy) -> global jax.Arrays sharded over the batch axis."""
+    """This process's slice of the batch (NumPy) -> global jax.Arrays split over the batch axis."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch

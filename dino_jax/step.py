@@ -81,7 +81,7 @@ def train_step(
     student: MultiCrop,
     teacher: MultiCrop,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One DINO iteration (SPEC 3): schedules, both forwards, loss, update, teacher and center EMAs."""
+    """One DINO iteration (SPEC 3): schedules, forwards, loss, update, teacher and center EMAs."""
     hp = hyperparams_at(config, state.step)
     global_crops, local_crops = batch["global"], batch.get("local")
     stats = state.batch_stats or {"student": {}, "teacher": {}}

@@ -1,4 +1,4 @@
-"""The optimizer chain against torch's optimizers and the reference's loop (clip, freeze, groups)."""
+"""The optimizer chain against torch's optimizers and the reference's loop (clip, freeze)."""
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,9 @@ def make_params(rng):
         "head": {"last_layer": {"kernel_v": (3, 5), "weight_g": (1, 5)}},
     }
     return jax.tree.map(
-        lambda s: rng.normal(size=s).astype(np.float32), shapes, is_leaf=lambda x: isinstance(x, tuple)
+        lambda s: rng.normal(size=s).astype(np.float32),
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple),
     )
 
 
@@ -70,7 +72,7 @@ def run_reference(name, params, grads_seq, hps, clip):
         opt = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
     else:
         opt = ReferenceLARS(groups)
-    for grads, hp in zip(grads_seq, hps):
+    for grads, hp in zip(grads_seq, hps, strict=True):
         for i, group in enumerate(opt.param_groups):
             group["lr"] = float(hp.lr)
             if i == 0:
@@ -147,7 +149,7 @@ def test_chain_matches_torch_over_steps_with_freeze(name):
         updates, state = make_optimizer(config, hp).update(grads, state, ours)
         return optax.apply_updates(ours, updates), state
 
-    for grads, hp in zip(grads_seq, hps):
+    for grads, hp in zip(grads_seq, hps, strict=True):
         ours, state = update(grads, state, ours, hp)
         if hp.last_layer_frozen:
             np.testing.assert_array_equal(
@@ -167,9 +169,7 @@ def test_frozen_last_layer_keeps_its_adam_state():
     grads = jax.tree.map(jnp.ones_like, params)
     _, state = tx.update(grads, state, params)
     counts = {
-        k: int(v)
-        for k, v in flat(state).items()
-        if k.endswith(".count") or k.endswith("count")
+        k: int(v) for k, v in flat(state).items() if k.endswith(".count") or k.endswith("count")
     }
     # The last layer's Adam count has not started; the rest's has.
     assert sorted(counts.values()) == [0, 1], counts

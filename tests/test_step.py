@@ -36,9 +36,12 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
     leaves_a = jax.tree_util.tree_leaves_with_path(a)
     leaves_b = jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b)
-    for (path, x), y in zip(leaves_a, leaves_b):
+    for (path, x), y in zip(leaves_a, leaves_b, strict=True):
         np.testing.assert_allclose(
-            np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol,
+            np.asarray(x, np.float64),
+            np.asarray(y, np.float64),
+            rtol=rtol,
+            atol=atol,
             err_msg=jax.tree_util.keystr(path),
         )
 
@@ -49,7 +52,7 @@ def test_sharded_step_equals_single_device(tiny_config):
     for axes in [(("data", 8), ("fsdp", 1)), (("data", 4), ("fsdp", 2))]:
         many, m_many = run_steps(config, axes, 8, n_steps=2)
         assert_trees_close(many, one)
-        for a, b in zip(m_many, m_one):
+        for a, b in zip(m_many, m_one, strict=True):
             np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
 
 
@@ -62,7 +65,9 @@ def test_fsdp_splits_large_params_and_their_moments(tiny_config):
     bias = state.student["head"]["mlp_0"]["bias"]
     assert bias.sharding.spec == jax.sharding.PartitionSpec()
     specs = {
-        leaf.sharding.spec for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == kernel.shape
+        leaf.sharding.spec
+        for leaf in jax.tree.leaves(state.opt_state)
+        if leaf.shape == kernel.shape
     }
     assert specs == {kernel.sharding.spec}
 
@@ -79,7 +84,9 @@ def test_step_follows_the_formulas(tiny_config):
     state1, metrics = run_steps(config, (("data", 8),), 8)
     m = float(metrics[0]["momentum"])
     np.testing.assert_allclose(m, 0.996, rtol=1e-7)  # the first iteration of the schedule
-    expected_teacher = jax.tree.map(lambda t, s: m * t + (1 - m) * s, state0.teacher, state1.student)
+    expected_teacher = jax.tree.map(
+        lambda t, s: m * t + (1 - m) * s, state0.teacher, state1.student
+    )
     assert_trees_close(state1.teacher, expected_teacher)
     expected_center = 0.1 * np.mean(np.asarray(teacher_logits), axis=(0, 1))  # c0 = 0
     np.testing.assert_allclose(state1.center, expected_center, rtol=1e-5, atol=1e-7)
@@ -126,7 +133,9 @@ def test_no_local_crops(tiny_config):
 
 def test_bfloat16_close_to_float32(tiny_config):
     f32, m32 = run_steps(tiny_config(warmup_epochs=0), (("data", 8),), 8, start_step=2)
-    bf16, m16 = run_steps(tiny_config(warmup_epochs=0, dtype="bfloat16"), (("data", 8),), 8, start_step=2)
+    bf16, m16 = run_steps(
+        tiny_config(warmup_epochs=0, dtype="bfloat16"), (("data", 8),), 8, start_step=2
+    )
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16.student))
     # bfloat16 keeps 8 bits of mantissa: the loss agrees to about 1e-2 relative.
     np.testing.assert_allclose(m16[0]["loss"], m32[0]["loss"], rtol=2e-2)

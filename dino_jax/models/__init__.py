@@ -1,4 +1,4 @@
-"""Backbones, the DINO head, the multi-crop network, and the registry that builds them from a config."""
+"""Backbones, the DINO head, the multi-crop network, and the registry that builds them."""
 
 from __future__ import annotations
 
