@@ -183,3 +183,28 @@ def test_bad_mesh():
         parallel.make_mesh((("data", 3), ("fsdp", 2)))
     with pytest.raises(ValueError, match="does not divide 8 devices"):
         parallel.make_mesh((("data", -1), ("fsdp", 3)))
+
+
+def test_batchnorm_statistics_per_network(tiny_config):
+    """Head BN: student and teacher each update their own running statistics in the step."""
+    config = tiny_config(use_bn_in_head=True)
+    state0 = jax.device_get(init_state(config, jax.random.key(0)))
+    state1, metrics = run_steps(config, (("data", 4), ("fsdp", 2)), 8)
+    s0, s1 = state0.batch_stats["student"]["head"], state1.batch_stats["student"]["head"]
+    t1 = state1.batch_stats["teacher"]["head"]
+    assert not np.allclose(s1["bn_0"]["mean"], s0["bn_0"]["mean"])
+    assert not np.allclose(t1["bn_0"]["mean"], s0["bn_0"]["mean"])
+    # The student saw 2 + 2 crops, the teacher only the 2 global ones: different statistics.
+    assert not np.allclose(s1["bn_0"]["mean"], t1["bn_0"]["mean"])
+    assert np.isfinite(metrics[0]["loss"])
+
+
+def test_resnet50_step_with_lars(tiny_config):
+    config = tiny_config(arch="resnet50", optimizer="lars", warmup_epochs=0)
+    state, metrics = run_steps(config, (("data", 8),), 8)
+    stats = state.batch_stats
+    assert set(stats) == {"student", "teacher"}
+    assert not np.allclose(
+        stats["student"]["backbone"]["bn1"]["mean"], stats["teacher"]["backbone"]["bn1"]["mean"]
+    )
+    assert np.isfinite(metrics[0]["loss"])
