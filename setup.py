@@ -20,6 +20,7 @@ setup(
         "ml_collections>=1.0",
         "numpy>=1.26",
         "pillow>=10",
+        "opencv-python-headless>=4.8",
         "absl-py",
         "tqdm",
     ],

@@ -68,10 +68,54 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "val"
     c.data.eval_resize_size = 256
     c.data.eval_crop_size = 224
+    # Checkpoints, logs and the k-NN monitor.
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10  # metrics to metrics.jsonl and TensorBoard
+    c.eval = ml_collections.ConfigDict()
+    c.eval.knn_every_steps = 0  # 0: k-NN of the teacher only before and after training; -1: never
+    c.eval.knn_train_examples = 10000  # labelled examples of data.split as the k-NN memory
+    c.eval.knn_val_examples = 2000  # examples of data.eval_split to classify
+    c.eval.knn_k = 20
+    c.eval.batch_size = 256
     # Devices: mesh axes (name, size); -1 takes the remaining devices.
     c.mesh = (("data", -1), ("fsdp", 1))
     c.dtype = "float32"  # matmul compute dtype; params, softmax, loss and EMAs stay float32
     return c
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink any recipe to a few CPU steps on the built-in data, keeping its arch family and
+    optimizer: the `:smoke` variant every recipe accepts."""
+    c = config
+    if c.arch in VIT_ARCHS:
+        c.embed_dim, c.depth, c.num_heads = 64, 2, 4
+    c.out_dim, c.head_hidden_dim, c.head_bottleneck_dim = 256, 256, 64
+    c.data.source, c.data.split, c.data.eval_split = "synthetic:shapes", "train", "val"
+    c.data.global_crop_size, c.data.local_crop_size = 2 * c.patch_size, c.patch_size
+    c.data.eval_resize_size, c.data.eval_crop_size = 2 * c.patch_size + 8, 2 * c.patch_size
+    c.data.num_workers = 0
+    c.local_crops_number = min(c.local_crops_number, 2)
+    c.batch_size, c.epochs, c.steps_per_epoch = 8, 1, 4
+    c.warmup_epochs = c.warmup_teacher_temp_epochs = c.freeze_last_layer = 0
+    c.checkpoint.every_steps, c.log.every_steps = 2, 1
+    c.eval.knn_every_steps, c.eval.knn_train_examples, c.eval.knn_val_examples = -1, 64, 32
+    c.eval.batch_size = 16
+    return c
+
+
+def apply_variants(
+    config: ml_collections.ConfigDict, arg: str | None, variants: dict | None = None
+) -> ml_collections.ConfigDict:
+    """Apply comma-separated variants (`recipe.py:boosted,smoke`): the recipe's own and `smoke`."""
+    table = {"smoke": smoke, **(variants or {})}
+    for name in filter(None, (arg or "").split(",")):
+        if name not in table:
+            raise ValueError(f"Unknown config variant {name!r}; choose from {', '.join(table)}.")
+        config = table[name](config)
+    return config
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:

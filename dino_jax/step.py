@@ -73,6 +73,16 @@ def state_sharding(config: ml_collections.ConfigDict, mesh: Mesh):
     return parallel.state_sharding(shapes, mesh)
 
 
+def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh):
+    """The TrainState as ShapeDtypeStructs with their shardings (to restore a checkpoint into)."""
+    shapes = jax.eval_shape(partial(_init_state, config), jax.random.key(0))
+    return jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        shapes,
+        parallel.state_sharding(shapes, mesh),
+    )
+
+
 def train_step(
     state: TrainState,
     batch: Batch,

@@ -1,0 +1,198 @@
+"""grain pipelines: the multi-crop training stream and the ordered evaluation stream.
+
+Both are defined over the GLOBAL sequence of examples: global batch k holds examples
+[k B, (k + 1) B) of that sequence, and process p builds only its slice [p B/P, (p + 1) B/P) of
+each batch. So every host reads only its share, and the global batch is the same whatever the
+number of processes or workers. Every random draw comes from grain's per-element RNG (seed, index),
+which makes batches independent of the worker count and lets an iterator resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from dino_jax.data.augment import MultiCropConfig, multicrop
+from dino_jax.data.sources import DecodedSource, make_source
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def multicrop_config(config: ml_collections.ConfigDict) -> MultiCropConfig:
+    """The augmentation settings of a run config (SPEC 4)."""
+    return MultiCropConfig(
+        global_size=config.data.global_crop_size,
+        local_size=config.data.local_crop_size,
+        global_scale=tuple(config.global_crops_scale),
+        local_scale=tuple(config.local_crops_scale),
+        local_crops_number=config.local_crops_number,
+    )
+
+
+class MultiCrop(grain.transforms.RandomMap):
+    """Record -> {"global": f32 [2, G, G, 3], "local": f32 [n, L, L, 3], "label": i32} using the
+    element's own RNG."""
+
+    def __init__(self, crops: MultiCropConfig):
+        self.crops = crops
+
+    def random_map(
+        self, element: dict[str, Any], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        return {**multicrop(element["image"], rng, self.crops), "label": element["label"]}
+
+
+def _process_slice(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None:
+        process_index = jax.process_index()
+    if process_count is None:
+        process_count = jax.process_count()
+    return process_index, process_count
+
+
+def _local_batch_size(batch_size: int, process_count: int) -> int:
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by {process_count} processes: use a "
+            f"multiple of {process_count}."
+        )
+    return batch_size // process_count
+
+
+def train_source(config: ml_collections.ConfigDict) -> DecodedSource:
+    """The decoded training source of `config.data`."""
+    source = make_source(config.data.source, config.data.split, config.data.data_dir)
+    # JPEGs may decode at a reduced scale as long as a global crop keeps its resolution.
+    return DecodedSource(source, min_side=config.data.global_crop_size)
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
+    """Full global batches in one pass over the data (the reference drops the remainder)."""
+    steps = num_examples // config.batch_size
+    if steps == 0:
+        raise ValueError(
+            f"{config.data.source} has {num_examples} images, fewer than one batch of "
+            f"batch_size={config.batch_size}: lower batch_size or add data."
+        )
+    return steps
+
+
+def train_dataset(
+    config: ml_collections.ConfigDict,
+    source=None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """The endless multi-crop stream of this process's slices of the global batches.
+
+    Each epoch is a fresh shuffle of the data truncated to whole batches, as the reference's
+    drop_last. Elements: {"global": f32 [b, 2, G, G, 3], "local": f32 [b, n, L, L, 3],
+    "label": i32 [b]} with b = B / P (labels are -1 where the source has none).
+    """
+    process_index, process_count = _process_slice(process_index, process_count)
+    local_batch = _local_batch_size(config.batch_size, process_count)
+    source = train_source(config) if source is None else source
+    epoch_size = steps_per_epoch(config, len(source)) * config.batch_size
+    ds = (
+        grain.MapDataset.source(source)
+        .seed(config.seed)
+        .shuffle()[:epoch_size]
+        .repeat()  # reseeds, hence reshuffles, every epoch
+        .random_map(MultiCrop(multicrop_config(config)))
+        .batch(local_batch, drop_remainder=True)[process_index::process_count]
+    )
+    return _to_iter(ds, config)
+
+
+def _to_iter(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads))
+    if config.data.num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+    return it
+
+
+def resize_center_crop(image: np.ndarray, resize: int, crop: int, resample: int) -> np.ndarray:
+    """torchvision Resize(resize) (shorter side) + CenterCrop(crop) on a [H, W, C] uint8 array."""
+    img = Image.fromarray(image)
+    w, h = img.size
+    if w <= h:
+        size = (resize, int(resize * h / w))
+    else:
+        size = (int(resize * w / h), resize)
+    img = img.resize(size, resample)
+    w, h = img.size
+    top, left = round((h - crop) / 2.0), round((w - crop) / 2.0)
+    return np.asarray(img.crop((left, top, left + crop, top + crop)))
+
+
+class EvalTransform(grain.transforms.Map):
+    """Resize 256 (bicubic) + centre crop 224 + normalise; a foreground mask follows (nearest)."""
+
+    def __init__(self, source, size: int, resize: int, crop: int):
+        self.source, self.size, self.resize, self.crop = source, size, resize, crop
+        self.has_mask = "mask" in source[0]
+        self.mean = np.asarray(MEAN, np.float32) * 255.0
+        self.scale = 1.0 / (np.asarray(STD, np.float32) * 255.0)
+
+    def map(self, index: int) -> dict[str, np.ndarray]:
+        if index >= self.size:  # padding of the last batch
+            return self._padding()
+        record = self.source[index]
+        image = resize_center_crop(record["image"], self.resize, self.crop, Image.BICUBIC)
+        out = {
+            "image": (image.astype(np.float32) - self.mean) * self.scale,
+            "label": np.int32(record["label"]),
+            "valid": np.bool_(True),
+        }
+        if "mask" in record:
+            out["mask"] = resize_center_crop(record["mask"], self.resize, self.crop, Image.NEAREST)
+        return out
+
+    def _padding(self) -> dict[str, np.ndarray]:
+        out = {
+            "image": np.zeros((self.crop, self.crop, 3), np.float32),
+            "label": np.int32(-1),
+            "valid": np.bool_(False),
+        }
+        if self.has_mask:
+            out["mask"] = np.zeros((self.crop, self.crop), np.uint8)
+        return out
+
+
+def eval_dataset(
+    config: ml_collections.ConfigDict,
+    split: str,
+    batch_size: int,
+    source=None,
+    *,
+    limit: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """Every example of `split` (or its first `limit`) once, in order: this process's slices of
+    global batches.
+
+    Elements: {"image": f32 [b, S, S, 3], "label": i32 [b], "valid": bool [b]} (+ "mask" when the
+    source has masks); the last global batch is padded with valid=False.
+    """
+    process_index, process_count = _process_slice(process_index, process_count)
+    local_batch = _local_batch_size(batch_size, process_count)
+    if source is None:
+        source = DecodedSource(make_source(config.data.source, split, config.data.data_dir))
+    size = len(source) if limit is None else min(limit, len(source))
+    padded = math.ceil(size / batch_size) * batch_size
+    transform = EvalTransform(source, size, config.data.eval_resize_size, config.data.eval_crop_size)
+    ds = (
+        grain.MapDataset.range(padded)
+        .map(transform)
+        .batch(local_batch, drop_remainder=True)[process_index::process_count]
+    )
+    return _to_iter(ds, config)

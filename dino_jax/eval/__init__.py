@@ -1,0 +1,1 @@
+"""Evaluation of trained backbones: feature extraction and k-NN classification."""
