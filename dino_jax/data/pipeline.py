@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import cv2
 import grain
 import jax
 import ml_collections
@@ -115,8 +116,15 @@ def train_dataset(
 def _to_iter(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads))
     if config.data.num_workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+        options = grain.MultiprocessingOptions(num_workers=config.data.num_workers)
+        it = it.mp_prefetch(options, worker_init_fn=_single_threaded_opencv)
     return it
+
+
+def _single_threaded_opencv(worker_index: int, worker_count: int) -> None:
+    """One OpenCV thread per worker process: the workers already use every core."""
+    del worker_index, worker_count
+    cv2.setNumThreads(1)
 
 
 def resize_center_crop(image: np.ndarray, resize: int, crop: int, resample: int) -> np.ndarray:
@@ -189,7 +197,8 @@ def eval_dataset(
         source = DecodedSource(make_source(config.data.source, split, config.data.data_dir))
     size = len(source) if limit is None else min(limit, len(source))
     padded = math.ceil(size / batch_size) * batch_size
-    transform = EvalTransform(source, size, config.data.eval_resize_size, config.data.eval_crop_size)
+    data = config.data
+    transform = EvalTransform(source, size, data.eval_resize_size, data.eval_crop_size)
     ds = (
         grain.MapDataset.range(padded)
         .map(transform)
