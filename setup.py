@@ -23,6 +23,8 @@ setup(
         "opencv-python-headless>=4.8",
         "absl-py",
         "tqdm",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],

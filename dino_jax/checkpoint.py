@@ -1,0 +1,226 @@
+"""Checkpoints of a run: orbax save/restore/resume of the TrainState, the data-iterator position
+and the config, saving on preemption, and the export of the teacher for evaluation.
+
+Layout under `workdir` (a local path or gs://):
+    checkpoints/<step>/state/    the TrainState (every process writes its own shards)
+    checkpoints/<step>/data/     the grain iterator position, one JSON file per process
+    checkpoints/<step>/config/   the run config as JSON (to refuse resuming a different model)
+A step directory is written under a temporary name and only made visible once complete, so a job
+killed mid-save leaves the previous checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grain.checkpoint
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as policies
+
+from dino_jax.step import TrainState
+
+# Keys that define the model and its optimizer state: the saved arrays only fit a config that
+# agrees on all of them (plus every `head_*` key). Schedules, data and batch size may change.
+MODEL_KEYS = (
+    "arch",
+    "patch_size",
+    "img_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "out_dim",
+    "use_bn_in_head",
+    "norm_last_layer",
+    "optimizer",
+)
+_STATE, _DATA, _CONFIG = "state", "data", "config"
+_MISSING = "<absent>"
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as the JSON-compatible dict that is saved (tuples become lists)."""
+    return json.loads(config.to_json_best_effort())
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints under `workdir/checkpoints`, asynchronously.
+
+    A checkpoint is written when `step % save_every == 0`, when forced, or when JAX's preemption
+    service reports a preemption at this step (multi-host jobs); the last `keep` are kept.
+    Every process must make the same calls (orbax synchronises them).
+    """
+
+    def __init__(self, workdir: str | epath.PathLike, *, save_every: int, keep: int):
+        if save_every <= 0:
+            raise ValueError(f"save_every={save_every} must be a positive number of steps.")
+        if keep <= 0:
+            raise ValueError(f"keep={keep} must be at least 1 (the checkpoint to resume from).")
+        self.directory = epath.Path(workdir) / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            # Explicit policies: orbax's default would also save the first step of every run.
+            save_decision_policy=policies.AnySavePolicy(
+                [
+                    policies.FixedIntervalPolicy(save_every),
+                    policies.PreemptionCheckpointingPolicy(),
+                ]
+            ),
+            preservation_policy=policies.LatestN(keep),
+            enable_async_checkpointing=True,
+            # Removes the temporary directories of saves that a killed job left unfinished.
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(_STATE, _DATA, _CONFIG)
+        )
+
+    def latest_step(self) -> int | None:
+        """The step of the newest complete checkpoint; None when there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """The steps of every complete checkpoint kept, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def saved_config(self, step: int) -> dict[str, Any]:
+        """The config saved with the checkpoint of `step`, as a JSON dict."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
+        )
+        return restored[_CONFIG]
+
+    def check_compatible(self, config: ml_collections.ConfigDict) -> None:
+        """Raises ValueError if the latest checkpoint holds a different model than `config`.
+
+        Call before compiling, so that a wrong --workdir fails at once; it reads only the config.
+        """
+        step = self.latest_step()
+        if step is None:
+            return
+        saved, requested = self.saved_config(step), config_to_dict(config)
+        head_keys = sorted(k for k in {*saved, *requested} if k.startswith("head_"))
+        diffs = [
+            f"{key}: saved {saved.get(key, _MISSING)!r}, requested {requested.get(key, _MISSING)!r}"
+            for key in (*MODEL_KEYS, *head_keys)
+            if saved.get(key, _MISSING) != requested.get(key, _MISSING)
+        ]
+        if diffs:
+            raise ValueError(
+                f"{self.directory} holds checkpoints (latest step {step}) of a different model: "
+                f"{'; '.join(diffs)}. Use a new --workdir for this model, or the saved values to "
+                "resume that run."
+            )
+
+    def should_save(self, step: int) -> bool:
+        """True if `save` would save at this step: on schedule or at a preemption, and newer
+        than the latest checkpoint."""
+        return self._manager.should_save(int(step))
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        data_iterator: grain.DatasetIterator | None,
+        config: ml_collections.ConfigDict,
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Starts saving if the step is due (or `force`); True if a save was started.
+
+        Returns once the arrays are copied to host memory, so the state may then be donated; the
+        files are written in the background (`wait` blocks until they are). The iterator's
+        position is read now. A step that already has a checkpoint is not saved again.
+        """
+        step = int(step)
+        if force and step in self._manager.all_steps():
+            return False  # e.g. the final step, already saved on schedule
+        items = {
+            _STATE: ocp.args.StandardSave(state),
+            _CONFIG: ocp.args.JsonSave(config_to_dict(config)),
+        }
+        if data_iterator is not None:
+            # grain's handler writes one file per process: each host owns its data shard.
+            items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(
+        self,
+        step: int,
+        abstract_state: TrainState,
+        data_iterator: grain.DatasetIterator | None = None,
+    ) -> TrainState:
+        """The TrainState of `step`, laid out as `abstract_state`
+        (`dino_jax.step.abstract_state(config, mesh)`: shapes, dtypes and mesh shardings).
+
+        `data_iterator`, if given, is moved in place to the position saved at `step` (grain's
+        `set_state`), so that the run continues with the batch that followed the checkpoint.
+        """
+        items = {_STATE: ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            if _DATA not in self._manager.item_metadata(step):
+                raise ValueError(
+                    f"The checkpoint of step {step} in {self.directory} has no data-iterator "
+                    "state (it was saved without one): restore with data_iterator=None."
+                )
+            items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self._manager.restore(step, args=ocp.args.Composite(**items))[_STATE]
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when JAX's preemption service asks every process to stop after this step."""
+        return self._manager.reached_preemption(int(step))
+
+    def wait(self) -> None:
+        """Blocks until every started save is complete on storage."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def export_teacher(
+    path: str | epath.PathLike, state: TrainState, config: ml_collections.ConfigDict
+) -> None:
+    """Writes the teacher (backbone + head params, BatchNorm statistics) and the config to the
+    directory `path`, replacing an earlier export there; read it back with `load_exported`.
+
+    Every process must call it (each writes its shards of the params).
+    """
+    path = epath.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    variables = {
+        "params": state.teacher,
+        "batch_stats": state.batch_stats["teacher"] if state.batch_stats else {},
+    }
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path / "variables", variables, force=True)
+        checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def load_exported(path: str | epath.PathLike) -> tuple[ml_collections.ConfigDict, Any, Any]:
+    """(config, params, batch_stats) of an export, the arrays as host NumPy arrays.
+
+    NumPy, not device arrays, so that an export loads on any device count or topology;
+    `jax.device_put` them where they are needed. `batch_stats` is {} for models without BN.
+    """
+    path = epath.Path(path)
+    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path / "variables").item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        variables = checkpointer.restore(
+            path / "variables", args=ocp.args.PyTreeRestore(restore_args=restore_args)
+        )
+    return config, variables["params"], variables.get("batch_stats", {})

@@ -1,0 +1,220 @@
+"""Checkpoints: exact sharded round trip with the data position, schedule and retention, refusing a
+different model, surviving a save killed before its commit, and the teacher export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_tiny_config
+from jax.sharding import SingleDeviceSharding
+
+from dino_jax import parallel
+from dino_jax.checkpoint import Checkpointer, export_teacher, load_exported
+from dino_jax.config import base_config
+from dino_jax.step import abstract_state, init_state, state_sharding
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def randomized(tree, seed):
+    """Every leaf replaced by random values of its shape, dtype and sharding (so that zeros, ones
+    and the fresh state's copies cannot hide a leaf that is not restored)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(x):
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            values = rng.integers(1, 1000, x.shape)
+        else:
+            values = rng.normal(size=x.shape)
+        return jax.device_put(values.astype(x.dtype), x.sharding)
+
+    return jax.tree.map(fill, tree)
+
+
+def small_state(step):
+    return {"w": jnp.full((4,), float(step)), "step": jnp.int32(step)}
+
+
+def on_one_device(tree):
+    """The restore target of `tree`: its shapes and dtypes on the first device."""
+    device = SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
+def counter_iterator():
+    return iter(grain.MapDataset.range(100).to_iter_dataset())
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    """(config, mesh, fresh TrainState) on 8 devices, ("data", 4) x ("fsdp", 2)."""
+    config = make_tiny_config()
+    mesh = parallel.make_mesh((("data", 4), ("fsdp", 2)))
+    return config, mesh, init_state(config, jax.random.key(0), mesh)
+
+
+def test_restore_is_exact_sharded_and_resumes_the_data(tmp_path, sharded):
+    config, mesh, fresh = sharded
+    state = randomized(fresh, seed=1)
+    expected = jax.device_get(state)
+    data = counter_iterator()
+    for _ in range(3):
+        next(data)
+
+    with Checkpointer(tmp_path, save_every=5, keep=2) as ckpt:
+        assert ckpt.save(5, state, data, config)
+        # The train step donates the state right after saving: the save must not need it.
+        for leaf in jax.tree.leaves(state):
+            leaf.delete()
+    with Checkpointer(tmp_path, save_every=5, keep=2) as ckpt:
+        assert ckpt.latest_step() == 5
+        resumed_data = counter_iterator()
+        restored = ckpt.restore(5, abstract_state(config, mesh), resumed_data)
+
+    assert next(resumed_data) == 3  # the element after the 3 consumed before the save
+    want_shardings = state_sharding(config, mesh)
+    assert any("fsdp" in s.spec for s in jax.tree.leaves(want_shardings))  # some leaf is split
+    got = jax.tree_util.tree_leaves_with_path(restored)
+    assert len(got) == len(jax.tree.leaves(expected))
+    for (path, x), y, sharding in zip(
+        got, jax.tree.leaves(expected), jax.tree.leaves(want_shardings), strict=True
+    ):
+        name = jax.tree_util.keystr(path)
+        assert x.dtype == y.dtype, name
+        assert x.sharding == sharding, name
+        np.testing.assert_array_equal(np.asarray(x), y, err_msg=name)
+    assert int(restored.step) == int(expected.step)
+
+
+def test_saves_on_schedule_or_forced_and_keeps_the_last(tmp_path, tiny_config):
+    config = tiny_config()
+    with Checkpointer(tmp_path, save_every=2, keep=2) as ckpt:
+        due = [ckpt.should_save(s) for s in range(1, 8)]
+        saved = []
+        for s in range(1, 8):
+            saved.append(ckpt.save(s, small_state(s), None, config))
+            ckpt.wait()  # old steps are removed when a save finalizes: keep the order strict
+        assert due == saved == [False, True, False, True, False, True, False]
+        assert not ckpt.should_save(6)  # not newer than the latest
+        assert ckpt.save(7, small_state(7), None, config, force=True)  # off schedule
+        assert not ckpt.save(7, small_state(7), None, config, force=True)  # already there
+        ckpt.wait()
+        assert ckpt.all_steps() == [6, 7]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6", "7"]
+
+
+def test_restoring_data_needs_a_saved_iterator(tmp_path, tiny_config):
+    abstract = on_one_device(small_state(0))
+    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+        ckpt.save(4, small_state(4), None, tiny_config())
+        ckpt.wait()
+        with pytest.raises(ValueError, match="no data-iterator state"):
+            ckpt.restore(4, abstract, counter_iterator())
+        np.testing.assert_array_equal(ckpt.restore(4, abstract)["w"], np.full(4, 4.0))
+
+
+def snapshot(directory: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in directory.rglob("*")}
+
+
+def test_check_compatible_names_each_changed_model_key(tmp_path, tiny_config):
+    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+        ckpt.check_compatible(tiny_config())  # no checkpoint yet: anything goes
+        ckpt.save(3, small_state(3), None, tiny_config())
+    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+        before = snapshot(tmp_path)
+        ckpt.check_compatible(tiny_config(lr=1e-3, epochs=9))  # same model, other schedule
+        with pytest.raises(ValueError, match=r"out_dim: saved 256, requested 512") as err:
+            ckpt.check_compatible(tiny_config(out_dim=512))
+        assert "--workdir" in str(err.value)
+        with pytest.raises(ValueError) as err:
+            ckpt.check_compatible(tiny_config(arch="vit_tiny", head_nlayers=2))
+        message = str(err.value)
+        assert "arch: saved 'vit_small', requested 'vit_tiny'" in message
+        assert "head_nlayers: saved 3, requested 2" in message
+        assert "out_dim" not in message
+        assert snapshot(tmp_path) == before
+
+
+# Saves step 1, then starts saving step 2 and is SIGKILLed (a preemption without grace period)
+# at the moment orbax would commit it: step 2's files are all written but not yet made visible,
+# the latest point a save can die. (A kill right after save() returns races with the background
+# write and may land before anything of step 2 reaches the disk.)
+KILLED_SAVE = """
+import os, signal, sys
+import jax.numpy as jnp
+from orbax.checkpoint._src.path import atomicity
+from dino_jax.checkpoint import Checkpointer
+from dino_jax.config import base_config
+
+def state(step):
+    return {"w": jnp.full((1_000_000,), float(step)), "step": jnp.int32(step)}
+
+async def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ckpt = Checkpointer(sys.argv[1], save_every=1, keep=5)
+ckpt.save(1, state(1), None, base_config())
+ckpt.wait()
+atomicity.AtomicRenameTemporaryPath.finalize = die
+ckpt.save(2, state(2), None, base_config())
+ckpt.wait()
+"""
+
+
+def test_a_save_killed_before_its_commit_leaves_the_previous_checkpoint(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_SAVE, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    leftovers = os.listdir(tmp_path / "checkpoints")
+    assert "1" in leftovers and "2" not in leftovers
+    assert any(name.startswith("2.") for name in leftovers), leftovers  # step 2 was under way
+
+    abstract = on_one_device(
+        {"w": jax.ShapeDtypeStruct((1_000_000,), jnp.float32), "step": jnp.int32(0)}
+    )
+    with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+        assert ckpt.latest_step() == 1
+        restored = ckpt.restore(1, abstract)
+        np.testing.assert_array_equal(restored["w"], np.ones(1_000_000, np.float32))
+        assert int(restored["step"]) == 1
+        # The resumed run saves again, and the debris of the killed save is gone.
+        assert ckpt.save(3, {"w": restored["w"] * 3, "step": jnp.int32(3)}, None, base_config())
+        ckpt.wait()
+        assert ckpt.all_steps() == [1, 3]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "3"]
+
+
+def test_export_holds_the_teacher_and_its_config(tmp_path, sharded):
+    config, _, fresh = sharded
+    # BatchNorm statistics as a model with BN has them (this tiny ViT has none).
+    stats = {"head": {"bn": {"mean": jnp.arange(8.0), "var": jnp.ones(8)}}}
+    state = fresh.replace(
+        teacher=randomized(fresh.teacher, seed=2),
+        batch_stats={"student": stats, "teacher": randomized(stats, seed=3)},
+    )
+    export_teacher(tmp_path / "export", state, config)
+
+    on_disk = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert (on_disk["out_dim"], on_disk["patch_size"]) == (256, 8)
+    loaded_config, params, batch_stats = load_exported(tmp_path / "export")
+    assert loaded_config.arch == "vit_small" and loaded_config.embed_dim == 64
+    for want, got in [(state.teacher, params), (state.batch_stats["teacher"], batch_stats)]:
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert isinstance(x, np.ndarray)
+            np.testing.assert_array_equal(x, np.asarray(y))
