@@ -7,6 +7,8 @@ batch (the reference's is per GPU).
 
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
 
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
@@ -116,6 +118,17 @@ def apply_variants(
             raise ValueError(f"Unknown config variant {name!r}; choose from {', '.join(table)}.")
         config = table[name](config)
     return config
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`configs/recipe.py[:variants]` -> its config, as `--config` loads it (notebooks, tests)."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("dino_jax_recipe", path)
+    if module_spec is None:
+        raise FileNotFoundError(f"No recipe file at {path!r}.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:

@@ -1,0 +1,234 @@
+"""The training command: `python -m dino_jax.train --config configs/<recipe>.py --workdir DIR`.
+
+Only the loop lives here: devices and mesh, state from the latest checkpoint or fresh, the jitted
+step fed by the input pipeline, checkpoints, metrics, the k-NN monitor, and a clean stop on
+SIGTERM/SIGINT or preemption. All maths is in step.py and below.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from dino_jax import parallel
+from dino_jax.checkpoint import Checkpointer, export_teacher
+from dino_jax.config import validate
+from dino_jax.data.pipeline import steps_per_epoch, train_dataset, train_source
+from dino_jax.eval.monitor import KnnMonitor
+from dino_jax.metrics import MetricWriter
+from dino_jax.step import abstract_state, init_state, make_train_step
+
+config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py[:variant].")
+flags.DEFINE_string(
+    "workdir", None, "Where checkpoints, metrics and the export go (local or gs://)."
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+log = logging.getLogger("dino_jax")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def initialize_distributed() -> None:
+    """Connect the processes of a multi-host run (TPU pods, SLURM, or explicit flags)."""
+    f = flags.FLAGS
+    if f.coordinator_address:
+        jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    elif _in_cluster():
+        jax.distributed.initialize()  # JAX reads the cluster from its environment
+
+
+def _in_cluster() -> bool:
+    env = os.environ
+    return (
+        int(env.get("SLURM_NTASKS", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or "JAX_COORDINATOR_ADDRESS" in env
+    )
+
+
+class Throughput:
+    """Step time and images/s over the steps since the last read."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.start, self.steps = time.perf_counter(), 0
+
+    def add_step(self) -> None:
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        rates = {
+            "step_time_s": elapsed / self.steps,
+            "images_per_s": self.batch_size * self.steps / elapsed,
+        }
+        self.start, self.steps = time.perf_counter(), 0
+        return rates
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks, so that it saves before exiting."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
+    validate(config, jax.device_count())
+    source = train_source(config)
+    if config.steps_per_epoch <= 0:
+        config.steps_per_epoch = steps_per_epoch(config, len(source))
+    mesh = parallel.make_mesh(config.mesh)
+    ckpt = Checkpointer(
+        workdir, save_every=config.checkpoint.every_steps, keep=config.checkpoint.keep
+    )
+    try:
+        ckpt.check_compatible(config)
+        data = iter(train_dataset(config, source))
+        state = _initial_state(config, mesh, ckpt, data)
+        resumed = int(state.step) or None
+        with MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=resumed) as writer:
+            writer.write_hparams(config)
+            return _loop(config, workdir, mesh, state, data, ckpt, writer)
+    finally:
+        ckpt.close()  # waits for saves in flight: even after an error the last one is complete
+
+
+def _loop(config, workdir, mesh, state, data, ckpt, writer) -> dict[str, float]:
+    """Steps from `state.step` to the end (or a stop signal), then the final save and export."""
+    start, total_steps = int(state.step), config.epochs * config.steps_per_epoch
+    monitor = KnnMonitor(config, mesh) if config.eval.knn_every_steps >= 0 else None
+    if monitor and start == 0:
+        writer.write(0, {"knn_top1": monitor(state.teacher, _teacher_stats(state))})
+    # Several processes must stop at the same step: JAX's preemption service (which handles
+    # their SIGTERM) agrees on it. A single process catches the signals itself.
+    stop = StopSignal() if jax.process_count() == 1 else None
+    train_step, compile_time = _compile(config, mesh, state)
+    writer.write(start, {"compile_time_s": compile_time})
+    log.info("Steps %d..%d, compiled in %.1f s", start, total_steps, compile_time)
+    last = {}
+    bar = tqdm(total=total_steps, initial=start, disable=jax.process_index() != 0, unit="step")
+    window = Throughput(config.batch_size)
+    for step in range(start + 1, total_steps + 1):
+        state, metrics = train_step(state, parallel.to_global(_images(next(data)), mesh))
+        window.add_step()
+        stopping = (stop and stop.received) or ckpt.reached_preemption(step)
+        saving = stopping or ckpt.should_save(step)
+        if step % config.log.every_steps == 0 or saving or step == total_steps:
+            # Checked before any save, so that a non-finite state is never written.
+            last = {**_check_finite(jax.device_get(metrics), step), **window.read()}
+            writer.write(step, last)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")
+        if monitor and config.eval.knn_every_steps and step % config.eval.knn_every_steps == 0:
+            writer.write(step, {"knn_top1": monitor(state.teacher, _teacher_stats(state))})
+        bar.update(1)
+        if saving:
+            ckpt.save(step, state, data, config, force=True)
+        if stopping:
+            log.warning("Stopped at step %d with a checkpoint (signal or preemption).", step)
+            break
+    bar.close()
+    step = int(state.step)
+    ckpt.save(step, state, data, config, force=True)
+    if step == total_steps:
+        export_teacher(os.path.join(workdir, "export"), state, config)
+        if monitor:
+            last["knn_top1"] = monitor(state.teacher, _teacher_stats(state))
+            writer.write(step, {"knn_top1": last["knn_top1"]})
+    return last
+
+
+def _initial_state(config, mesh, ckpt: Checkpointer, data):
+    """The latest checkpoint's state (and data position), or a fresh state."""
+    step = ckpt.latest_step()
+    if step is None:
+        return init_state(config, jax.random.key(config.seed), mesh)
+    log.info("Resuming from the checkpoint of step %d", step)
+    return ckpt.restore(step, abstract_state(config, mesh), data)
+
+
+def _compile(config, mesh, state):
+    """Compile the step ahead of time on the shapes of a real batch; returns it and seconds."""
+    start = time.perf_counter()
+    shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.batch_sharding(mesh)),
+        _global_shapes(config),
+    )
+    compiled = make_train_step(config, mesh).lower(state, shapes).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _global_shapes(config) -> dict[str, jax.ShapeDtypeStruct]:
+    b, g, l = config.batch_size, config.data.global_crop_size, config.data.local_crop_size
+    shapes = {"global": jax.ShapeDtypeStruct((b, 2, g, g, 3), np.float32)}
+    if config.local_crops_number:
+        n = config.local_crops_number
+        shapes["local"] = jax.ShapeDtypeStruct((b, n, l, l, 3), np.float32)
+    return shapes
+
+
+def _images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The crops the step consumes (labels stay on the host)."""
+    return {k: v for k, v in batch.items() if k in ("global", "local") and v.shape[1] > 0}
+
+
+def _teacher_stats(state):
+    return state.batch_stats.get("teacher") if state.batch_stats else None
+
+
+def _check_finite(metrics: dict, step: int) -> dict[str, float]:
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if not math.isfinite(metrics["loss"]):
+        raise NonFiniteLoss(
+            f"Loss is {metrics['loss']} at step {step}; stopping with the last good checkpoint "
+            "kept. Try a lower lr, clip_grad, or dtype=float32 (see README: NaN losses)."
+        )
+    return metrics
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    initialize_distributed()
+    # Our progress at INFO on process 0; the libraries' (orbax, grain) only when they warn.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    try:
+        final = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+        # Bad settings and data are the user's to fix: the message, not a traceback.
+        log.error("%s", e)
+        sys.exit(1)
+    if jax.process_index() == 0:
+        print("final:", " ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,170 @@
+"""The training command end to end: files, recipes, resume after SIGKILL, SIGTERM, NaN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dino_jax import train as train_lib
+from dino_jax.config import load_config
+from dino_jax.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = [
+    "demo.py",
+    "vit_small16.py",
+    "vit_small16.py:boosted",
+    "vit_small8.py",
+    "vit_base16.py",
+    "vit_base8.py",
+    "resnet50.py",
+]
+
+
+def cli(workdir, *overrides, config="configs/demo.py:smoke", wait=True):
+    cmd = [sys.executable, "-m", "dino_jax.train", f"--config={config}", f"--workdir={workdir}"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.Popen(
+        [*cmd, *overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+
+
+def losses_by_step(workdir):
+    """The last logged loss of every step (a resumed run logs some steps twice)."""
+    return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+
+
+def checkpoint_steps(workdir):
+    root = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
+def test_cli_writes_checkpoints_metrics_events_and_export(tmp_path):
+    code, out = cli(tmp_path)
+    assert code == 0, out
+    assert checkpoint_steps(tmp_path) == [2, 4]
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
+    for key in (
+        "loss",
+        "lr",
+        "weight_decay",
+        "momentum",
+        "teacher_temp",
+        "grad_norm",
+        "param_norm",
+        "teacher_entropy",
+        "teacher_kl_uniform",
+        "step_time_s",
+        "images_per_s",
+    ):
+        assert key in metrics[-1], key
+    assert any("compile_time_s" in m for m in metrics)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "export").exists()
+    assert "final:" in out
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_runs_in_smoke_form(tmp_path, recipe):
+    sep = "," if ":" in recipe else ":"
+    config = load_config(f"{REPO / 'configs' / recipe}{sep}smoke")
+    config.epochs, config.steps_per_epoch = 1, 2
+    final = train_lib.train(config, str(tmp_path))
+    assert np.isfinite(final["loss"])
+
+
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
+    overrides = ["--config.steps_per_epoch=60", "--config.checkpoint.every_steps=10"]
+    code, out = cli(tmp_path / "straight", *overrides)
+    assert code == 0, out
+    expected = losses_by_step(tmp_path / "straight")
+
+    killed = tmp_path / "killed"
+    proc = cli(killed, *overrides, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not checkpoint_steps(killed):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint_steps(killed), "no checkpoint before the kill"
+    code, out = cli(killed, *overrides)
+    assert code == 0, out
+    assert "Resuming from the checkpoint of step" in out
+    got = losses_by_step(killed)
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose(
+        [got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-6
+    )
+
+
+def test_sigterm_saves_the_current_step(tmp_path):
+    proc = cli(tmp_path, "--config.steps_per_epoch=100000", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not losses_by_step_safe(tmp_path):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    last_logged = max(losses_by_step(tmp_path))
+    assert checkpoint_steps(tmp_path)[-1] == last_logged
+    assert last_logged < 100000
+
+
+def losses_by_step_safe(workdir):
+    try:
+        return losses_by_step(workdir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def test_non_finite_loss_stops_with_message(tmp_path, monkeypatch):
+    config = load_config(f"{REPO / 'configs' / 'demo.py'}:smoke")
+    config.steps_per_epoch = 6
+    to_global = train_lib.parallel.to_global
+    calls = []
+
+    def poisoned(batch, mesh):
+        calls.append(1)
+        if len(calls) == 5:  # the batch of step 5
+            batch = {k: np.full_like(v, np.nan) for k, v in batch.items()}
+        return to_global(batch, mesh)
+
+    monkeypatch.setattr(train_lib.parallel, "to_global", poisoned)
+    with pytest.raises(train_lib.NonFiniteLoss, match="at step 5"):
+        train_lib.train(config, str(tmp_path))
+    assert checkpoint_steps(tmp_path) == [2, 4]  # the last good one kept, nothing after
+
+
+def test_bad_config_keys_and_types_are_named(tmp_path):
+    code, out = cli(tmp_path, "--config.no_such_key=1")
+    assert code != 0 and "no_such_key" in out
+    code, out = cli(tmp_path, "--config.batch_size=abc")
+    assert code != 0 and "batch_size" in out
+    code, out = cli(tmp_path, "--config.batch_size=12")
+    assert code != 0 and "batch_size=12 is not divisible by 8 devices" in out
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+    code, out = cli(tmp_path)
+    assert code == 0, out
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    code, out = cli(tmp_path, "--config.out_dim=512")
+    assert code != 0 and "out_dim" in out
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
