@@ -66,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.global_crop_size = 224
     c.data.local_crop_size = 96
     c.data.num_workers = 0  # grain worker processes (0: decode and augment in the main process)
-    c.data.num_threads = 16  # grain reader threads per process
+    c.data.num_threads = 4  # threads per process preparing batches (OpenCV and PIL free the GIL)
+    c.data.prefetch_batches = 4  # batches prepared ahead, per process
     c.data.eval_split = "val"
     c.data.eval_resize_size = 256
     c.data.eval_crop_size = 224

@@ -114,7 +114,12 @@ def train_dataset(
 
 
 def _to_iter(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads))
+    # Elements are whole batches: a few in flight per process keep the device fed without
+    # holding gigabytes of decoded crops.
+    read = grain.ReadOptions(
+        num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch_batches
+    )
+    it = ds.to_iter_dataset(read)
     if config.data.num_workers > 0:
         options = grain.MultiprocessingOptions(num_workers=config.data.num_workers)
         it = it.mp_prefetch(options, worker_init_fn=_single_threaded_opencv)
