@@ -106,6 +106,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     ckpt = Checkpointer(
         workdir, save_every=config.checkpoint.every_steps, keep=config.checkpoint.keep
     )
+    data = None
     try:
         ckpt.check_compatible(config)
         data = iter(train_dataset(config, source))
@@ -116,6 +117,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             return _loop(config, workdir, mesh, state, data, ckpt, writer)
     finally:
         ckpt.close()  # waits for saves in flight: even after an error the last one is complete
+        if data is not None:
+            data.close()  # stops the data workers
 
 
 def _loop(config, workdir, mesh, state, data, ckpt, writer) -> dict[str, float]:
@@ -123,7 +126,9 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer) -> dict[str, float]:
     start, total_steps = int(state.step), config.epochs * config.steps_per_epoch
     monitor = KnnMonitor(config, mesh) if config.eval.knn_every_steps >= 0 else None
     if monitor and start == 0:
-        writer.write(0, {"knn_top1": monitor(state.teacher, _teacher_stats(state))})
+        top1 = monitor(state.teacher, _teacher_stats(state))
+        log.info("k-NN top-1 of the teacher at initialisation: %.1f%%", top1)
+        writer.write(0, {"knn_top1": top1})
     # Several processes must stop at the same step: JAX's preemption service (which handles
     # their SIGTERM) agrees on it. A single process catches the signals itself.
     stop = StopSignal() if jax.process_count() == 1 else None
@@ -158,6 +163,7 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer) -> dict[str, float]:
         export_teacher(os.path.join(workdir, "export"), state, config)
         if monitor:
             last["knn_top1"] = monitor(state.teacher, _teacher_stats(state))
+            log.info("k-NN top-1 of the trained teacher: %.1f%%", last["knn_top1"])
             writer.write(step, {"knn_top1": last["knn_top1"]})
     return last
 
