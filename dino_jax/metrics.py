@@ -45,7 +45,9 @@ class MetricWriter:
         if not self.is_primary:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (self.workdir / METRICS_FILE).open("a")
+        self._jsonl = _metrics_file(self.workdir, resume_step).open(
+            "a" if _is_local(workdir) else "w"
+        )
         self._tensorboard = tensorboardX.SummaryWriter(
             str(self.workdir / TENSORBOARD_DIR),
             purge_step=None if resume_step is None else int(resume_step) + 1,
@@ -114,19 +116,34 @@ def _config_json(config: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
     return json.dumps(config, indent=2, sort_keys=True, default=str)
 
 
+def _is_local(workdir: str | epath.PathLike) -> bool:
+    return "://" not in str(workdir)
+
+
+def _metrics_file(workdir: epath.Path, resume_step: int | None) -> epath.Path:
+    """workdir/metrics.jsonl, appended to by every run. Object stores (gs://) cannot append, so
+    there each run (re)started at step s writes its own workdir/metrics.<s>.jsonl."""
+    if _is_local(workdir):
+        return workdir / METRICS_FILE
+    return workdir / f"metrics.{resume_step or 0:09d}.jsonl"
+
+
 def read_metrics(workdir: str | epath.PathLike) -> list[dict[str, Any]]:
-    """The records of workdir/metrics.jsonl: one dict per step, in step order.
+    """The records of workdir/metrics.jsonl (or its per-run parts): one dict per step, in order.
 
     Records of the same step are merged, later values winning: metrics written apart (training,
     evaluation) share a step, and a step that a resumed run repeated shows the repeat's values.
     """
+    workdir = epath.Path(workdir)
+    files = sorted(workdir.glob("metrics.*.jsonl")) or [workdir / METRICS_FILE]
     by_step: dict[int, dict[str, Any]] = {}
-    with (epath.Path(workdir) / METRICS_FILE).open() as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                merged = by_step.setdefault(record["step"], {})
-                merged.update({key: _from_json(value) for key, value in record.items()})
+    for path in files:
+        with path.open() as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    merged = by_step.setdefault(record["step"], {})
+                    merged.update({key: _from_json(value) for key, value in record.items()})
     return [by_step[step] for step in sorted(by_step)]
 
 

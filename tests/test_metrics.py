@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+from dino_jax import metrics as metrics_lib
 from dino_jax.metrics import MetricWriter, plot_metrics, read_metrics
 
 
@@ -139,3 +140,21 @@ def test_plot_draws_the_recorded_curves(tmp_path):
     assert (image < 128).mean() > 0.005  # dark ink: curves, axes and labels were drawn
     with pytest.raises(ValueError, match=r"keys=\['los'\].*'loss'"):
         plot_metrics(tmp_path, keys=("los",))
+
+
+def test_object_store_runs_write_their_own_parts(tmp_path, monkeypatch):
+    """gs:// cannot append: each (re)started run writes metrics.<start>.jsonl, read back merged."""
+    monkeypatch.setattr(metrics_lib, "_is_local", lambda workdir: False)
+    with metrics_lib.MetricWriter(tmp_path) as writer:
+        writer.write(1, {"loss": 2.0})
+        writer.write(2, {"loss": 1.5})
+    with metrics_lib.MetricWriter(tmp_path, resume_step=1) as writer:
+        writer.write(2, {"loss": 1.25})
+    assert sorted(p.name for p in tmp_path.glob("metrics.*.jsonl")) == [
+        "metrics.000000000.jsonl",
+        "metrics.000000001.jsonl",
+    ]
+    assert [(m["step"], m["loss"]) for m in metrics_lib.read_metrics(tmp_path)] == [
+        (1, 2.0),
+        (2, 1.25),
+    ]
