@@ -420,3 +420,14 @@ def test_decode_rejects_undecodable_bytes_quickly(photo, case):
         augment.decode_image(data)
     assert time.perf_counter() - start < 1.0
     assert issubclass(augment.ImageDecodeError, ValueError)  # what loaders catch
+
+
+def test_blur_sigma_range_follows_the_config():
+    """Smaller crops take a proportionally smaller blur: sigma is drawn from cfg.blur_sigma."""
+    cfg = augment.MultiCropConfig(global_size=64, local_size=32, blur_sigma=(0.1, 0.6))
+    rng = np.random.default_rng(0)
+    sigmas = [
+        p.blur_sigma for _ in range(300) for p in augment.sample_multicrop_params(rng, 80, 90, cfg)
+    ]
+    assert 0.1 <= min(sigmas) and max(sigmas) <= 0.6
+    assert stats.kstest(np.array(sigmas), stats.uniform(0.1, 0.5).cdf).pvalue > 1e-3

@@ -60,6 +60,8 @@ class MultiCropConfig:
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     local_crops_number: int = 8
+    # Gaussian blur sigma range, in output pixels (the reference's for 224/96 px crops).
+    blur_sigma: tuple[float, float] = BLUR_SIGMA
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -164,7 +166,8 @@ def sample_multicrop_params(
     blur_p[:2] = GLOBAL_1_BLUR_P, GLOBAL_2_BLUR_P
     blur = (u[:, 3] < blur_p).tolist()
     solarize = ((u[:, 4] < GLOBAL_2_SOLARIZE_P) & (np.arange(n) == 1)).tolist()
-    sigma = (BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 5]).tolist()
+    low_sigma, high_sigma = cfg.blur_sigma
+    sigma = (low_sigma + (high_sigma - low_sigma) * u[:, 5]).tolist()
     low = np.array([1 - BRIGHTNESS, 1 - CONTRAST, 1 - SATURATION, -HUE])
     high = np.array([1 + BRIGHTNESS, 1 + CONTRAST, 1 + SATURATION, HUE])
     factors = (low + (high - low) * u[:, 6:10]).tolist()

@@ -34,6 +34,7 @@ def multicrop_config(config: ml_collections.ConfigDict) -> MultiCropConfig:
         global_scale=tuple(config.global_crops_scale),
         local_scale=tuple(config.local_crops_scale),
         local_crops_number=config.local_crops_number,
+        blur_sigma=tuple(config.data.blur_sigma),
     )
 
 
