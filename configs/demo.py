@@ -18,6 +18,7 @@ def get_config(arg=None):
     c.out_dim = 4096
     c.data.source = "synthetic:shapes"
     c.data.global_crop_size, c.data.local_crop_size = 64, 32
+    c.data.blur_sigma = (0.1, 0.6)  # the reference's range scaled from 224-px to 64-px crops
     c.data.eval_resize_size, c.data.eval_crop_size = 72, 64
     c.local_crops_number = 6
     c.data.num_workers = 1
