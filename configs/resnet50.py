@@ -8,20 +8,16 @@ The reference's ResNet recipe: SGD, lr 0.03, constant weight decay 1e-4, global 
 `:smoke` shrinks it to a few CPU steps on the built-in data.
 """
 
-from dino_jax.config import apply_variants, base_config
+from dino_jax.config import apply_variants, imagenet_config
 
 
 def get_config(arg=None):
-    c = base_config()
+    c = imagenet_config()
     c.arch = "resnet50"
     c.optimizer = "sgd"
     c.lr = 0.03
     c.weight_decay = c.weight_decay_end = 1e-4
     c.global_crops_scale = (0.14, 1.0)
     c.local_crops_scale = (0.05, 0.14)
-    c.data.source, c.data.eval_split = "tfds:imagenet2012", "validation"
-    c.data.num_workers = 16
     c.batch_size = 512
-    c.dtype = "bfloat16"
-    c.eval.knn_every_steps = 25000
     return apply_variants(c, arg)

@@ -7,16 +7,12 @@ ViT-B/16's settings (clip 0.3) with patch 8. `:smoke` shrinks it to a few CPU st
 built-in data.
 """
 
-from dino_jax.config import apply_variants, base_config
+from dino_jax.config import apply_variants, imagenet_config
 
 
 def get_config(arg=None):
-    c = base_config()
+    c = imagenet_config()
     c.arch, c.patch_size = "vit_base", 8
     c.clip_grad = 0.3
-    c.data.source, c.data.eval_split = "tfds:imagenet2012", "validation"
-    c.data.num_workers = 16
     c.batch_size = 1024
-    c.dtype = "bfloat16"
-    c.eval.knn_every_steps = 25000
     return apply_variants(c, arg)

@@ -8,7 +8,7 @@ Variants: `configs/vit_small16.py:boosted` is the 300-epoch recipe (teacher temp
 few CPU steps on the built-in data. `batch_size` is global: the reference's 64 per GPU x 8 GPUs.
 """
 
-from dino_jax.config import apply_variants, base_config
+from dino_jax.config import apply_variants, imagenet_config
 
 
 def boosted(c):
@@ -21,11 +21,7 @@ def boosted(c):
 
 
 def get_config(arg=None):
-    c = base_config()
+    c = imagenet_config()
     c.arch, c.patch_size = "vit_small", 16
-    c.data.source, c.data.eval_split = "tfds:imagenet2012", "validation"
-    c.data.num_workers = 16
     c.batch_size = 512
-    c.dtype = "bfloat16"
-    c.eval.knn_every_steps = 25000
     return apply_variants(c, arg, {"boosted": boosted})

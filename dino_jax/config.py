@@ -90,6 +90,17 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def imagenet_config() -> ml_collections.ConfigDict:
+    """`base_config()` on tfds:imagenet2012 (ArrayRecord) with accelerator-sized settings: the
+    common ground of the paper's recipes."""
+    c = base_config()
+    c.data.source, c.data.eval_split = "tfds:imagenet2012", "validation"
+    c.data.num_workers = 16
+    c.dtype = "bfloat16"
+    c.eval.knn_every_steps = 25000
+    return c
+
+
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrink any recipe to a few CPU steps on the built-in data, keeping its arch family and
     optimizer: the `:smoke` variant every recipe accepts."""
