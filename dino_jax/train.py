@@ -148,7 +148,8 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer) -> dict[str, float]:
             last = {**_check_finite(jax.device_get(metrics), step), **window.read()}
             writer.write(step, last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")
-        if monitor and config.eval.knn_every_steps and step % config.eval.knn_every_steps == 0:
+        every = config.eval.knn_every_steps
+        if monitor and every and step % every == 0 and step < total_steps:  # the end has its own
             writer.write(step, {"knn_top1": monitor(state.teacher, _teacher_stats(state))})
         bar.update(1)
         if saving:

@@ -168,3 +168,13 @@ def test_workdir_of_another_model_is_refused(tmp_path):
     code, out = cli(tmp_path, "--config.out_dim=512")
     assert code != 0 and "out_dim" in out
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_knn_monitor_during_training_with_head_batchnorm(tmp_path):
+    config = load_config(f"{REPO / 'configs' / 'demo.py'}:smoke")
+    config.use_bn_in_head = True  # batch statistics in the head only, none in the backbone
+    config.eval.knn_every_steps = 2
+    final = train_lib.train(config, str(tmp_path))
+    knn = [m["knn_top1"] for m in read_metrics(tmp_path) if "knn_top1" in m]
+    assert len(knn) == 3  # at the start, at step 2, and after training (step 4)
+    assert 0.0 <= final["knn_top1"] <= 100.0

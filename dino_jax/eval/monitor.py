@@ -53,7 +53,7 @@ class KnnMonitor:
     def __call__(self, teacher_params: dict, teacher_batch_stats: dict | None = None) -> float:
         """k-NN top-1 (%) of the teacher backbone with these parameters."""
         variables = {"params": teacher_params["backbone"]}
-        if teacher_batch_stats:
+        if teacher_batch_stats and "backbone" in teacher_batch_stats:  # not a head-only BN
             variables["batch_stats"] = teacher_batch_stats["backbone"]
         train_features, train_labels = self._features("train", variables)
         val_features, val_labels = self._features("val", variables)
