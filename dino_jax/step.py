@@ -69,8 +69,7 @@ def _init_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState
 
 def state_sharding(config: ml_collections.ConfigDict, mesh: Mesh):
     """The NamedShardings of every leaf of the TrainState (rules in parallel.py)."""
-    shapes = jax.eval_shape(partial(_init_state, config), jax.random.key(0))
-    return parallel.state_sharding(shapes, mesh)
+    return jax.tree.map(lambda x: x.sharding, abstract_state(config, mesh))
 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh):
