@@ -1,0 +1,190 @@
+"""The small public API for notebooks and evaluation: load a pretrained backbone, get features,
+attention maps and intermediate layers.
+
+`load_pretrained` returns the BACKBONE module and the variables dict that `model.apply` takes:
+`{"params": ...}`, plus `"batch_stats"` for a ResNet (its BatchNorm running statistics), so that
+`model.apply(variables, images)` works for every architecture.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+# ImageNet normalisation of the reference's transforms, for uint8 input.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+WHICH = ("teacher", "student")
+
+
+def load_pretrained(
+    path: str | epath.PathLike,
+    arch: str | None = None,
+    patch_size: int | None = None,
+    which: str = "teacher",
+) -> tuple[Any, dict]:
+    """A pretrained backbone: (flax module, variables for `model.apply(variables, images)`).
+
+    `path` is one of
+    - an official DINO `.pth`: a backbone-only release file or a full training checkpoint
+      (`which` picks its "teacher", the default, or "student"); `arch` and `patch_size` are
+      inferred from the tensors when not given;
+    - a dino_jax export directory (`<workdir>/export`: config.json + the teacher);
+    - a dino_jax training workdir: its export/ if present, else the newest checkpoint.
+    Given `arch` / `patch_size` must agree with what the file holds (ValueError otherwise).
+    Variables are host NumPy arrays: `{"params": ...}` plus `"batch_stats"` for ResNet-50.
+    """
+    if which not in WHICH:
+        raise ValueError(f"which={which!r}; choose 'teacher' or 'student'.")
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint, export or workdir at {path}.")
+    if not path.is_dir():
+        from dino_jax import convert
+
+        model, variables, _ = convert.load_torch_backbone(path, arch, patch_size, which)
+        return model, variables
+    config, params, batch_stats = _load_dino_jax(path, which)
+    _check_requested(config, arch, patch_size, path)
+    return backbone_of(config), _backbone_variables(params, batch_stats)
+
+
+def backbone_of(config: ml_collections.ConfigDict):
+    """The float32, stochastic-depth-free backbone module that `config` trains."""
+    from dino_jax.models import build_backbone
+
+    return build_backbone(
+        config.arch,
+        patch_size=config.patch_size,
+        img_size=config.img_size,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+    )
+
+
+def _backbone_variables(params: dict, batch_stats: dict) -> dict:
+    """The backbone's part of a MultiCrop's variables (the head is not part of a backbone)."""
+    variables = {"params": params["backbone"]}
+    if batch_stats and batch_stats.get("backbone"):
+        variables["batch_stats"] = batch_stats["backbone"]
+    return variables
+
+
+def _load_dino_jax(path: epath.Path, which: str):
+    """(config, params, batch_stats) of the network `which` in an export dir or a workdir."""
+    from dino_jax import checkpoint
+
+    export = path if (path / "config.json").exists() and (path / "variables").exists() else None
+    if export is None and (path / "export" / "variables").exists():
+        export = path / "export"
+    if export is not None and which == "teacher":
+        return checkpoint.load_exported(export)
+    if (path / "checkpoints").exists():
+        return _load_latest_checkpoint(path / "checkpoints", which)
+    if export is not None:
+        raise ValueError(
+            f"{export} is an export, which holds only the teacher; which='student' needs the "
+            "training workdir with its checkpoints/."
+        )
+    raise ValueError(
+        f"{path} is neither a dino_jax export (config.json + variables/), a training workdir "
+        "(export/ or checkpoints/) nor a .pth file."
+    )
+
+
+def _load_latest_checkpoint(directory: epath.Path, which: str):
+    """(config, params, batch_stats) of one network in the newest complete checkpoint, as NumPy.
+
+    Reads only that network's arrays (not the optimizer state), on any device count.
+    """
+    import orbax.checkpoint as ocp
+
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    if not steps:
+        raise ValueError(f"{directory} holds no complete checkpoint yet.")
+    step_dir = directory / str(max(steps))
+    config = ml_collections.ConfigDict(json.loads((step_dir / "config" / "metadata").read_text()))
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
+        wanted = {which: tree[which], "batch_stats": tree.get("batch_stats", {})}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = checkpointer.restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item=wanted, restore_args=restore_args, partial_restore=True
+            ),
+        )
+    return config, restored[which], (restored.get("batch_stats") or {}).get(which, {})
+
+
+def _check_requested(config, arch: str | None, patch_size: int | None, path) -> None:
+    """Refuse an explicit arch / patch_size that the checkpoint does not hold."""
+    if arch is not None and arch != config.arch:
+        raise ValueError(f"{path} holds arch={config.arch!r}, not the requested arch={arch!r}.")
+    if patch_size is not None and config.arch != "resnet50" and patch_size != config.patch_size:
+        raise ValueError(
+            f"{path} holds patch_size={config.patch_size}, not the requested "
+            f"patch_size={patch_size}."
+        )
+
+
+def prepare_images(images) -> jax.Array:
+    """NHWC images as float32 model input: uint8 [0, 255] is scaled and normalised with the
+    ImageNet mean/std; floating-point input is taken as already normalised."""
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected NHWC RGB images [B, H, W, 3], got shape {images.shape}")
+    if images.dtype == jnp.uint8:
+        return (images.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"images of dtype {images.dtype}: pass uint8 or normalised floats")
+    return images.astype(jnp.float32)
+
+
+def extract_features(model, variables: dict, images) -> jax.Array:
+    """[B, H, W, 3] images (uint8, or floats already normalised) -> features [B, D] float32:
+    the final-normed cls token of a ViT, the pooled 2048-d output of a ResNet-50."""
+    return _apply(model, variables, prepare_images(images))
+
+
+def attention_maps(model, variables: dict, images) -> jax.Array:
+    """[B, H, W, 3] images -> the last block's cls-to-patch attention [B, heads, H/p, W/p]
+    (ViT only), one map per head; each map sums to at most 1 (the rest goes to the cls token)."""
+    x = prepare_images(images)
+    _require_vit(model, "attention_maps")
+    attn = _apply(model, variables, x, method="get_last_selfattention")
+    grid_h, grid_w = x.shape[1] // model.patch_size, x.shape[2] // model.patch_size
+    return attn[:, :, 0, 1:].reshape(attn.shape[0], attn.shape[1], grid_h, grid_w)
+
+
+def intermediate_layers(model, variables: dict, images, n: int = 1) -> list[jax.Array]:
+    """[B, H, W, 3] images -> the final-normed outputs of the last n blocks, each [B, 1+N, D]
+    (cls token first, then the patches row by row); ViT only."""
+    x = prepare_images(images)
+    _require_vit(model, "intermediate_layers")
+    return _apply(model, variables, x, n, method="get_intermediate_layers")
+
+
+def _require_vit(model, what: str) -> None:
+    from dino_jax.models import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{what} needs a Vision Transformer, got {type(model).__name__}")
+
+
+def _apply(model, variables: dict, x: jax.Array, *static, method: str = "__call__"):
+    """`model.apply(variables, x, *static, method=method)` jitted once per model and method."""
+    return _jitted(model, method, static)(variables, x)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(model, method: str, static: tuple):
+    return jax.jit(lambda variables, x: model.apply(variables, x, *static, method=method))
