@@ -19,7 +19,14 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from dino_jax.data.augment import MultiCropConfig, multicrop
+from dino_jax.data.augment import (
+    FLIP_P,
+    CropParams,
+    MultiCropConfig,
+    multicrop,
+    render_crop,
+    sample_crop_boxes,
+)
 from dino_jax.data.sources import DecodedSource, make_source
 
 MEAN = (0.485, 0.456, 0.406)
@@ -109,6 +116,58 @@ def train_dataset(
         .shuffle()[:epoch_size]
         .repeat()  # reseeds, hence reshuffles, every epoch
         .random_map(MultiCrop(multicrop_config(config)))
+        .batch(local_batch, drop_remainder=True)[process_index::process_count]
+    )
+    return _to_iter(ds, config)
+
+
+class RandomCropFlip(grain.transforms.RandomMap):
+    """Record -> {"image": f32 [S, S, 3], "label": i32}: RandomResizedCrop (area `scale`, bicubic),
+    horizontal flip p 0.5, normalisation; the linear probe's training augmentation."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0)):
+        self.size, self.scale = size, scale
+
+    def random_map(
+        self, element: dict[str, Any], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        image = element["image"]
+        box = sample_crop_boxes(rng, image.shape[0], image.shape[1], self.scale, 1)[0]
+        crop = CropParams(self.size, tuple(int(v) for v in box), flip=bool(rng.random() < FLIP_P))
+        return {"image": render_crop(image, crop, MEAN, STD), "label": np.int32(element["label"])}
+
+
+def labelled_train_dataset(
+    config: ml_collections.ConfigDict,
+    source,
+    batch_size: int,
+    crop_size: int,
+    *,
+    limit: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """The endless stream of randomly cropped and flipped labelled images for a supervised probe:
+    the source (or its first `limit` images) shuffled afresh every epoch and truncated to whole
+    batches of `batch_size` (global), as the reference's drop_last.
+
+    Elements: {"image": f32 [b, S, S, 3], "label": i32 [b]}, this process's slice b = B / P.
+    """
+    process_index, process_count = _process_slice(process_index, process_count)
+    local_batch = _local_batch_size(batch_size, process_count)
+    size = len(source) if limit is None else min(limit, len(source))
+    epoch_size = size // batch_size * batch_size
+    if epoch_size == 0:
+        raise ValueError(
+            f"{size} training images are fewer than one batch of batch_size={batch_size}: "
+            "lower batch_size or add data."
+        )
+    ds = (
+        grain.MapDataset.source(source)[:size]
+        .seed(config.seed)
+        .shuffle()[:epoch_size]
+        .repeat()
+        .random_map(RandomCropFlip(crop_size))
         .batch(local_batch, drop_remainder=True)[process_index::process_count]
     )
     return _to_iter(ds, config)
