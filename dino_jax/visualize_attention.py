@@ -1,0 +1,242 @@
+"""The attention-map command (the reference's `visualize_attention.py`): a ViT's last-block
+cls-attention maps of one image, per head, with the masks that keep 60% of each map's mass; or
+their Jaccard index against the true foreground masks of a dataset. The maths is eval/attention.py.
+
+    # one image (a file, or scene --index of synthetic:shapes val when --image is left out)
+    python -m dino_jax.visualize_attention --checkpoint runs/demo/export \\
+        --out runs/demo/attention [--image photo.jpg] [--image_size 480] [--threshold 0.6]
+    # the masks' Jaccard index on 500 scenes
+    python -m dino_jax.visualize_attention --checkpoint runs/demo/export \\
+        --jaccard synthetic:shapes --examples 500 --image_size 128 --out runs/demo/attention
+
+The image is resized to image_size x image_size (the reference's default) and cropped to a
+multiple of the patch size. Written to --out: img.png, attn-head<i>.png (each head's map),
+mask_th<t>_head<i>.png (the image with head i's mask), attention.png (all of it on one page,
+the mean map with its mask's outline), and jaccard.json in the Jaccard mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import math
+import sys
+from collections.abc import Sequence
+
+import matplotlib.image
+import numpy as np
+from etils import epath
+from matplotlib.figure import Figure
+from PIL import Image
+
+from dino_jax import hub, parallel
+from dino_jax.data.augment import decode_image
+from dino_jax.data.pipeline import eval_dataset
+from dino_jax.data.sources import DecodedSource, make_source
+from dino_jax.data.synthetic import ShapesSource
+from dino_jax.eval import attention, cli
+
+log = logging.getLogger("dino_jax")
+MASK_COLOUR = np.array([1.0, 0.25, 0.1])  # the overlay's colour, RGB in [0, 1]
+TRUTH_COLOUR = "lime"
+PANELS_PER_ROW = 5
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dino_jax.visualize_attention",
+        description="Self-attention maps of a ViT and their masks (the reference's).",
+    )
+    cli.add_checkpoint_args(parser)
+    parser.add_argument("--image", default=None, help="Image file (default: a synthetic scene).")
+    parser.add_argument("--index", type=int, default=0, help="Scene of synthetic:shapes val.")
+    parser.add_argument("--image_size", type=int, default=480, help="Resize to this square.")
+    parser.add_argument("--threshold", type=float, default=attention.THRESHOLD, help="Mass kept.")
+    parser.add_argument("--out", default=None, help="Directory for the PNGs and JSON.")
+    parser.add_argument("--jaccard", default=None, help="Score on a source with masks instead.")
+    parser.add_argument("--split", default="val", help="Split of --jaccard.")
+    parser.add_argument("--examples", type=int, default=500, help="Images of --jaccard (0: all).")
+    parser.add_argument("--batch_size", type=int, default=64, help="Global batch of --jaccard.")
+    parser.add_argument("--data_dir", default="", help="tfds data_dir of a tfds: --jaccard.")
+    args = parser.parse_args(argv)
+    if args.jaccard is None and args.out is None:
+        parser.error("--out DIR is required to write the attention maps.")
+    if not 0.0 < args.threshold < 1.0:
+        parser.error(f"--threshold={args.threshold} must be between 0 and 1 (0.6 keeps 60%).")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Input.
+
+
+def read_image(path: str) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of an image file; a clear error when it is missing or unreadable."""
+    file = epath.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"No image file at {path}: check the --image path.")
+    try:
+        return decode_image(file.read_bytes())
+    except ValueError as e:
+        raise ValueError(
+            f"{path} is not a readable image ({e}); give a JPEG, PNG, WebP or BMP."
+        ) from e
+
+
+def square(image: np.ndarray, size: int, patch_size: int, resample: int) -> np.ndarray:
+    """Resize to size x size, then keep the top-left multiple of the patch size (as the
+    reference does)."""
+    side = size - size % patch_size
+    if side == 0:
+        raise ValueError(f"--image_size={size} is smaller than the patch size {patch_size}.")
+    return np.asarray(Image.fromarray(image).resize((size, size), resample))[:side, :side]
+
+
+def load_input(args: argparse.Namespace, patch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(image uint8 [S, S, 3], true mask [S, S] or None) at the model's input size."""
+    if args.image is not None:
+        image, truth = read_image(args.image), None
+    else:
+        example = ShapesSource("val")[args.index]
+        image, truth = example["image"], example["mask"]
+        log.info("No --image: scene %d of synthetic:shapes val, with its true mask", args.index)
+    image = square(image, args.image_size, patch_size, Image.BILINEAR)
+    if truth is not None:
+        truth = square(truth, args.image_size, patch_size, Image.NEAREST)
+    return image, truth
+
+
+# ---------------------------------------------------------------------------------------------
+# Output.
+
+
+def save_png(path: epath.Path, array: np.ndarray, **imsave_kwargs) -> None:
+    buffer = io.BytesIO()
+    matplotlib.image.imsave(buffer, array, format="png", **imsave_kwargs)
+    path.write_bytes(buffer.getvalue())
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image with `mask` tinted in MASK_COLOUR (the reference's apply_mask)."""
+    weight = alpha * mask.astype(np.float32)[..., None]
+    return (image * (1.0 - weight) + weight * MASK_COLOUR * 255.0).astype(np.uint8)
+
+
+def figure_of(panels: list[tuple[str, np.ndarray, np.ndarray | None, str]]) -> Figure:
+    """A grid of (title, picture, outline mask or None, outline colour) panels."""
+    cols = min(PANELS_PER_ROW, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    figure = Figure(figsize=(3 * cols, 3 * rows), layout="constrained")
+    for i, (title, picture, outline, colour) in enumerate(panels):
+        ax = figure.add_subplot(rows, cols, i + 1)
+        ax.imshow(picture)
+        if outline is not None and outline.any():
+            ax.contour(outline.astype(np.float32), levels=[0.5], colors=colour, linewidths=1.5)
+        ax.set_title(title, fontsize=10)
+        ax.set_axis_off()
+    return figure
+
+
+def write_maps(
+    out: epath.Path,
+    image: np.ndarray,
+    maps: np.ndarray,
+    masks: np.ndarray,
+    threshold: float,
+    scores: np.ndarray | None,
+    truth: np.ndarray | None,
+) -> None:
+    """The reference's files, plus attention.png. maps [heads, S, S], masks [heads + 1, S, S]
+    (each head's, then the mean map's), scores [heads + 1] Jaccard with `truth` or None."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_png(out / "img.png", image)
+    for head, head_map in enumerate(maps):
+        save_png(out / f"attn-head{head}.png", head_map)
+        save_png(out / f"mask_th{threshold}_head{head}.png", overlay(image, masks[head]))
+
+    def title(name: str, i: int) -> str:
+        return name if scores is None else f"{name}  J={scores[i]:.2f}"
+
+    panels = [("image" + (", true mask" if truth is not None else ""), image, truth, TRUTH_COLOUR)]
+    panels += [(title(f"head {h}", h), m, masks[h], "white") for h, m in enumerate(maps)]
+    mean_title = title(f"mean map, {threshold:.0%} mass", len(maps))
+    panels.append((mean_title, overlay(image, masks[-1]), masks[-1], "white"))
+    buffer = io.BytesIO()
+    figure_of(panels).savefig(buffer, format="png", dpi=100)
+    (out / "attention.png").write_bytes(buffer.getvalue())
+
+
+def visualize(args: argparse.Namespace) -> None:
+    """The maps and masks of one image, written to args.out."""
+    model, variables = hub.load_pretrained(args.checkpoint, args.arch, args.patch_size)
+    patch = getattr(model, "patch_size", 1)
+    image, truth = load_input(args, patch)
+    maps = hub.attention_maps(model, variables, image[None])[0]  # [heads, h, w]
+    masks = np.asarray(attention.upsample(attention.head_masks(maps, args.threshold), patch))
+    scores = None if truth is None else np.asarray(attention.jaccard(masks, truth[None]))
+    maps = np.asarray(attention.upsample(maps, patch))
+    write_maps(epath.Path(args.out), image, maps, masks, args.threshold, scores, truth)
+    print(f"{len(maps)} heads' maps and masks ({args.threshold:.0%} of the mass) in {args.out}")
+    if scores is not None:
+        best = int(np.argmax(scores[:-1]))
+        print(
+            f"Jaccard with the true mask: mean map {scores[-1]:.3f}, best head {best} "
+            f"{scores[best]:.3f}"
+        )
+
+
+def score(args: argparse.Namespace) -> dict:
+    """The Jaccard index of the masks over args.examples images of args.jaccard."""
+    mesh = parallel.make_mesh((("data", -1),))
+    cli.check_batch_size(args.batch_size, mesh)
+    source = DecodedSource(make_source(args.jaccard, args.split, args.data_dir))
+    if "mask" not in source[0]:
+        raise ValueError(f"{args.jaccard} has no foreground masks: use synthetic:shapes.")
+    model, variables = cli.load_backbone(args.checkpoint, mesh, args.arch, args.patch_size)
+    patch = getattr(model, "patch_size", 1)
+    side = args.image_size - args.image_size % patch
+    config = cli.data_config(args.jaccard, args.data_dir, side, side)
+    size = cli.num_examples(source, args.examples)
+    data = eval_dataset(config, args.split, args.batch_size, source, limit=size)
+    results = attention.attention_jaccard(
+        model,
+        variables,
+        data,
+        mesh,
+        threshold=args.threshold,
+        num_batches=math.ceil(size / args.batch_size),
+    )
+    return {
+        "checkpoint": str(args.checkpoint),
+        "source": args.jaccard,
+        "split": args.split,
+        "image_size": side,
+        "threshold": args.threshold,
+        "jaccard": results,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    cli.setup_logging()
+    try:
+        if args.jaccard is None:
+            visualize(args)
+            return
+        results = score(args)
+    except (ValueError, FileNotFoundError, IndexError) as e:
+        log.error("%s", e)  # bad paths and settings: the message, not a traceback
+        sys.exit(1)
+    j = results["jaccard"]
+    print(
+        f"Jaccard of the {args.threshold:.0%}-mass masks on {j['examples']} images: mean map "
+        f"{j['mean_map']:.3f}, best head ({j['best_head_index']}) {j['best_head']:.3f}, "
+        f"mean of heads {j['mean_of_heads']:.3f}"
+    )
+    if args.out:
+        cli.write_json(str(epath.Path(args.out) / "jaccard.json"), results)
+
+
+if __name__ == "__main__":
+    main()
