@@ -60,10 +60,11 @@ def add_data_args(parser: argparse.ArgumentParser, resize: int = 256, crop: int 
 
 def setup_logging() -> None:
     """Our INFO messages on the console, the libraries' only when they warn."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.propagate = False
+    if not log.handlers:  # once per process, however many commands it runs
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
     log.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
 
 
