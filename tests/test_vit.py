@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn as tnn
+from torch_reference import TorchViT
 
 from dino_jax.models.vit import (
     VisionTransformer,
@@ -32,122 +33,6 @@ def assert_close(got, want):
     """
     want = np.asarray(want)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.sqrt(np.mean(want**2)))
-
-
-# ---------------------------------------------------------------------------------------------
-# PyTorch reference, written from facebookresearch/dino vision_transformer.py's behaviour.
-# Runs in float64 so its numbers are the exact answer our float32 code is measured against.
-
-
-class TorchAttention(tnn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.qkv = tnn.Linear(dim, dim * 3)
-        self.proj = tnn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
-        return self.proj(x), attn
-
-
-class TorchMlp(tnn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = tnn.Linear(dim, hidden)
-        self.act = tnn.GELU()
-        self.fc2 = tnn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class TorchBlock(tnn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.norm1 = tnn.LayerNorm(dim, eps=1e-6)
-        self.attn = TorchAttention(dim, num_heads)
-        self.norm2 = tnn.LayerNorm(dim, eps=1e-6)
-        self.mlp = TorchMlp(dim, 4 * dim)
-
-    def forward(self, x, keep_attn=1.0, keep_mlp=1.0):
-        """keep_* multiply the residual branches: 1 in eval, 0 or 1/keep_prob under DropPath."""
-        y, attn = self.attn(self.norm1(x))
-        x = x + keep_attn * y
-        return x + keep_mlp * self.mlp(self.norm2(x)), attn
-
-
-class PatchEmbed(tnn.Module):
-    def __init__(self, patch_size, dim):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = tnn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class TorchViT(tnn.Module):
-    def __init__(self, patch_size, embed_dim, depth, num_heads, img_size):
-        super().__init__()
-        num_patches = (img_size // patch_size) ** 2
-        self.patch_embed = PatchEmbed(patch_size, embed_dim)
-        self.cls_token = tnn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = tnn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.blocks = tnn.ModuleList([TorchBlock(embed_dim, num_heads) for _ in range(depth)])
-        self.norm = tnn.LayerNorm(embed_dim, eps=1e-6)
-
-    def interpolate_pos_encoding(self, x, w, h):
-        npatch = x.shape[1] - 1
-        N = self.pos_embed.shape[1] - 1
-        if npatch == N and w == h:
-            return self.pos_embed
-        class_pos_embed = self.pos_embed[:, 0]
-        patch_pos_embed = self.pos_embed[:, 1:]
-        dim = x.shape[-1]
-        w0 = w // self.patch_embed.patch_size + 0.1
-        h0 = h // self.patch_embed.patch_size + 0.1
-        side = int(math.sqrt(N))
-        patch_pos_embed = tnn.functional.interpolate(
-            patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2),
-            scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
-            mode="bicubic",
-        )
-        assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
-        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
-        return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
-
-    def prepare_tokens(self, x):
-        B, _, w, h = x.shape  # as in the reference: "w" is the height (NCHW dim 2)
-        x = self.patch_embed(x)
-        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
-        return x + self.interpolate_pos_encoding(x, w, h)
-
-    def forward(self, x, keeps=None):
-        x = self.prepare_tokens(x)
-        for i, blk in enumerate(self.blocks):
-            x, _ = blk(x, *(keeps[i] if keeps else (1.0, 1.0)))
-        return self.norm(x)[:, 0]
-
-    def get_last_selfattention(self, x):
-        x = self.prepare_tokens(x)
-        for blk in self.blocks:
-            x, attn = blk(x)
-        return attn
-
-    def get_intermediate_layers(self, x, n=1):
-        x = self.prepare_tokens(x)
-        output = []
-        for i, blk in enumerate(self.blocks):
-            x, _ = blk(x)
-            if len(self.blocks) - i <= n:
-                output.append(self.norm(x))
-        return output
 
 
 def torch_state_dict(params):

@@ -1,0 +1,326 @@
+"""PyTorch re-implementations of the reference (facebookresearch/dino), written from its behaviour,
+shared by the tests: the ViT, the DINO head with the reference's weight-norm key layout, the
+multi-crop wrapper, and one training iteration of main_dino.py (loss, clipping, AdamW, EMAs)."""
+
+import math
+
+import numpy as np
+import torch
+from torch import nn as tnn
+from torch.nn import functional as F
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch reference, written from facebookresearch/dino vision_transformer.py's behaviour.
+# Runs in float64 so its numbers are the exact answer our float32 code is measured against.
+
+
+class TorchAttention(tnn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = tnn.Linear(dim, dim * 3)
+        self.proj = tnn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(x), attn
+
+
+class TorchMlp(tnn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = tnn.Linear(dim, hidden)
+        self.act = tnn.GELU()
+        self.fc2 = tnn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TorchBlock(tnn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.norm1 = tnn.LayerNorm(dim, eps=1e-6)
+        self.attn = TorchAttention(dim, num_heads)
+        self.norm2 = tnn.LayerNorm(dim, eps=1e-6)
+        self.mlp = TorchMlp(dim, 4 * dim)
+
+    def forward(self, x, keep_attn=1.0, keep_mlp=1.0):
+        """keep_* multiply the residual branches: 1 in eval, 0 or 1/keep_prob under DropPath."""
+        y, attn = self.attn(self.norm1(x))
+        x = x + keep_attn * y
+        return x + keep_mlp * self.mlp(self.norm2(x)), attn
+
+
+class PatchEmbed(tnn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = tnn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TorchViT(tnn.Module):
+    def __init__(self, patch_size, embed_dim, depth, num_heads, img_size):
+        super().__init__()
+        num_patches = (img_size // patch_size) ** 2
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = tnn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = tnn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.blocks = tnn.ModuleList([TorchBlock(embed_dim, num_heads) for _ in range(depth)])
+        self.norm = tnn.LayerNorm(embed_dim, eps=1e-6)
+
+    def interpolate_pos_encoding(self, x, w, h):
+        npatch = x.shape[1] - 1
+        N = self.pos_embed.shape[1] - 1
+        if npatch == N and w == h:
+            return self.pos_embed
+        class_pos_embed = self.pos_embed[:, 0]
+        patch_pos_embed = self.pos_embed[:, 1:]
+        dim = x.shape[-1]
+        w0 = w // self.patch_embed.patch_size + 0.1
+        h0 = h // self.patch_embed.patch_size + 0.1
+        side = int(math.sqrt(N))
+        patch_pos_embed = tnn.functional.interpolate(
+            patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2),
+            scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
+            mode="bicubic",
+        )
+        assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+        return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+    def prepare_tokens(self, x):
+        B, _, w, h = x.shape  # as in the reference: "w" is the height (NCHW dim 2)
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        return x + self.interpolate_pos_encoding(x, w, h)
+
+    def forward(self, x, keeps=None):
+        x = self.prepare_tokens(x)
+        for i, blk in enumerate(self.blocks):
+            x, _ = blk(x, *(keeps[i] if keeps else (1.0, 1.0)))
+        return self.norm(x)[:, 0]
+
+    def get_last_selfattention(self, x):
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x, attn = blk(x)
+        return attn
+
+    def get_intermediate_layers(self, x, n=1):
+        x = self.prepare_tokens(x)
+        output = []
+        for i, blk in enumerate(self.blocks):
+            x, _ = blk(x)
+            if len(self.blocks) - i <= n:
+                output.append(self.norm(x))
+        return output
+
+
+# ---------------------------------------------------------------------------------------------
+# The DINO head and the multi-crop wrapper (vision_transformer.py DINOHead, utils.py
+# MultiCropWrapper). The last layer keeps the reference's `weight_g` / `weight_v` keys of
+# torch.nn.utils.weight_norm.
+
+
+class TorchWeightNormLinear(tnn.Module):
+    """Bias-free Linear with weight = weight_g * weight_v / ||weight_v|| (norm per output row)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.weight_g = tnn.Parameter(torch.ones(out_dim, 1))
+        self.weight_v = tnn.Parameter(torch.randn(out_dim, in_dim) / math.sqrt(in_dim))
+
+    def forward(self, x):
+        return F.linear(x, self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True))
+
+
+class TorchDINOHead(tnn.Module):
+    def __init__(self, in_dim, out_dim, use_bn, norm_last_layer, nlayers, hidden_dim, bottleneck):
+        super().__init__()
+        if nlayers == 1:
+            self.mlp = tnn.Linear(in_dim, bottleneck)
+        else:
+            layers = [tnn.Linear(in_dim, hidden_dim)]
+            if use_bn:
+                layers.append(tnn.BatchNorm1d(hidden_dim))
+            layers.append(tnn.GELU())
+            for _ in range(nlayers - 2):
+                layers.append(tnn.Linear(hidden_dim, hidden_dim))
+                if use_bn:
+                    layers.append(tnn.BatchNorm1d(hidden_dim))
+                layers.append(tnn.GELU())
+            layers.append(tnn.Linear(hidden_dim, bottleneck))
+            self.mlp = tnn.Sequential(*layers)
+        self.last_layer = TorchWeightNormLinear(bottleneck, out_dim)
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad = False
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+
+
+class TorchMultiCrop(tnn.Module):
+    """Consecutive crops of one resolution go through the backbone together, then all features
+    through the head; crop-major output [n_crops * B, K]."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops):
+        sizes = torch.tensor([c.shape[-1] for c in crops])
+        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0)
+        start, features = 0, []
+        for end in ends:
+            features.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        return self.head(torch.cat(features))
+
+
+def randomize_(module, seed, *, keep_weight_g=False):
+    """Every parameter and BatchNorm buffer drawn at random, away from trivial values (norm
+    scales near 1, variances positive), so that a wrong layout or transpose cannot pass."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("weight_g"):
+                if not keep_weight_g:
+                    p.copy_(0.5 + torch.rand(p.shape, generator=gen, dtype=p.dtype))
+            elif p.ndim == 1 and name.endswith("weight"):  # LayerNorm / BatchNorm scale
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen, dtype=b.dtype))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=gen, dtype=b.dtype))
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# One iteration of main_dino.py's train_one_epoch, with utils.py's helpers.
+
+
+def cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup=0.0):
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(start_warmup, base, warmup_iters) if warmup_epochs > 0 else np.array([])
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup, schedule))
+
+
+class TorchDINOLoss(tnn.Module):
+    def __init__(
+        self,
+        out_dim,
+        ncrops,
+        warmup_teacher_temp,
+        teacher_temp,
+        warmup_teacher_temp_epochs,
+        nepochs,
+        student_temp=0.1,
+        center_momentum=0.9,
+    ):
+        super().__init__()
+        self.student_temp, self.center_momentum, self.ncrops = student_temp, center_momentum, ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = np.concatenate(
+            (
+                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+                np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
+            )
+        )
+
+    def forward(self, student_output, teacher_output, epoch):
+        student_out = (student_output / self.student_temp).chunk(self.ncrops)
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1).detach().chunk(2)
+        total_loss, n_loss_terms = 0, 0
+        for iq, q in enumerate(teacher_out):
+            for v in range(len(student_out)):
+                if v == iq:
+                    continue
+                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+                total_loss += loss.mean()
+                n_loss_terms += 1
+        self.update_center(teacher_output)
+        return total_loss / n_loss_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_output):
+        batch_center = torch.sum(teacher_output, dim=0, keepdim=True) / len(teacher_output)
+        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+
+
+def get_params_groups(model):
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or len(param.shape) == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+def clip_gradients(model, clip):
+    for p in model.parameters():
+        if p.grad is not None:
+            clip_coef = clip / (p.grad.data.norm(2) + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+
+
+def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
+
+
+def train_iteration(student, teacher, dino_loss, optimizer, crops, it, epoch, args):
+    """main_dino.py's train_one_epoch body for iteration `it`; `crops` is crop-major NCHW.
+    Returns the loss; student, teacher, optimizer and dino_loss.center are updated in place."""
+    niter = args.steps_per_epoch
+    lr = cosine_scheduler(
+        args.lr * args.batch_size / 256.0, args.min_lr, args.epochs, niter, args.warmup_epochs
+    )
+    wd = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
+    momentum = cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter)
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr[it]
+        if i == 0:
+            group["weight_decay"] = wd[it]
+    teacher_output = teacher(crops[:2])
+    loss = dino_loss(student(crops), teacher_output, epoch)
+    optimizer.zero_grad()
+    loss.backward()
+    if args.clip_grad:
+        clip_gradients(student, args.clip_grad)
+    cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+    optimizer.step()
+    with torch.no_grad():
+        m = momentum[it]
+        for param_q, param_k in zip(student.parameters(), teacher.parameters(), strict=True):
+            param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+    return loss.item()
+
+
+def save_release_vit(path, *, patch_size=16, embed_dim=384, depth=2, num_heads=6, seed=0):
+    """A randomly initialised reference ViT saved like the release files (a flat float32 state
+    dict, img_size 224); returns the float64 twin for reference outputs."""
+    model = randomize_(TorchViT(patch_size, embed_dim, depth, num_heads, img_size=224), seed)
+    torch.save(model.state_dict(), path)
+    return model.double().eval()
