@@ -386,6 +386,18 @@ def load_torch_backbone(
     return model, variables, config
 
 
+def checkpoint_config(path: str | epath.PathLike) -> ml_collections.ConfigDict:
+    """base_config() with the model keys of a .pth read off its tensors: arch, patch_size,
+    img_size and depth; for a full checkpoint also out_dim, head_*, use_bn_in_head and
+    norm_last_layer (False when the student's weight_g is not all ones). Set the data and batch
+    keys, then `import_full_checkpoint(path, config)`."""
+    obj = torch_load(path)
+    config = infer_backbone_config(backbone_state_dict(obj))
+    if is_full_checkpoint(obj):
+        infer_head_config(split_network(network_state_dict(obj, "student"))[1], config)
+    return config
+
+
 def _abstract_variables(model, config) -> dict:
     size = config.img_size if config.arch != "resnet50" else 64
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))

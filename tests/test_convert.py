@@ -365,3 +365,23 @@ def test_full_checkpoint_mismatches(tiny_config, tmp_path, release_vit):
         convert.import_full_checkpoint(tmp_path / "checkpoint.pth", tiny_config(out_dim=512))
     with pytest.raises(ValueError, match=r"missing keys \(12\): blocks\.2\.attn"):
         convert.import_full_checkpoint(tmp_path / "checkpoint.pth", tiny_config(depth=3))
+
+
+def test_checkpoint_config_reads_the_model_keys(tiny_config, tmp_path):
+    overrides = {"embed_dim": 384, "num_heads": 6, "depth": 1, "use_bn_in_head": True}
+    config = tiny_config(norm_last_layer=False, head_hidden_dim=128, **overrides)
+    torch.save(full_checkpoint(config), tmp_path / "checkpoint.pth")
+    got = convert.checkpoint_config(tmp_path / "checkpoint.pth")
+    for key in (
+        "arch",
+        "patch_size",
+        "img_size",
+        "depth",
+        "out_dim",
+        "use_bn_in_head",
+        "norm_last_layer",
+        "head_nlayers",
+        "head_hidden_dim",
+        "head_bottleneck_dim",
+    ):
+        assert got[key] == config[key], key
