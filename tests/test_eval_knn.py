@@ -13,6 +13,7 @@ import pytest
 from conftest import make_tiny_config
 from PIL import Image
 
+from dino_jax import parallel
 from dino_jax.checkpoint import export_teacher
 from dino_jax.data.pipeline import MEAN, STD, resize_center_crop
 from dino_jax.data.synthetic import ShapesSource
@@ -94,7 +95,8 @@ def export_dir(tmp_path_factory):
     """A freshly initialised tiny teacher (ViT depth 2, width 64, 8-px patches), exported."""
     config = make_tiny_config()
     path = tmp_path_factory.mktemp("run") / "export"
-    export_teacher(path, init_state(config, jax.random.key(0)), config)
+    mesh = parallel.make_mesh(config.mesh)  # with a mesh, init is one jitted call
+    export_teacher(path, init_state(config, jax.random.key(0), mesh), config)
     return path
 
 

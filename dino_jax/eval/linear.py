@@ -177,7 +177,8 @@ def train_classifier(
         for epoch in range(1, schedule.epochs + 1):
             loss_sum = 0.0
             for _ in range(schedule.steps_per_epoch):
-                batch = parallel.to_global({k: next(stream)[k] for k in ("image", "label")}, mesh)
+                example = next(stream)
+                batch = parallel.to_global({k: example[k] for k in ("image", "label")}, mesh)
                 params, opt_state, loss = train_step(
                     params, opt_state, variables, batch["image"], batch["label"]
                 )
