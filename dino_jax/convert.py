@@ -528,8 +528,7 @@ def _import_command(args: argparse.Namespace) -> None:
     """A .pth's backbone as a dino_jax export directory (config.json + the backbone variables)."""
     from dino_jax import checkpoint, step
 
-    model, variables, config = load_torch_backbone(args.pth, args.arch, args.patch_size, args.which)
-    del model
+    _, variables, config = load_torch_backbone(args.pth, args.arch, args.patch_size, args.which)
     params = {"backbone": variables["params"]}
     stats = {"backbone": variables["batch_stats"]} if "batch_stats" in variables else {}
     state = step.TrainState(

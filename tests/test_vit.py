@@ -220,8 +220,9 @@ def test_image_not_divisible_by_patch_raises():
 
 
 def test_drop_path_rates_rise_linearly():
-    model = VisionTransformer(patch_size=8, img_size=32, embed_dim=64, depth=5, num_heads=4,
-                              drop_path_rate=0.4)
+    model = VisionTransformer(
+        patch_size=8, img_size=32, embed_dim=64, depth=5, num_heads=4, drop_path_rate=0.4
+    )
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     rates = [block.drop_path_rate for block in model.bind(variables).blocks]
     np.testing.assert_allclose(rates, [0.0, 0.1, 0.2, 0.3, 0.4], atol=1e-12)
@@ -241,8 +242,11 @@ def test_drop_path_drops_whole_samples_and_rescales_kept_ones():
         candidates = np.stack([twin(xt, [(1.0, 1.0), combo]).numpy() for combo in combos])
     seen = set()
     for i in range(len(x)):
-        matches = [c for c, want in zip(combos, candidates[:, i], strict=True)
-                   if np.allclose(got[i], want, rtol=RTOL, atol=RTOL)]
+        matches = [
+            c
+            for c, want in zip(combos, candidates[:, i], strict=True)
+            if np.allclose(got[i], want, rtol=RTOL, atol=RTOL)
+        ]
         assert len(matches) == 1, f"sample {i} matches {matches}"
         seen.add(matches[0])
     assert len(seen) >= 3, f"per-sample masks look shared across the batch: {seen}"
@@ -264,8 +268,11 @@ def test_drop_path_off_in_eval():
 def test_init_statistics():
     params = tiny_variables()["params"]
     blocks = [params["blocks_0"], params["blocks_1"]]
-    dense = [blk[m][d] for blk in blocks for m, d in
-             [("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2")]]
+    dense = [
+        blk[m][d]
+        for blk in blocks
+        for m, d in [("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2")]
+    ]
     kernels = np.concatenate([np.ravel(d["kernel"]) for d in dense])
     assert abs(kernels.std() - 0.02) < 0.02 * 0.02
     # A plain normal: about 4.6% of draws lie beyond 2 std, none would if truncated there.
