@@ -196,6 +196,8 @@ def score(args: argparse.Namespace) -> dict:
     model, variables = cli.load_backbone(args.checkpoint, mesh, args.arch, args.patch_size)
     patch = getattr(model, "patch_size", 1)
     side = args.image_size - args.image_size % patch
+    if side == 0:
+        raise ValueError(f"--image_size={args.image_size} is smaller than the patch size {patch}.")
     config = cli.data_config(args.jaccard, args.data_dir, side, side)
     size = cli.num_examples(source, args.examples)
     data = eval_dataset(config, args.split, args.batch_size, source, limit=size)

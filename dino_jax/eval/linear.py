@@ -236,7 +236,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num_labels", type=int, default=0, help="Classes (0: from the data).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out_dir", default=None, help="classifier.npz and results.json here.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.val_every < 1:
+        parser.error(f"--epochs={args.epochs} and --val_every={args.val_every} must be >= 1.")
+    return args
 
 
 def num_labels(source, labels: np.ndarray) -> int:
@@ -250,49 +253,49 @@ def num_labels(source, labels: np.ndarray) -> int:
     return int(labels.max()) + 1
 
 
-def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Validation features, then the classifier's training: (results, classifier params)."""
-    mesh = parallel.make_mesh((("data", -1),))
-    cli.check_batch_size(args.batch_size, mesh)
-    n_last = args.n_last_blocks or (1 if args.avgpool else N_LAST_BLOCKS)
-    val_spec = args.val or args.train
-    train_source = cli.labelled_source(args.train, args.train_split, args.data_dir)
-    val_source = cli.labelled_source(val_spec, args.val_split, args.data_dir)
-    model, variables = cli.load_backbone(args.checkpoint, mesh, args.arch, args.patch_size)
-    features = ProbeFeatures(model, n_last, args.avgpool)
-    val_config = cli.data_config(val_spec, args.data_dir, args.resize, args.crop, args.num_workers)
-    val = cli.labelled_features(
+def validation_features(args, features: ProbeFeatures, variables: dict, mesh: Mesh):
+    """(features [N, F], labels [N]) of the resized, centre-cropped validation images."""
+    spec = args.val or args.train
+    source = cli.labelled_source(spec, args.val_split, args.data_dir)
+    config = cli.data_config(spec, args.data_dir, args.resize, args.crop, args.num_workers)
+    return cli.labelled_features(
         features,
         variables,
-        val_config,
+        config,
         args.val_split,
-        val_source,
+        source,
         batch_size=args.batch_size,
         limit=args.val_examples,
         mesh=mesh,
         desc="validation features",
     )
-    train_config = cli.data_config(
-        args.train, args.data_dir, args.resize, args.crop, args.num_workers
-    )
-    train_config.seed = args.seed
-    size = cli.num_examples(train_source, args.train_examples)
-    batches = iter(
-        labelled_train_dataset(train_config, train_source, args.batch_size, args.crop, limit=size)
-    )
+
+
+def training_stream(args, source) -> tuple[Iterator[dict[str, np.ndarray]], int]:
+    """(endless cropped and flipped training batches, number of training images)."""
+    config = cli.data_config(args.train, args.data_dir, args.resize, args.crop, args.num_workers)
+    config.seed = args.seed
+    size = cli.num_examples(source, args.train_examples)
+    data = labelled_train_dataset(config, source, args.batch_size, args.crop, limit=size)
+    return iter(data), size
+
+
+def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Validation features, then the classifier's training: (results, classifier params)."""
+    mesh = parallel.make_mesh((("data", -1),))
+    cli.check_batch_size(args.batch_size, mesh)
+    train_source = cli.labelled_source(args.train, args.train_split, args.data_dir)
+    model, variables = cli.load_backbone(args.checkpoint, mesh, args.arch, args.patch_size)
+    n_last = args.n_last_blocks or (1 if args.avgpool else N_LAST_BLOCKS)
+    features = ProbeFeatures(model, n_last, args.avgpool)
+    val = validation_features(args, features, variables, mesh)
+    batches, size = training_stream(args, train_source)
     labels = args.num_labels or num_labels(train_source, val[1])
     schedule = Schedule(
         args.epochs, size // args.batch_size, args.batch_size, args.lr, args.val_every
     )
     params, history = train_classifier(
-        features,
-        variables,
-        batches,
-        schedule,
-        labels,
-        mesh,
-        val=val,
-        rng=jax.random.key(args.seed),
+        features, variables, batches, schedule, labels, mesh, val=val, rng=jax.random.key(args.seed)
     )
     results = {
         "checkpoint": str(args.checkpoint),
@@ -302,7 +305,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, np.nda
             "dim": params["kernel"].shape[0],
         },
         "train": {"source": args.train, "split": args.train_split, "examples": size},
-        "val": {"source": val_spec, "split": args.val_split, "examples": len(val[0])},
+        "val": {"source": args.val or args.train, "split": args.val_split, "examples": len(val[0])},
         "schedule": dataclasses.asdict(schedule),
         "num_labels": labels,
         **{k: history[-1][k] for k in ("top1", "top5")},
