@@ -21,9 +21,10 @@
 # k-NN accuracy, and loads an official DINO `.pth`.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/)
+#
 # **In Colab:** File → Open notebook → GitHub, and open `launch/colab/dino_demo.ipynb` of your
 # dino_jax repository; then set `DINO_JAX_REPO` in the first cell to that repository's git URL.
-# A GPU or TPU runtime trains the demo in a minute or two; a CPU runtime takes about 10 minutes.
+# On a CPU runtime the demo trains in about 10 minutes, as `make demo` does; a GPU is faster.
 #
 # The source of this notebook is `launch/colab/dino_demo.py` (jupytext percent format), paired
 # with the `.ipynb`: edit the `.py`, then `jupytext --sync launch/colab/dino_demo.py`.
@@ -44,8 +45,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-# The git URL of the dino_jax repository to install from (your fork's, for instance), e.g.
-#   os.environ["DINO_JAX_REPO"] = "https://github.com/<owner>/dino_jax.git"
+# Where to install dino_jax from when it is not installed: the git URL of its repository (your
+# fork's, for instance). Set it here, or in the environment before the kernel starts:
+#   os.environ["DINO_JAX_REPO"] = "<git URL of the dino_jax repository>"
 REPO_URL = os.environ.get("DINO_JAX_REPO", "")
 CLONE_DIR = Path("dino_jax_repo")
 
@@ -57,7 +59,7 @@ if importlib.util.find_spec("dino_jax") is None:
         )
     if not CLONE_DIR.exists():
         subprocess.run(["git", "clone", "--depth=1", REPO_URL, str(CLONE_DIR)], check=True)
-    install = [sys.executable, "-m", "pip", "install", "--quiet", f"{CLONE_DIR}[torch]"]
+    install = [sys.executable, "-m", "pip", "install", "--quiet", f"{CLONE_DIR.absolute()}[torch]"]
     subprocess.run(install, check=True)
     importlib.invalidate_caches()
 
@@ -107,8 +109,10 @@ from dino_jax.eval import cli
 from dino_jax.train import train
 
 config = load_config(RECIPE)
-if config.data.num_workers > 0:
-    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags; none are parsed here
+# One process prepares the batches, as in the demo (:smoke would prepare them inline). Its grain
+# workers read absl flags, which nothing parses in a notebook.
+config.data.num_workers = 1
+flags.FLAGS.mark_as_parsed()
 absl_logging.set_verbosity(absl_logging.WARNING)  # the libraries' messages only when they warn
 cli.setup_logging()  # dino_jax's progress messages in the cell's output
 
