@@ -12,6 +12,7 @@ killed mid-save leaves the previous checkpoint as the latest one.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import grain.checkpoint
@@ -42,6 +43,12 @@ _STATE, _DATA, _CONFIG = "state", "data", "config"
 _MISSING = "<absent>"
 
 
+def _absolute(path: str | epath.PathLike) -> epath.Path:
+    """`path` made absolute when local (orbax refuses relative paths); gs:// paths as they are."""
+    path = epath.Path(path)
+    return path if "://" in os.fspath(path) else epath.Path(os.path.abspath(path))
+
+
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config as the JSON-compatible dict that is saved (tuples become lists)."""
     return json.loads(config.to_json_best_effort())
@@ -60,7 +67,7 @@ class Checkpointer:
             raise ValueError(f"save_every={save_every} must be a positive number of steps.")
         if keep <= 0:
             raise ValueError(f"keep={keep} must be at least 1 (the checkpoint to resume from).")
-        self.directory = epath.Path(workdir) / "checkpoints"
+        self.directory = _absolute(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             # Explicit policies: orbax's default would also save the first step of every run.
             save_decision_policy=policies.AnySavePolicy(
@@ -196,7 +203,7 @@ def export_teacher(
 
     Every process must call it (each writes its shards of the params).
     """
-    path = epath.Path(path)
+    path = _absolute(path)
     path.mkdir(parents=True, exist_ok=True)
     variables = {
         "params": state.teacher,

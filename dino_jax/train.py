@@ -7,6 +7,7 @@ SIGTERM/SIGINT or preemption. All maths is in step.py and below.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -85,12 +86,25 @@ class Throughput:
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks, so that it saves before exiting."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks, so that it saves before exiting.
+
+    A context manager: the previous handlers come back afterwards, so that a notebook kernel's
+    interrupt button works again once training returns.
+    """
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {}
+
+    def __enter__(self) -> StopSignal:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self._SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.received = signum
@@ -99,6 +113,9 @@ class StopSignal:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
     validate(config, jax.device_count())
+    if not flags.FLAGS.is_parsed():
+        # Called from Python (a notebook): grain's worker processes read absl flags.
+        flags.FLAGS.mark_as_parsed()
     source = train_source(config)
     if config.steps_per_epoch <= 0:
         config.steps_per_epoch = steps_per_epoch(config, len(source))
@@ -138,25 +155,26 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer) -> dict[str, float]:
     last = {}
     bar = tqdm(total=total_steps, initial=start, disable=jax.process_index() != 0, unit="step")
     window = Throughput(config.batch_size)
-    for step in range(start + 1, total_steps + 1):
-        state, metrics = train_step(state, parallel.to_global(_images(next(data)), mesh))
-        window.add_step()
-        stopping = (stop and stop.received) or ckpt.reached_preemption(step)
-        saving = stopping or ckpt.should_save(step)
-        if step % config.log.every_steps == 0 or saving or step == total_steps:
-            # Checked before any save, so that a non-finite state is never written.
-            last = {**_check_finite(jax.device_get(metrics), step), **window.read()}
-            writer.write(step, last)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")
-        every = config.eval.knn_every_steps
-        if monitor and every and step % every == 0 and step < total_steps:  # the end has its own
-            writer.write(step, {"knn_top1": monitor(state.teacher, _teacher_stats(state))})
-        bar.update(1)
-        if saving:
-            ckpt.save(step, state, data, config, force=True)
-        if stopping:
-            log.warning("Stopped at step %d with a checkpoint (signal or preemption).", step)
-            break
+    with stop or contextlib.nullcontext():
+        for step in range(start + 1, total_steps + 1):
+            state, metrics = train_step(state, parallel.to_global(_images(next(data)), mesh))
+            window.add_step()
+            stopping = (stop and stop.received) or ckpt.reached_preemption(step)
+            saving = stopping or ckpt.should_save(step)
+            if step % config.log.every_steps == 0 or saving or step == total_steps:
+                # Checked before any save, so that a non-finite state is never written.
+                last = {**_check_finite(jax.device_get(metrics), step), **window.read()}
+                writer.write(step, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")
+            every = config.eval.knn_every_steps  # the last step has its own k-NN below
+            if monitor and every and step % every == 0 and step < total_steps:
+                writer.write(step, {"knn_top1": monitor(state.teacher, _teacher_stats(state))})
+            bar.update(1)
+            if saving:
+                ckpt.save(step, state, data, config, force=True)
+            if stopping:
+                log.warning("Stopped at step %d with a checkpoint (signal or preemption).", step)
+                break
     bar.close()
     step = int(state.step)
     ckpt.save(step, state, data, config, force=True)

@@ -89,6 +89,26 @@ def test_every_recipe_runs_in_smoke_form(tmp_path, recipe):
     assert np.isfinite(final["loss"])
 
 
+def test_relative_workdir_and_signal_handlers_given_back(tmp_path, monkeypatch):
+    """As from a notebook: a relative workdir (orbax needs absolute paths) and the kernel's
+    SIGINT handler working again once train() returns."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(f"{REPO / 'configs' / 'demo.py'}:smoke")
+    config.epochs, config.steps_per_epoch, config.eval.knn_every_steps = 1, 2, -1
+
+    def kernel_handler(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGINT, kernel_handler)
+    try:
+        train_lib.train(config, "runs/relative")
+        assert signal.getsignal(signal.SIGINT) is kernel_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert checkpoint_steps(tmp_path / "runs" / "relative") == [2]
+    assert (tmp_path / "runs" / "relative" / "export" / "config.json").exists()
+
+
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     overrides = ["--config.steps_per_epoch=60", "--config.checkpoint.every_steps=10"]
     code, out = cli(tmp_path / "straight", *overrides)
