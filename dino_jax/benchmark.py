@@ -1,6 +1,12 @@
 """Benchmarks of dino_jax, one sub-command each; figures go to BENCHMARKS.md.
 
     python -m dino_jax.benchmark data [--images 200] [--local-crops 10] [--seed 0] [--repeats 5]
+    python -m dino_jax.benchmark step --config configs/vit_small16.py --config.batch_size=8 \\
+        [--config configs/other.py ...] [--steps 5] [--warmup 1]
+
+`step`: the real jitted train step on random data, per config: compile time, median step time,
+images/s, FLOPs per step from XLA's cost analysis, achieved FLOP/s, MFU against the device's
+peak, and peak device memory. `--config.key=value` after a `--config` overrides that config.
 
 `data`: single-process images/s (= per core) of JPEG decode + multi-crop, ours
 (`dino_jax.data.augment`) against the baseline, a plain PIL implementation of the reference's
@@ -10,17 +16,26 @@ torchvision transforms, on synthetic photo-like JPEGs of ImageNet's typical size
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import io
+import math
 import statistics
 import time
 from collections.abc import Callable
 
 import cv2
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from tqdm import tqdm
 
+from dino_jax import parallel
+from dino_jax.config import load_config
 from dino_jax.data import augment
+from dino_jax.step import init_state, make_train_step
 
 # ImageNet's most common shapes (H, W).
 PHOTO_SHAPES = ((375, 500), (500, 375), (333, 500), (500, 333))
@@ -176,6 +191,225 @@ def run_data(args: argparse.Namespace) -> None:
     print(f"\nspeed-up dino_jax / PIL baseline: {ratio:.2f}x (wall), {cpu_ratio:.2f}x (CPU time)")
 
 
+# ---------------------------------------------------------------------------------------------
+# The `step` sub-command.
+
+# Dense peak FLOP/s per chip by matmul input dtype (vendor data sheets; GPUs: SXM parts, without
+# sparsity; float32 on GPUs is TF32 on the tensor cores, XLA's default precision there; TPUs do
+# float32 matmuls as bfloat16 passes at the default precision).
+PEAK_FLOPS = {
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},  # v5e
+    "TPU v5e": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v5": {"bfloat16": 459e12, "float32": 459e12},  # v5p reports "TPU v5"
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},  # v6e (Trillium)
+    "TPU v6e": {"bfloat16": 918e12, "float32": 918e12},
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
+    "H100": {"bfloat16": 989e12, "float32": 495e12},
+    "H200": {"bfloat16": 989e12, "float32": 495e12},
+}
+
+
+def device_peak_flops(device: jax.Device, dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s of one device for matmuls in `dtype`, where the figure comes from).
+
+    Accelerators: the table above, matched on `device_kind`. CPUs: a measured float32 matmul.
+    """
+    if device.platform == "cpu":
+        return measured_matmul_peak(device), "measured matmul"
+    kind = device.device_kind
+    # The longest matching name wins ("TPU v5 lite" before "TPU v5").
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.lower() in kind.lower():
+            return PEAK_FLOPS[name][dtype], f"{name} data sheet"
+    raise ValueError(f"No peak FLOP/s known for device_kind={kind!r}: add it to PEAK_FLOPS.")
+
+
+def mesh_peak_flops(devices, dtype: str) -> tuple[float, str]:
+    """Peak FLOP/s of all `devices` together. CPU devices share the host's cores, so their
+    peak is the host's measured one, however many devices the host is split into."""
+    peak, source = device_peak_flops(devices[0], dtype)
+    if devices[0].platform == "cpu":
+        return peak, source
+    return peak * len(devices), source
+
+
+def measured_matmul_peak(device: jax.Device, size: int = 2048, repeats: int = 7) -> float:
+    """The best FLOP/s of a float32 [size, size] @ [size, size] matmul on `device` (all cores)."""
+    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def override_config(config: ml_collections.ConfigDict, assignment: str) -> None:
+    """Apply one `key.sub=value` (the part after `--config.`); values are Python literals or
+    plain strings, like `--config.dtype=bfloat16` or `--config.local_crops_scale=(0.05,0.4)`."""
+    key, sep, text = assignment.partition("=")
+    if not sep:
+        raise ValueError(f"--config.{assignment}: expected --config.key=value")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    node, _, leaf = key.rpartition(".")
+    parent = config
+    for part in filter(None, node.split(".")):
+        parent = parent[part]
+    if leaf not in parent:
+        raise ValueError(f"--config.{key}: the config has no key {key!r}")
+    parent[leaf] = value
+
+
+def parse_configs(argv: list[str]) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """`--config spec [--config.key=value ...]` repeated -> [(label, config)]."""
+    configs: list[tuple[str, ml_collections.ConfigDict]] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--config" or arg.startswith("--config="):
+            spec = arg.partition("=")[2] or next(args, "")
+            if not spec:
+                raise ValueError("--config needs a recipe file, e.g. configs/vit_small16.py")
+            configs.append((spec, load_config(spec)))
+        elif arg.startswith("--config."):
+            if not configs:
+                raise ValueError(f"{arg} comes before any --config recipe")
+            label, config = configs[-1]
+            override_config(config, arg[len("--config.") :])
+            configs[-1] = (f"{label} {arg[len('--config.') :]}", config)
+        else:
+            raise ValueError(f"Unknown argument {arg!r}")
+    if not configs:
+        raise ValueError("step needs at least one --config recipe")
+    return configs
+
+
+def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
+    """A global batch of normal noise with the crop shapes of `config`."""
+    rng = np.random.default_rng(seed)
+    b, g, l = config.batch_size, config.data.global_crop_size, config.data.local_crop_size
+    batch = {"global": rng.standard_normal((b, 2, g, g, 3), np.float32)}
+    if config.local_crops_number:
+        shape = (b, config.local_crops_number, l, l, 3)
+        batch["local"] = rng.standard_normal(shape, np.float32)
+    return batch
+
+
+@dataclasses.dataclass
+class StepReport:
+    """What `benchmark step` measures for one config; FLOPs are for the whole (global) step."""
+
+    compile_s: float
+    step_s: float  # median
+    images_per_s: float
+    flops: float  # per step, all devices
+    flops_per_s: float
+    peak_flops: float  # all devices
+    peak_source: str
+    mfu: float
+    peak_memory_bytes: float  # per device
+    memory_source: str
+
+
+def peak_memory(device: jax.Device, compiled) -> tuple[float, str]:
+    """Peak bytes on one device: the allocator's high-water mark where the backend keeps one,
+    else XLA's static estimate (arguments + outputs + temporaries - donated aliases)."""
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return float(stats["peak_bytes_in_use"]), "memory_stats"
+    m = compiled.memory_analysis()
+    total = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+    return float(total), "memory_analysis"
+
+
+def step_flops(compiled, num_devices: int) -> float:
+    """FLOPs of one step from XLA's cost analysis (per device program) times the device count."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older jaxlibs: one dict per program
+        cost = cost[0]
+    if not cost or "flops" not in cost:
+        raise RuntimeError("XLA's cost analysis gave no 'flops' for this backend")
+    return float(cost["flops"]) * num_devices
+
+
+def benchmark_step(config: ml_collections.ConfigDict, steps: int, warmup: int) -> StepReport:
+    """Compile the train step of `config` ahead of time and time `steps` runs on random data."""
+    if config.steps_per_epoch <= 0:
+        config.steps_per_epoch = 1000  # any value: the schedules only need one
+    mesh = parallel.make_mesh(config.mesh)
+    state = init_state(config, jax.random.key(config.seed), mesh)
+    batch = parallel.to_global(random_batch(config), mesh)
+    start = time.perf_counter()
+    compiled = make_train_step(config, mesh).lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    if not math.isfinite(float(metrics["loss"])):
+        raise RuntimeError(f"the step gave loss={float(metrics['loss'])}")
+    device, n = mesh.devices.flat[0], mesh.size
+    flops = step_flops(compiled, n)
+    step_s = statistics.median(times)
+    peak, peak_source = mesh_peak_flops(list(mesh.devices.flat), config.dtype)
+    memory, memory_source = peak_memory(device, compiled)
+    return StepReport(
+        compile_s=compile_s,
+        step_s=step_s,
+        images_per_s=config.batch_size / step_s,
+        flops=flops,
+        flops_per_s=flops / step_s,
+        peak_flops=peak,
+        peak_source=peak_source,
+        mfu=flops / step_s / peak,
+        peak_memory_bytes=memory,
+        memory_source=memory_source,
+    )
+
+
+def _crops(config: ml_collections.ConfigDict) -> str:
+    g, l, n = config.data.global_crop_size, config.data.local_crop_size, config.local_crops_number
+    return f"2x{g}" + (f" + {n}x{l}" if n else "")
+
+
+def run_step(args: argparse.Namespace, config_args: list[str]) -> None:
+    configs = parse_configs(config_args)
+    devices = jax.devices()
+    print(
+        f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), JAX {jax.__version__}"
+        f", median of {args.steps} steps after {args.warmup} warm-up\n"
+    )
+    print(
+        "| config | model | batch, crops | dtype | compile s | step s | images/s | GFLOP/step "
+        "| achieved TFLOP/s | peak TFLOP/s | MFU | peak memory GiB |"
+    )
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, config in configs:
+        r = benchmark_step(config, args.steps, args.warmup)
+        model = f"{config.arch}/{config.patch_size}, K={config.out_dim}"
+        print(
+            f"| {label} | {model} | {config.batch_size}, {_crops(config)} | {config.dtype} "
+            f"| {r.compile_s:.1f} | {r.step_s:.3f} | {r.images_per_s:.2f} | {r.flops / 1e9:.1f} "
+            f"| {r.flops_per_s / 1e12:.3f} | {r.peak_flops / 1e12:.3f} ({r.peak_source}) "
+            f"| {100 * r.mfu:.1f}% | {r.peak_memory_bytes / 2**30:.2f} ({r.memory_source}) |",
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dino_jax.benchmark", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -186,9 +420,19 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--local-crops", type=int, default=10, help="local crops per image")
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--repeats", type=int, default=5, help="passes per pipeline (median)")
-    data.set_defaults(run=run_data)
-    args = parser.parse_args(argv)
-    args.run(args)
+    data.set_defaults(run=lambda args, rest: run_data(args))
+    step = commands.add_parser(
+        "step",
+        help="the jitted train step on random data: time, FLOPs, MFU, memory",
+        description="Repeat --config RECIPE [--config.key=value ...] for several configs.",
+    )
+    step.add_argument("--steps", type=int, default=5, help="timed steps (median)")
+    step.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    step.set_defaults(run=run_step)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "step":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.run(args, rest)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
 ARCHS = (*VIT_ARCHS, "resnet50")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 DTYPES = ("float32", "bfloat16")
+REMATS = ("none", "block", "dots_saveable")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -87,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Devices: mesh axes (name, size); -1 takes the remaining devices.
     c.mesh = (("data", -1), ("fsdp", 1))
     c.dtype = "float32"  # matmul compute dtype; params, softmax, loss and EMAs stay float32
+    # ViT blocks recomputed in the backward pass to save memory: "none", "block" (keep each
+    # block's input only) or "dots_saveable" (keep the matmul outputs, recompute the rest).
+    c.remat = "none"
     return c
 
 
@@ -159,6 +163,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_choice("arch", config.arch, ARCHS)
     _check_choice("optimizer", config.optimizer, OPTIMIZERS)
     _check_choice("dtype", config.dtype, DTYPES)
+    _check_choice("remat", config.remat, REMATS)
     if config.arch in VIT_ARCHS:
         sizes = {
             "img_size": config.img_size,

@@ -142,14 +142,32 @@ def test_bfloat16_close_to_float32(tiny_config):
     assert_trees_close(bf16.student, f32.student, rtol=0, atol=5e-3)
 
 
-def test_step_compiles_once(tiny_config):
-    config = tiny_config()
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"dtype": "bfloat16", "remat": "dots_saveable"},
+        {"remat": "block", "drop_path_rate": 0.1},
+    ],
+)
+def test_step_compiles_once(tiny_config, overrides):
+    config = tiny_config(**overrides)
     mesh = parallel.make_mesh((("data", 8),))
     state = init_state(config, jax.random.key(0), mesh)
     train_step = make_train_step(config, mesh)
-    for i in range(3):
+    # Across an epoch boundary (steps_per_epoch=3): the schedules change, the program must not.
+    for i in range(5):
         state, _ = train_step(state, parallel.to_global(random_batch(config, i), mesh))
     assert train_step._cache_size() == 1
+
+
+def test_remat_step_equals_plain_step(tiny_config):
+    plain, m_plain = run_steps(tiny_config(warmup_epochs=0), (("data", 8),), 8, start_step=2)
+    remat, m_remat = run_steps(
+        tiny_config(warmup_epochs=0, remat="block"), (("data", 8),), 8, start_step=2
+    )
+    np.testing.assert_allclose(m_remat[0]["loss"], m_plain[0]["loss"], rtol=1e-6)
+    assert_trees_close(remat, plain)
 
 
 @pytest.mark.parametrize(

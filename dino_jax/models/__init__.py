@@ -33,15 +33,21 @@ def build_backbone(
     drop_path_rate: float = 0.0,
     img_size: int = 224,
     dtype=jnp.float32,
+    remat: str = "none",
     **vit_overrides: int,
 ):
     """The backbone named by `arch` ("vit_tiny", "vit_small", "vit_base", "resnet50").
 
-    `vit_overrides` (embed_dim, depth, num_heads) replace a ViT's size where non-zero.
+    `vit_overrides` (embed_dim, depth, num_heads) replace a ViT's size where non-zero; `remat`
+    (ViTs only) recomputes blocks in the backward pass.
     """
     if arch in VIT_ARCHS:
         vit = _VITS[arch](
-            patch_size=patch_size, drop_path_rate=drop_path_rate, img_size=img_size, dtype=dtype
+            patch_size=patch_size,
+            drop_path_rate=drop_path_rate,
+            img_size=img_size,
+            dtype=dtype,
+            remat=remat,
         )
         return vit.clone(**{k: v for k, v in vit_overrides.items() if v})
     if arch == "resnet50":
@@ -58,6 +64,7 @@ def build_dino(config: ml_collections.ConfigDict, *, teacher: bool = False) -> M
         drop_path_rate=0.0 if teacher else config.drop_path_rate,
         img_size=config.img_size,
         dtype=dtype,
+        remat=config.get("remat", "none"),
         embed_dim=config.embed_dim,
         depth=config.depth,
         num_heads=config.num_heads,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from dino_jax.models.batchnorm import BatchNorm
+from dino_jax.models.vit import gelu
 
 # The reference's trunc_normal_(std=0.02) truncates at ±2 *absolute*, i.e. 100 std: a plain normal.
 mlp_init = nn.initializers.normal(stddev=0.02)
@@ -55,12 +56,18 @@ class WeightNormDense(nn.Module):
     def __call__(self, x: Array) -> Array:
         """x [..., D] → [..., features] float32."""
         v = self.param("kernel_v", last_layer_init, (x.shape[-1], self.features), jnp.float32)
-        w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+        # x @ (v g / ||v||) computed as (x @ v) * (g / ||v||): the same product, scaled per output
+        # unit after the matmul, so the [D, K] normalised weight is never formed (on CPU, XLA
+        # fuses that normalisation into the matmul and recomputes it per tile).
+        scale = 1.0 / jnp.linalg.norm(v, axis=0)
         if self.trainable_g:
-            w = w * self.param("weight_g", nn.initializers.ones, (1, self.features), jnp.float32)
-        return jnp.matmul(
-            x.astype(self.dtype), w.astype(self.dtype), preferred_element_type=jnp.float32
+            scale = scale * self.param(
+                "weight_g", nn.initializers.ones, (1, self.features), jnp.float32
+            )
+        logits = jnp.matmul(
+            x.astype(self.dtype), v.astype(self.dtype), preferred_element_type=jnp.float32
         )
+        return logits * scale
 
 
 class DINOHead(nn.Module):
@@ -90,7 +97,7 @@ class DINOHead(nn.Module):
             x = dense(self.hidden_dim, self.dtype, f"mlp_{i}")(x)
             if self.use_bn:
                 x = BatchNorm(dtype=self.dtype, name=f"bn_{i}")(x, train=train)
-            x = nn.gelu(x, approximate=False)
+            x = gelu(x)
         x = dense(self.bottleneck_dim, self.dtype, f"mlp_{self.nlayers - 1}")(x)
         x = l2_normalize(x.astype(jnp.float32))
         last = WeightNormDense(

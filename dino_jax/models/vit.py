@@ -76,6 +76,39 @@ def resize_pos_embed(pos_embed: jax.Array, grid_h: int, grid_w: int) -> jax.Arra
     return jnp.concatenate([pos_embed[:, :1], grid.reshape(1, grid_h * grid_w, dim)], axis=1)
 
 
+@jax.custom_vjp
+def gradient_barrier(x: jax.Array) -> jax.Array:
+    """Identity whose gradient is materialised where it passes (see _barrier_bwd)."""
+    return x
+
+
+def _barrier_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return x, None
+
+
+def _barrier_bwd(_: None, grad: jax.Array) -> tuple[jax.Array]:
+    # XLA's CPU fusion otherwise duplicates the residual stream's chain of gradient adds into
+    # every consumer (quadratic in depth: 30% of a ViT-S/16 step), and it drops optimization
+    # barriers before fusing. A conditional is a fusion boundary it keeps; a non-finite gradient
+    # gives NaN either way. Accelerators fuse sensibly and would pay a sync for the conditional.
+    if jax.default_backend() != "cpu":
+        return (grad,)
+    finite = jnp.isfinite(grad.reshape(-1)[0])
+    return (jax.lax.cond(finite, lambda g: g, lambda g: jnp.full_like(g, jnp.nan), grad),)
+
+
+gradient_barrier.defvjp(_barrier_fwd, _barrier_bwd)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU as torch computes it, x/2 (1 + erf(x / sqrt 2)).
+
+    `nn.gelu(approximate=False)` is the same function written with erfc, whose XLA expansion costs
+    several times more on CPU.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1 / math.sqrt(2))).astype(x.dtype))
+
+
 def _uniform_init(bound: float) -> nn.initializers.Initializer:
     """U(-bound, bound), for a bias whose fan-in the initializer cannot see."""
 
@@ -94,28 +127,41 @@ def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
 def _layer_norm(name: str | None = None) -> nn.LayerNorm:
     # Two-pass variance, as torch computes it; the float32 compute keeps mixed precision stable.
     return nn.LayerNorm(
-        epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+        epsilon=LN_EPS,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
         name=name,
     )
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; returns the projected output and the softmax weights."""
+    """Multi-head self-attention; returns the projected output and, on request, the weights."""
 
     num_heads: int
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [B, N, D] -> (out [B, N, D] in dtype, attn [B, heads, N, N] float32)."""
+    def __call__(
+        self, x: jax.Array, need_weights: bool = False
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """x [B, N, D] -> (out [B, N, D] in dtype, attn [B, heads, N, N] float32 or None).
+
+        Without weights, `jax.nn.dot_product_attention` computes the same softmax attention
+        (cuDNN's fused kernel on GPUs for 16-bit inputs, XLA elsewhere, softmax in float32).
+        """
         batch, tokens, dim = x.shape
         head_dim = dim // self.num_heads
         qkv = _dense(3 * dim, self.dtype, "qkv")(x)
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, hd]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        attn = jax.nn.softmax(logits * head_dim**-0.5, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v)
+        if need_weights:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            attn = jax.nn.softmax(logits * head_dim**-0.5, axis=-1)
+            out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v)
+        else:
+            attn = None
+            out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5)
         return _dense(dim, self.dtype, "proj")(out.reshape(batch, tokens, dim)), attn
 
 
@@ -128,7 +174,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, N, D] -> [B, N, D] in dtype."""
-        h = nn.gelu(_dense(self.hidden_dim, self.dtype, "fc1")(x), approximate=False)
+        h = gelu(_dense(self.hidden_dim, self.dtype, "fc1")(x))
         return _dense(x.shape[-1], self.dtype, "fc2")(h)
 
 
@@ -150,13 +196,33 @@ class Block(nn.Module):
         return branch / keep_prob * jnp.floor(keep_prob + noise)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
-        """x [B, N, D] float32 -> (x [B, N, D] float32, attention [B, heads, N, N] float32)."""
-        branch, attn = Attention(self.num_heads, self.dtype, name="attn")(_layer_norm("norm1")(x))
+    def __call__(
+        self, x: jax.Array, train: bool = False, need_weights: bool = False
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """x [B, N, D] float32 -> (x [B, N, D] float32, attention [B, heads, N, N] or None)."""
+        attention = Attention(self.num_heads, self.dtype, name="attn")
+        branch, attn = attention(_layer_norm("norm1")(x), need_weights)
         x = x + self._drop_path(branch.astype(jnp.float32), train)
         hidden = int(x.shape[-1] * self.mlp_ratio)
         branch = Mlp(hidden, self.dtype, name="mlp")(_layer_norm("norm2")(x))
         return x + self._drop_path(branch.astype(jnp.float32), train), attn
+
+
+REMAT_POLICIES = {
+    "block": None,  # keep only each block's input, recompute the rest
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs
+}
+REMATS = ("none", *REMAT_POLICIES)
+
+
+def remat_block(remat: str) -> type[Block]:
+    """Block, or Block rematerialised in the backward pass under the named policy."""
+    if remat == "none":
+        return Block
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"Unknown remat={remat!r}; choose one of {', '.join(REMATS)}.")
+    # train and need_weights (positions 2, 3 counting self) are Python bools.
+    return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(2, 3))
 
 
 class VisionTransformer(nn.Module):
@@ -170,6 +236,7 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     img_size: int = 224  # pos_embed is built for (img_size // patch_size) ** 2 patches
     dtype: Any = jnp.float32  # matmul compute dtype; params, residuals and outputs stay float32
+    remat: str = "none"  # recompute in the backward pass: "none", "block" or "dots_saveable"
 
     def setup(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -193,8 +260,9 @@ class VisionTransformer(nn.Module):
         self.cls_token = self.param("cls_token", _normal_init, (1, 1, self.embed_dim))
         self.pos_embed = self.param("pos_embed", _normal_init, (1, 1 + num_patches, self.embed_dim))
         rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        block = remat_block(self.remat)
         self.blocks = [
-            Block(self.num_heads, self.mlp_ratio, float(rate), self.dtype) for rate in rates
+            block(self.num_heads, self.mlp_ratio, float(rate), self.dtype) for rate in rates
         ]
         self.norm = _layer_norm()
 
@@ -214,12 +282,16 @@ class VisionTransformer(nn.Module):
         tokens = jnp.concatenate([cls, patches.reshape(batch, -1, self.embed_dim)], axis=1)
         return tokens + resize_pos_embed(self.pos_embed, grid_h, grid_w)
 
-    def _encode(self, x: jax.Array, train: bool) -> tuple[list[jax.Array], jax.Array]:
-        """x [B, H, W, 3] -> (each block's output [B, 1+N, D], last attention [B, h, 1+N, 1+N])."""
+    def _encode(
+        self, x: jax.Array, train: bool, need_weights: bool = False
+    ) -> tuple[list[jax.Array], jax.Array | None]:
+        """x [B, H, W, 3] -> (each block's output [B, 1+N, D], the last block's attention
+        [B, h, 1+N, 1+N] if need_weights else None)."""
         h = self._tokens(x)
         outputs = []
-        for block in self.blocks:
-            h, attn = block(h, train=train)
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            h, attn = block(gradient_barrier(h), train, need_weights and last)
             outputs.append(h)
         return outputs, attn
 
@@ -230,7 +302,7 @@ class VisionTransformer(nn.Module):
 
     def get_last_selfattention(self, x: jax.Array) -> jax.Array:
         """x [B, H, W, 3] -> last block's softmax attention [B, heads, 1+N, 1+N] float32."""
-        return self._encode(x, train=False)[1]
+        return self._encode(x, train=False, need_weights=True)[1]
 
     def get_intermediate_layers(self, x: jax.Array, n: int = 1) -> list[jax.Array]:
         """x [B, H, W, 3] -> outputs of the last n blocks, each final-normed, [B, 1+N, D]."""

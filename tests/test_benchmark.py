@@ -1,0 +1,94 @@
+"""`benchmark step`: FLOPs from XLA's cost analysis, peak FLOP/s, config overrides, the table."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dino_jax import benchmark
+
+
+def test_step_flops_of_a_matmul_are_2mnk():
+    m, k, n = 64, 48, 80
+    compiled = jax.jit(jnp.matmul).lower(jnp.ones((m, k)), jnp.ones((k, n))).compile()
+    assert benchmark.step_flops(compiled, num_devices=1) == 2 * m * k * n
+    assert benchmark.step_flops(compiled, num_devices=8) == 8 * 2 * m * k * n
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+        ("NVIDIA H200", "bfloat16", 989e12),
+        ("NVIDIA A100-SXM4-40GB", "float32", 156e12),
+        ("TPU v4", "bfloat16", 275e12),
+        ("TPU v5 lite", "bfloat16", 197e12),
+        ("TPU v5p", "bfloat16", 459e12),
+        ("TPU v6 lite", "bfloat16", 918e12),
+    ],
+)
+def test_peak_flops_table(kind, dtype, peak):
+    device = types.SimpleNamespace(platform="gpu", device_kind=kind)
+    got, source = benchmark.device_peak_flops(device, dtype)
+    assert got == peak and source.endswith("data sheet")
+    assert benchmark.mesh_peak_flops([device] * 4, dtype)[0] == 4 * peak
+
+
+def test_unknown_accelerator_fails_clearly():
+    device = types.SimpleNamespace(platform="gpu", device_kind="Quantum Widget 9000")
+    with pytest.raises(ValueError, match=r"Quantum Widget 9000.*PEAK_FLOPS"):
+        benchmark.device_peak_flops(device, "bfloat16")
+
+
+def test_cpu_peak_is_measured_once_for_the_host():
+    peak, source = benchmark.device_peak_flops(jax.devices()[0], "float32")
+    assert source == "measured matmul"
+    assert 1e9 < peak < 1e14  # between a slow laptop core and more than any CPU socket
+    # Several CPU "devices" share the host's cores: the peak is the host's, not a multiple.
+    total, _ = benchmark.mesh_peak_flops(jax.devices(), "float32")
+    assert total < 3 * peak
+
+
+def test_config_overrides():
+    [(label, config)] = benchmark.parse_configs(
+        [
+            "--config",
+            "configs/vit_small16.py",
+            "--config.batch_size=8",
+            "--config.dtype=float32",
+            "--config.data.local_crop_size=64",
+            "--config.local_crops_scale=(0.1, 0.3)",
+        ]
+    )
+    assert config.batch_size == 8 and config.dtype == "float32"
+    assert config.data.local_crop_size == 64 and tuple(config.local_crops_scale) == (0.1, 0.3)
+    assert label.startswith("configs/vit_small16.py batch_size=8")
+    with pytest.raises(ValueError, match="no key 'bath_size'"):
+        benchmark.parse_configs(["--config", "configs/vit_small16.py", "--config.bath_size=8"])
+    with pytest.raises(ValueError, match="before any --config"):
+        benchmark.parse_configs(["--config.batch_size=8"])
+
+
+def test_step_command_prints_the_table(capsys):
+    args = ["--config", "configs/vit_small16.py:smoke", "--config.dtype=float32"]
+    benchmark.main(["step", *args, "--steps", "2", "--warmup", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| configs/")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[3] == "float32"
+    compile_s, step_s, images_per_s, gflop = (float(c) for c in cells[4:8])
+    assert compile_s > 0 and step_s > 0
+    assert images_per_s == pytest.approx(8 / step_s, rel=0.01)
+    assert gflop > 0
+    assert cells[10].endswith("%")
+
+
+def test_benchmark_step_report_is_consistent(tiny_config):
+    config = tiny_config(steps_per_epoch=0)
+    report = benchmark.benchmark_step(config, steps=2, warmup=1)
+    assert config.steps_per_epoch > 0
+    assert report.flops_per_s == pytest.approx(report.flops / report.step_s)
+    assert report.mfu == pytest.approx(report.flops_per_s / report.peak_flops)
+    assert report.peak_memory_bytes > 0 and report.memory_source == "memory_analysis"
