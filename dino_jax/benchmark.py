@@ -133,6 +133,13 @@ def baseline_decode_multicrop(
     return {"global": np.stack(crops[:2]), "local": np.stack(local)}
 
 
+def host_half_decode_multicrop(
+    data: bytes, rng: np.random.Generator, cfg: augment.MultiCropConfig
+) -> dict[str, np.ndarray]:
+    """The host's share with `data.augment_on_device`: decode, then uint8 crops and flips."""
+    return augment.multicrop_uint8(augment.decode_image(data), rng, cfg)
+
+
 def ours_decode_multicrop(
     data: bytes, rng: np.random.Generator, cfg: augment.MultiCropConfig
 ) -> dict[str, np.ndarray]:
@@ -166,7 +173,11 @@ def run_data(args: argparse.Namespace) -> None:
     cfg = augment.MultiCropConfig(local_crops_number=args.local_crops)
     files = synthetic_jpegs(args.images, args.seed)
     kb = statistics.mean(len(f) for f in files) / 1024
-    pipelines = {"PIL baseline": baseline_decode_multicrop, "dino_jax": ours_decode_multicrop}
+    pipelines = {
+        "PIL baseline": baseline_decode_multicrop,
+        "dino_jax": ours_decode_multicrop,
+        "dino_jax, augment_on_device (host half)": host_half_decode_multicrop,
+    }
     for pipeline in pipelines.values():  # warm-up: imports, caches, page faults
         pipeline(files[0], np.random.default_rng(0), cfg)
     rates: dict[str, list[tuple[float, float]]] = {name: [] for name in pipelines}
@@ -291,14 +302,16 @@ def parse_configs(argv: list[str]) -> list[tuple[str, ml_collections.ConfigDict]
 
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-    """A global batch of normal noise with the crop shapes of `config`."""
+    """A global batch of noise with the crop shapes of `config` (uint8 levels when the step
+    augments on device, else normal float32)."""
     rng = np.random.default_rng(seed)
     b, g, l = config.batch_size, config.data.global_crop_size, config.data.local_crop_size
-    batch = {"global": rng.standard_normal((b, 2, g, g, 3), np.float32)}
+    shapes = {"global": (b, 2, g, g, 3)}
     if config.local_crops_number:
-        shape = (b, config.local_crops_number, l, l, 3)
-        batch["local"] = rng.standard_normal(shape, np.float32)
-    return batch
+        shapes["local"] = (b, config.local_crops_number, l, l, 3)
+    if config.data.augment_on_device:  # uint8 crops, as the host sends them
+        return {k: rng.integers(0, 256, s, dtype=np.uint8) for k, s in shapes.items()}
+    return {k: rng.standard_normal(s, np.float32) for k, s in shapes.items()}
 
 
 @dataclasses.dataclass

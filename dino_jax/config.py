@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.global_crop_size = 224
     c.data.local_crop_size = 96
     c.data.blur_sigma = (0.1, 2.0)  # Gaussian blur range in output pixels; scale it with the crops
+    # True: the host only crops, resizes and flips (uint8); colour jitter, grayscale, blur,
+    # solarize and normalisation run inside the train step (data/device_augment.py).
+    c.data.augment_on_device = False
     c.data.num_workers = 0  # grain worker processes (0: decode and augment in the main process)
     c.data.num_threads = 4  # threads per process preparing batches (OpenCV and PIL free the GIL)
     c.data.prefetch_batches = 4  # batches prepared ahead, per process

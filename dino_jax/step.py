@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from dino_jax import loss as dino
 from dino_jax import parallel
 from dino_jax.config import steps_per_epoch, validate
+from dino_jax.data import augment, device_augment
 from dino_jax.models import MultiCrop, build_dino
 from dino_jax.optim import init_hyperparams, make_optimizer
 from dino_jax.schedules import hyperparams_at
@@ -92,6 +93,8 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One DINO iteration (SPEC 3): schedules, forwards, loss, update, teacher and center EMAs."""
     hp = hyperparams_at(config, state.step)
+    if config.data.augment_on_device:
+        batch = augment_on_device(config, state.step, batch)
     global_crops, local_crops = batch["global"], batch.get("local")
     stats = state.batch_stats or {"student": {}, "teacher": {}}
 
@@ -143,6 +146,13 @@ def train_step(
         **dino.teacher_stats(teacher_logits, state.center, hp.teacher_temp),
     }
     return new_state, metrics
+
+
+def augment_on_device(config: ml_collections.ConfigDict, step: jax.Array, batch: Batch) -> Batch:
+    """uint8 crops -> the photometric half of the multi-crop, from this step's own key."""
+    key = jax.random.fold_in(jax.random.key(config.seed + 1), step)  # not drop path's stream
+    crops = augment.MultiCropConfig(blur_sigma=tuple(config.data.blur_sigma))
+    return device_augment.augment_batch(key, batch, crops)
 
 
 def _batch_stats(state: TrainState, student_updates: dict, teacher_updates: dict):

@@ -209,10 +209,11 @@ def _compile(config, mesh, state):
 
 def _global_shapes(config) -> dict[str, jax.ShapeDtypeStruct]:
     b, g, l = config.batch_size, config.data.global_crop_size, config.data.local_crop_size
-    shapes = {"global": jax.ShapeDtypeStruct((b, 2, g, g, 3), np.float32)}
+    dtype = np.uint8 if config.data.augment_on_device else np.float32  # see data/device_augment
+    shapes = {"global": jax.ShapeDtypeStruct((b, 2, g, g, 3), dtype)}
     if config.local_crops_number:
         n = config.local_crops_number
-        shapes["local"] = jax.ShapeDtypeStruct((b, n, l, l, 3), np.float32)
+        shapes["local"] = jax.ShapeDtypeStruct((b, n, l, l, 3), dtype)
     return shapes
 
 

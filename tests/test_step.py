@@ -226,3 +226,21 @@ def test_resnet50_step_with_lars(tiny_config):
         stats["student"]["backbone"]["bn1"]["mean"], stats["teacher"]["backbone"]["bn1"]["mean"]
     )
     assert np.isfinite(metrics[0]["loss"])
+
+
+def test_augment_on_device_step_compiles_once(tiny_config):
+    """uint8 crops in, augmented in the step: finite losses, one program for every draw."""
+    config = tiny_config()
+    config.data.augment_on_device = True
+    mesh = parallel.make_mesh((("data", 8),))
+    state = init_state(config, jax.random.key(0), mesh)
+    train_step = make_train_step(config, mesh)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        batch = {
+            k: rng.integers(0, 256, v.shape, dtype=np.uint8)
+            for k, v in random_batch(config).items()
+        }
+        state, metrics = train_step(state, parallel.to_global(batch, mesh))
+        assert np.isfinite(float(metrics["loss"]))
+    assert train_step._cache_size() == 1

@@ -144,6 +144,39 @@ def sample_crop_boxes(
     return np.stack([top, left, h, w], axis=1)
 
 
+UNIFORMS_PER_CROP = 14  # one draw for all of a crop's events, factors and orders
+
+
+def crop_laws(u, blur_sigma: tuple[float, float], xp) -> dict:
+    """The random events and factors of an image's crops from uniforms u [..., n, 14].
+
+    The crop axis (-2) holds global crop 1, global crop 2, then the local crops. `xp` is numpy
+    or jax.numpy: the host pipeline and the on-device augmentation draw by the same laws.
+    Returns booleans `flip`, `jitter`, `grayscale`, `blur`, `solarize` [..., n], `blur_sigma`
+    [..., n], `factors` [..., n, 4] (brightness, contrast, saturation, hue) and `jitter_order`
+    [..., n, 4] (a permutation of indices into JITTER_OPS).
+    """
+    n = u.shape[-2]
+    crop = xp.arange(n)
+    blur_p = xp.where(
+        crop == 0, GLOBAL_1_BLUR_P, xp.where(crop == 1, GLOBAL_2_BLUR_P, LOCAL_BLUR_P)
+    )
+    low_sigma, high_sigma = blur_sigma
+    low = xp.asarray([1 - BRIGHTNESS, 1 - CONTRAST, 1 - SATURATION, -HUE])
+    high = xp.asarray([1 + BRIGHTNESS, 1 + CONTRAST, 1 + SATURATION, HUE])
+    return {
+        "flip": u[..., 0] < FLIP_P,
+        "jitter": u[..., 1] < JITTER_P,
+        "grayscale": u[..., 2] < GRAYSCALE_P,
+        "blur": u[..., 3] < blur_p,
+        "solarize": (u[..., 4] < GLOBAL_2_SOLARIZE_P) & (crop == 1),
+        "blur_sigma": low_sigma + (high_sigma - low_sigma) * u[..., 5],
+        "factors": low + (high - low) * u[..., 6:10],
+        # The ranks of 4 i.i.d. uniforms are a uniform permutation, like torch.randperm(4).
+        "jitter_order": xp.argsort(u[..., 10:14], axis=-1),
+    }
+
+
 def sample_multicrop_params(
     rng: np.random.Generator, height: int, width: int, cfg: MultiCropConfig
 ) -> list[CropParams]:
@@ -158,21 +191,10 @@ def sample_multicrop_params(
     scales = np.where(is_global[:, None], cfg.global_scale, cfg.local_scale)
     boxes = sample_crop_boxes(rng, height, width, scales, n).tolist()
 
-    u = rng.random((n, 14))  # one draw for all per-crop events, factors and orders
-    flip = (u[:, 0] < FLIP_P).tolist()
-    jitter = (u[:, 1] < JITTER_P).tolist()
-    grayscale = (u[:, 2] < GRAYSCALE_P).tolist()
-    blur_p = np.full(n, LOCAL_BLUR_P)
-    blur_p[:2] = GLOBAL_1_BLUR_P, GLOBAL_2_BLUR_P
-    blur = (u[:, 3] < blur_p).tolist()
-    solarize = ((u[:, 4] < GLOBAL_2_SOLARIZE_P) & (np.arange(n) == 1)).tolist()
-    low_sigma, high_sigma = cfg.blur_sigma
-    sigma = (low_sigma + (high_sigma - low_sigma) * u[:, 5]).tolist()
-    low = np.array([1 - BRIGHTNESS, 1 - CONTRAST, 1 - SATURATION, -HUE])
-    high = np.array([1 + BRIGHTNESS, 1 + CONTRAST, 1 + SATURATION, HUE])
-    factors = (low + (high - low) * u[:, 6:10]).tolist()
-    # The ranks of 4 i.i.d. uniforms are a uniform permutation, like torch.randperm(4).
-    order = np.argsort(u[:, 10:14], axis=1).tolist()
+    laws = crop_laws(rng.random((n, UNIFORMS_PER_CROP)), cfg.blur_sigma, np)
+    flip, jitter, grayscale = (laws[k].tolist() for k in ("flip", "jitter", "grayscale"))
+    blur, solarize, sigma = (laws[k].tolist() for k in ("blur", "solarize", "blur_sigma"))
+    factors, order = laws["factors"].tolist(), laws["jitter_order"].tolist()
     sizes = np.where(is_global, cfg.global_size, cfg.local_size).tolist()
     return [
         CropParams(
@@ -369,6 +391,23 @@ def multicrop(
         out = crops["global"][i] if i < 2 else crops["local"][i - 2]
         render_crop(image, p, cfg.mean, cfg.std, out=out)
     return crops
+
+
+def multicrop_uint8(
+    image: np.ndarray, rng: np.random.Generator, cfg: MultiCropConfig
+) -> dict[str, np.ndarray]:
+    """The host's half of on-device augmentation: resized crops and flips only, uint8.
+
+    -> {"global": uint8 [2, G, G, 3], "local": uint8 [N, L, L, 3]}; `device_augment` does the
+    colours, blur, solarize and normalisation inside the train step.
+    """
+    params = sample_multicrop_params(rng, image.shape[0], image.shape[1], cfg)
+    crops = []
+    for p in params:
+        x = resized_crop(image, p.box, p.size)
+        crops.append(cv2.flip(x, 1) if p.flip else x)
+    local = crops[2:] or np.empty((0, cfg.local_size, cfg.local_size, 3), np.uint8)
+    return {"global": np.stack(crops[:2]), "local": np.stack(local)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dino_jax.data.augment import (
     CropParams,
     MultiCropConfig,
     multicrop,
+    multicrop_uint8,
     render_crop,
     sample_crop_boxes,
 )
@@ -47,15 +48,16 @@ def multicrop_config(config: ml_collections.ConfigDict) -> MultiCropConfig:
 
 class MultiCrop(grain.transforms.RandomMap):
     """Record -> {"global": f32 [2, G, G, 3], "local": f32 [n, L, L, 3], "label": i32} using the
-    element's own RNG."""
+    element's own RNG; with `on_device`, uint8 crops that the train step augments further."""
 
-    def __init__(self, crops: MultiCropConfig):
+    def __init__(self, crops: MultiCropConfig, on_device: bool = False):
         self.crops = crops
+        self.render = multicrop_uint8 if on_device else multicrop
 
     def random_map(
         self, element: dict[str, Any], rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
-        return {**multicrop(element["image"], rng, self.crops), "label": element["label"]}
+        return {**self.render(element["image"], rng, self.crops), "label": element["label"]}
 
 
 def _process_slice(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -115,7 +117,7 @@ def train_dataset(
         .seed(config.seed)
         .shuffle()[:epoch_size]
         .repeat()  # reseeds, hence reshuffles, every epoch
-        .random_map(MultiCrop(multicrop_config(config)))
+        .random_map(MultiCrop(multicrop_config(config), config.data.augment_on_device))
         .batch(local_batch, drop_remainder=True)[process_index::process_count]
     )
     return _to_iter(ds, config)
