@@ -135,6 +135,18 @@ def _layer_norm(name: str | None = None) -> nn.LayerNorm:
     )
 
 
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """softmax(q k^T scale) v for q, k, v [B, N, heads, hd] -> [B, N, heads, hd], the weights
+    never returned: cuDNN's flash attention on GPUs for 16-bit inputs, else XLA's (softmax in
+    float32 either way). `jax.nn.dot_product_attention` uses XLA's unless cuDNN is asked for."""
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        except (ValueError, NotImplementedError):  # a shape or head size cuDNN does not take
+            pass
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; returns the projected output and, on request, the weights."""
 
@@ -147,8 +159,7 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array, jax.Array | None]:
         """x [B, N, D] -> (out [B, N, D] in dtype, attn [B, heads, N, N] float32 or None).
 
-        Without weights, `jax.nn.dot_product_attention` computes the same softmax attention
-        (cuDNN's fused kernel on GPUs for 16-bit inputs, XLA elsewhere, softmax in float32).
+        Without weights, `fused_attention` computes the same softmax attention.
         """
         batch, tokens, dim = x.shape
         head_dim = dim // self.num_heads
@@ -161,7 +172,7 @@ class Attention(nn.Module):
             out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v)
         else:
             attn = None
-            out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5)
+            out = fused_attention(q, k, v, head_dim**-0.5)
         return _dense(dim, self.dtype, "proj")(out.reshape(batch, tokens, dim)), attn
 
 
@@ -193,7 +204,9 @@ class Block(nn.Module):
         keep_prob = 1.0 - self.drop_path_rate
         shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
         noise = jax.random.uniform(self.make_rng("drop_path"), shape, branch.dtype)
-        return branch / keep_prob * jnp.floor(keep_prob + noise)
+        # One multiply of the branch by a per-sample 0 or 1/keep_prob (the reference divides,
+        # then masks: the same to a rounding, with one pass less over the branch).
+        return branch * (jnp.floor(keep_prob + noise) / keep_prob)
 
     @nn.compact
     def __call__(
