@@ -10,6 +10,7 @@ import pytest
 
 from dino_jax.benchmark import synthetic_photo
 from dino_jax.data import augment, device_augment
+from dino_jax.data.pipeline import train_dataset
 
 CFG = augment.MultiCropConfig(local_crops_number=8)
 
@@ -174,3 +175,16 @@ def test_host_half_crops_and_flips_in_uint8(photo):
     params = augment.sample_multicrop_params(np.random.default_rng(6), *photo.shape[:2], cfg)
     first = augment.resized_crop(photo, params[0].box, 32)
     np.testing.assert_array_equal(crops["global"][0], first[:, ::-1] if params[0].flip else first)
+
+
+def test_pipeline_sends_uint8_crops(tiny_config):
+    config = tiny_config(batch_size=4)
+    config.data.augment_on_device = True
+    rng = np.random.default_rng(7)
+    source = [
+        {"image": rng.integers(0, 256, (48, 40, 3), np.uint8), "label": np.int32(i)}
+        for i in range(8)
+    ]
+    batch = next(iter(train_dataset(config, source, process_index=0, process_count=1)))
+    assert batch["global"].shape == (4, 2, 32, 32, 3) and batch["global"].dtype == np.uint8
+    assert batch["local"].shape == (4, 2, 16, 16, 3) and batch["local"].dtype == np.uint8
