@@ -34,3 +34,18 @@ def make_tiny_config(**overrides):
 @pytest.fixture
 def tiny_config():
     return make_tiny_config
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory):
+    """A freshly initialised tiny teacher (ViT depth 2, width 64, 4 heads, 8-px patches), exported
+    as training leaves it (`checkpoint.export_teacher`)."""
+    from dino_jax import parallel
+    from dino_jax.checkpoint import export_teacher
+    from dino_jax.step import init_state
+
+    config = make_tiny_config()
+    path = tmp_path_factory.mktemp("run") / "export"
+    mesh = parallel.make_mesh(config.mesh)  # with a mesh, init is one jitted call
+    export_teacher(path, init_state(config, jax.random.key(0), mesh), config)
+    return path

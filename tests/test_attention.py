@@ -7,19 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from conftest import make_tiny_config
 from PIL import Image
 
 from dino_jax import parallel, visualize_attention
-from dino_jax.checkpoint import export_teacher
 from dino_jax.data.pipeline import MEAN, STD, eval_dataset, resize_center_crop
 from dino_jax.data.synthetic import ShapesSource
 from dino_jax.eval import attention, cli
 from dino_jax.hub import load_pretrained
-from dino_jax.step import init_state
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,16 +84,6 @@ def test_mask_scores_of_each_head_and_of_the_mean_map():
     # three patches in row-major order, 75%: J = 0 with the object's patch out. The mean map
     # 0.475, 0.175, 0.175, 0.175 keeps (0, 0) and the last (1, 1), 65%: J = 4 / 8.
     np.testing.assert_allclose(got, [[1.0, 0.0, 0.5]], atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    """A freshly initialised tiny teacher (ViT depth 2, width 64, 4 heads, 8-px patches)."""
-    config = make_tiny_config()
-    path = tmp_path_factory.mktemp("run") / "export"
-    mesh = parallel.make_mesh(config.mesh)  # with a mesh, init is one jitted call
-    export_teacher(path, init_state(config, jax.random.key(0), mesh), config)
-    return path
 
 
 def numpy_jaccard(pred, truth):

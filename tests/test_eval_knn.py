@@ -10,16 +10,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import make_tiny_config
 from PIL import Image
 
-from dino_jax import parallel
-from dino_jax.checkpoint import export_teacher
 from dino_jax.data.pipeline import MEAN, STD, resize_center_crop
 from dino_jax.data.synthetic import ShapesSource
 from dino_jax.eval import knn
 from dino_jax.hub import load_pretrained
-from dino_jax.step import init_state
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,16 +84,6 @@ def test_k_larger_than_the_memory_is_clamped():
     train, labels = at_angles(0.0, 1.0), np.array([0, 1])
     result = knn.knn_classify(train, labels, at_angles(0.1), np.array([0]), ks=(20,))
     assert result == {2: (100.0, 100.0)}
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    """A freshly initialised tiny teacher (ViT depth 2, width 64, 8-px patches), exported."""
-    config = make_tiny_config()
-    path = tmp_path_factory.mktemp("run") / "export"
-    mesh = parallel.make_mesh(config.mesh)  # with a mesh, init is one jitted call
-    export_teacher(path, init_state(config, jax.random.key(0), mesh), config)
-    return path
 
 
 def direct_features(export_dir, split, count):

@@ -11,15 +11,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import make_tiny_config
 
 from dino_jax import parallel
-from dino_jax.checkpoint import export_teacher
 from dino_jax.config import base_config
 from dino_jax.data.pipeline import MEAN, STD, labelled_train_dataset
 from dino_jax.eval import linear
 from dino_jax.models import VisionTransformer
-from dino_jax.step import init_state
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -186,16 +183,6 @@ def test_training_stream_crops_distinct_labelled_images_of_the_first_limit():
     want = np.broadcast_to(10.0 * batch["label"][:, None, None, None], levels.shape)
     np.testing.assert_allclose(levels, want, atol=0.01)
     assert len(set(batch["label"].tolist())) == 8 and max(batch["label"]) < 12
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    """A freshly initialised tiny teacher (ViT depth 2, width 64, 8-px patches), exported."""
-    config = make_tiny_config()
-    path = tmp_path_factory.mktemp("run") / "export"
-    mesh = parallel.make_mesh(config.mesh)  # with a mesh, init is one jitted call
-    export_teacher(path, init_state(config, jax.random.key(0), mesh), config)
-    return path
 
 
 def test_command_trains_and_saves_the_classifier(export_dir, tmp_path):
