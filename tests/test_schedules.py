@@ -4,18 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from torch_reference import cosine_scheduler as reference_cosine_scheduler  # written from SPEC 3
 
 from dino_jax.config import base_config
 from dino_jax.schedules import cosine_scheduler, hyperparams_at, teacher_temp_schedule
-
-
-def reference_cosine_scheduler(base, final, epochs, niter, warmup_epochs=0, start=0.0):
-    """The reference's schedule array, written from SPEC 3."""
-    warmup_iters = warmup_epochs * niter
-    warmup = np.linspace(start, base, warmup_iters) if warmup_epochs > 0 else np.array([])
-    iters = np.arange(epochs * niter - warmup_iters)
-    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
-    return np.concatenate((warmup, cosine))
 
 
 def evaluate(schedule, n):
