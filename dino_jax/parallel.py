@@ -9,6 +9,7 @@ every mesh axis. One rule, by shape, keeps a parameter and its moments on the sa
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -19,6 +20,28 @@ from jax.sharding import PartitionSpec as P
 FSDP = "fsdp"
 # Tensors with fewer elements than this are replicated rather than split over fsdp.
 MIN_FSDP_SIZE = 2**14
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Connect the processes of a multi-host run: explicitly (all three given), or from the
+    environment on TPU pods, SLURM and JAX_COORDINATOR_ADDRESS clusters; else a no-op."""
+    if coordinator_address:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif _in_cluster():
+        jax.distributed.initialize()  # JAX reads the cluster from its environment
+
+
+def _in_cluster() -> bool:
+    env = os.environ
+    return (
+        int(env.get("SLURM_NTASKS", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or "JAX_COORDINATOR_ADDRESS" in env
+    )
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -47,24 +47,6 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def initialize_distributed() -> None:
-    """Connect the processes of a multi-host run (TPU pods, SLURM, or explicit flags)."""
-    f = flags.FLAGS
-    if f.coordinator_address:
-        jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
-    elif _in_cluster():
-        jax.distributed.initialize()  # JAX reads the cluster from its environment
-
-
-def _in_cluster() -> bool:
-    env = os.environ
-    return (
-        int(env.get("SLURM_NTASKS", "1")) > 1
-        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-        or "JAX_COORDINATOR_ADDRESS" in env
-    )
-
-
 class Throughput:
     """Step time and images/s over the steps since the last read."""
 
@@ -238,7 +220,8 @@ def _check_finite(metrics: dict, step: int) -> dict[str, float]:
 
 def main(argv: list[str]) -> None:
     del argv
-    initialize_distributed()
+    f = flags.FLAGS
+    parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
     # Our progress at INFO on process 0; the libraries' (orbax, grain) only when they warn.
     absl_logging.set_verbosity(absl_logging.WARNING)
     handler = logging.StreamHandler()

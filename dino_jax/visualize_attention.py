@@ -49,6 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Self-attention maps of a ViT and their masks (the reference's).",
     )
     cli.add_checkpoint_args(parser)
+    cli.add_distributed_args(parser)
     parser.add_argument("--image", default=None, help="Image file (default: a synthetic scene).")
     parser.add_argument("--index", type=int, default=0, help="Scene of synthetic:shapes val.")
     parser.add_argument("--image_size", type=int, default=480, help="Resize to this square.")
@@ -221,6 +222,7 @@ def score(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    cli.initialize_distributed(args)
     cli.setup_logging()
     try:
         if args.jaccard is None:

@@ -1,5 +1,6 @@
 """Two processes x 4 CPU devices over loopback (jax.distributed, gloo) train exactly like 1 x 8."""
 
+import json
 import os
 import socket
 import subprocess
@@ -74,3 +75,42 @@ def test_two_processes_match_one(tmp_path):
     _, teacher_one, _ = load_exported(tmp_path / "one" / "export")
     for a, b in zip(jax.tree.leaves(teacher_two), jax.tree.leaves(teacher_one), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def knn(export_dir, out, devices, *flags):
+    """Start the k-NN command on `devices` CPU devices of this process."""
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    command = [
+        sys.executable, "-m", "dino_jax.eval.knn", f"--checkpoint={export_dir}",
+        "--train=synthetic:shapes", "--train_examples=72", "--val_examples=40", "--ks=1,5,20",
+        "--resize=40", "--crop=32", "--batch_size=16", f"--out={out}", *flags,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_knn_on_two_processes_matches_one(export_dir, tmp_path):
+    """Each process extracts its slice of every batch; all gather every feature and vote alike."""
+    port = free_port()
+    procs = [
+        knn(
+            export_dir,
+            tmp_path / f"two_{i}.json",
+            4,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        )
+        for i in range(2)
+    ]
+    outputs = [finish(proc) for proc in procs]
+    finish(knn(export_dir, tmp_path / "one.json", 8))
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert json.loads((tmp_path / "two_0.json").read_text()) == one
+    assert not (tmp_path / "two_1.json").exists()  # process 0 writes the results
+    assert "top-1" in outputs[0]

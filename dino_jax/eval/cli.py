@@ -58,6 +58,19 @@ def add_data_args(parser: argparse.ArgumentParser, resize: int = 256, crop: int 
     parser.add_argument("--num_workers", type=int, default=0, help="grain worker processes.")
 
 
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """--coordinator_address, --num_processes, --process_id: a multi-process run, as in training
+    (TPU pods, SLURM and JAX_COORDINATOR_ADDRESS clusters are found without them)."""
+    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0.")
+    parser.add_argument("--num_processes", type=int, default=None, help="Processes in the run.")
+    parser.add_argument("--process_id", type=int, default=None, help="This process's index.")
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    """Connect this process to the others of the run (a no-op for a single process)."""
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+
+
 def setup_logging() -> None:
     """Our INFO messages on the console, the libraries' only when they warn."""
     if not log.handlers:  # once per process, however many commands it runs

@@ -100,6 +100,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Weighted k-NN accuracy of a backbone's features (the reference's eval_knn).",
     )
     cli.add_checkpoint_args(parser)
+    cli.add_distributed_args(parser)
     cli.add_data_args(parser)
     parser.add_argument("--temperature", type=float, default=TEMPERATURE, help="Vote weight T.")
     parser.add_argument(
@@ -162,6 +163,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    cli.initialize_distributed(args)
     cli.setup_logging()
     try:
         results = evaluate(args)

@@ -220,6 +220,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Linear probe of a backbone's frozen features (the reference's eval_linear).",
     )
     cli.add_checkpoint_args(parser)
+    cli.add_distributed_args(parser)
     cli.add_data_args(parser)
     parser.add_argument(
         "--n_last_blocks",
@@ -317,6 +318,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, np.nda
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    cli.initialize_distributed(args)
     cli.setup_logging()
     try:
         results, params = evaluate(args)
