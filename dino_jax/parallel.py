@@ -1,4 +1,5 @@
-"""Device mesh, sharding rules for parameters, optimizer state and batch; host-to-global arrays.
+"""Processes and device mesh; sharding rules for parameters, optimizer state and batch;
+host-to-global arrays.
 
 Parameters (and everything shaped like them: teacher, Adam moments, center) are replicated over
 "data" and split over "fsdp" along their largest divisible axis; small tensors stay replicated,

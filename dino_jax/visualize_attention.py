@@ -24,6 +24,7 @@ import math
 import sys
 from collections.abc import Sequence
 
+import jax
 import matplotlib.image
 import numpy as np
 from etils import epath
@@ -177,6 +178,8 @@ def visualize(args: argparse.Namespace) -> None:
     masks = np.asarray(attention.upsample(attention.head_masks(maps, args.threshold), patch))
     scores = None if truth is None else np.asarray(attention.jaccard(masks, truth[None]))
     maps = np.asarray(attention.upsample(maps, patch))
+    if jax.process_index() != 0:
+        return  # one image: every process computes it, process 0 writes it
     write_maps(epath.Path(args.out), image, maps, masks, args.threshold, scores, truth)
     print(f"{len(maps)} heads' maps and masks ({args.threshold:.0%} of the mass) in {args.out}")
     if scores is not None:
