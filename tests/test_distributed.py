@@ -1,4 +1,5 @@
-"""Two processes x 4 CPU devices over loopback (jax.distributed, gloo) train exactly like 1 x 8."""
+"""Two processes x 4 CPU devices over loopback (jax.distributed, gloo) train and evaluate exactly
+like 1 x 8."""
 
 import json
 import os
@@ -22,12 +23,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(workdir, devices, *flags):
-    env = {
+def cpu_env(devices):
+    """This environment, with JAX on `devices` CPU devices."""
+    return {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
     }
+
+
+def start(workdir, devices, *flags):
     cmd = [
         sys.executable,
         "-m",
@@ -37,7 +42,12 @@ def start(workdir, devices, *flags):
         *flags,
     ]
     return subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=REPO,
+        env=cpu_env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -79,18 +89,18 @@ def test_two_processes_match_one(tmp_path):
 
 def knn(export_dir, out, devices, *flags):
     """Start the k-NN command on `devices` CPU devices of this process."""
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-    }
     command = [
         sys.executable, "-m", "dino_jax.eval.knn", f"--checkpoint={export_dir}",
         "--train=synthetic:shapes", "--train_examples=72", "--val_examples=40", "--ks=1,5,20",
         "--resize=40", "--crop=32", "--batch_size=16", f"--out={out}", *flags,
     ]  # fmt: skip
     return subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command,
+        cwd=REPO,
+        env=cpu_env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
