@@ -1,10 +1,13 @@
-"""The demo: DINO on the built-in `synthetic:shapes` data, sized for a 2-core CPU (~10 minutes).
+"""The demo: DINO on the built-in `synthetic:textures` data, sized for a 2-core CPU (~10 minutes).
 
     python -m dino_jax.train --config configs/demo.py --workdir runs/demo
 
 A ViT of depth 4 and width 128 with 8-px patches learns from 64-px global and 32-px local crops of
-128-px scenes; the k-NN accuracy of its teacher on held-out scenes (10 shape classes) is printed
-before and after training. `make demo` runs exactly this; `:smoke` shrinks it to a few steps.
+128-px texture fields; the k-NN accuracy of its teacher on held-out images (10 texture classes) is
+printed before and after training. `make demo` runs exactly this; `:smoke` shrinks it to a few
+steps. Every crop of a texture field shows its class, which is what DINO needs to learn classes
+in minutes; the object scenes of `synthetic:shapes` (with masks, for attention maps) need a far
+longer run.
 """
 
 from dino_jax.config import apply_variants, base_config
@@ -16,7 +19,7 @@ def get_config(arg=None):
     c.embed_dim, c.depth, c.num_heads = 128, 4, 4
     c.drop_path_rate = 0.1
     c.out_dim = 4096
-    c.data.source = "synthetic:shapes"
+    c.data.source = "synthetic:textures"
     c.data.global_crop_size, c.data.local_crop_size = 64, 32
     c.data.blur_sigma = (0.1, 0.6)  # the reference's range scaled from 224-px to 64-px crops
     c.data.eval_resize_size, c.data.eval_crop_size = 72, 64

@@ -1,6 +1,7 @@
-"""Where images come from: tfds ArrayRecord datasets, image folders, and the built-in shapes.
+"""Where images come from: tfds ArrayRecord datasets, image folders, and the built-in datasets.
 
-`make_source("tfds:imagenet2012" | "folder:/path" | "synthetic:shapes", split)` returns a
+`make_source("tfds:imagenet2012" | "folder:/path" | "synthetic:shapes" | "synthetic:textures",
+split)` returns a
 random-access source of records `{"image": encoded bytes or uint8 [H, W, 3], "label": int}`.
 `DecodedSource` turns those into RGB arrays in the workers, skipping (and counting) unreadable
 files so that one bad JPEG never stops a run.
@@ -17,6 +18,7 @@ from etils import epath
 
 from dino_jax.data.augment import decode_image
 from dino_jax.data.synthetic import ShapesSource
+from dino_jax.data.textures import TexturesSource
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 NO_LABEL = -1
@@ -100,17 +102,23 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> Sequence:
         ) from e
 
 
+# The built-in datasets, generated on the fly.
+SYNTHETIC = {"shapes": ShapesSource, "textures": TexturesSource}
+
+
 def make_source(spec: str, split: str = "train", data_dir: str | None = None):
-    """The source named by `spec`: "tfds:NAME", "folder:PATH" or "synthetic:shapes"."""
+    """The source named by `spec`: "tfds:NAME", "folder:PATH", "synthetic:shapes" or
+    "synthetic:textures"."""
     kind, _, arg = spec.partition(":")
     if kind == "tfds" and arg:
         return tfds_source(arg, split, data_dir)
     if kind == "folder" and arg:
         return FolderSource(arg)
-    if kind == "synthetic" and arg == "shapes":
-        return ShapesSource(split=split)
+    if kind == "synthetic" and arg in SYNTHETIC:
+        return SYNTHETIC[arg](split=split)
     raise ValueError(
-        f"Unknown data.source={spec!r}; use 'tfds:NAME', 'folder:PATH' or 'synthetic:shapes'."
+        f"Unknown data.source={spec!r}; use 'tfds:NAME', 'folder:PATH', 'synthetic:shapes' or "
+        "'synthetic:textures'."
     )
 
 

@@ -1,4 +1,5 @@
-"""The built-in `synthetic:shapes` dataset: one textured shape per cluttered scene, with its mask.
+"""The built-in `synthetic:shapes` dataset: one textured shape per cluttered scene, with its mask;
+and `SyntheticSource`, the seeded random access that the built-in datasets share.
 
 Each example is drawn on the fly from its own generator, seeded by (seed, split, index), so it is
 the same bytes in every call and every worker process and needs no download. The class is the
@@ -112,7 +113,7 @@ SHAPES: dict[str, Callable[[np.random.Generator], Outline]] = {
 CLASS_NAMES = tuple(SHAPES)
 
 
-def _direction(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def direction_frame(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel coordinates (u, v), [S, S] each, along a random orthonormal frame."""
     angle = rng.uniform(0, 2 * np.pi)
     c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
@@ -121,7 +122,7 @@ def _direction(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
     return x * c + y * s, y * c - x * s
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, mode: str) -> Image.Image:
+def smooth_noise(rng: np.random.Generator, size: int, mode: str) -> Image.Image:
     """Low-frequency noise, an L or RGB [S, S] image: a coarse random grid upsampled bilinearly."""
     cells = int(rng.integers(2, 7))
     shape = (cells, cells) if mode == "L" else (cells, cells, 3)
@@ -141,30 +142,30 @@ def _solid(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _stripes(rng: np.random.Generator, size: int) -> np.ndarray:
-    u, _ = _direction(rng, size)
+    u, _ = direction_frame(rng, size)
     return np.where(u / rng.uniform(4, 14) % 1 < 0.5, np.uint8(255), np.uint8(0))
 
 
 def _checker(rng: np.random.Generator, size: int) -> np.ndarray:
-    u, v = _direction(rng, size)
+    u, v = direction_frame(rng, size)
     period = rng.uniform(5, 14)
     odd = (np.floor(u / period) + np.floor(v / period)) % 2 == 1
     return np.where(odd, np.uint8(255), np.uint8(0))
 
 
 def _dots(rng: np.random.Generator, size: int) -> np.ndarray:
-    u, v = _direction(rng, size)
+    u, v = direction_frame(rng, size)
     u, v = u / rng.uniform(6, 14), v / rng.uniform(6, 14)
     inside = np.hypot(u - np.round(u), v - np.round(v)) < rng.uniform(0.2, 0.35)
     return np.where(inside, np.uint8(255), np.uint8(0))
 
 
 def _gradient(rng: np.random.Generator, size: int) -> np.ndarray:
-    return _ramp(_direction(rng, size)[0])
+    return _ramp(direction_frame(rng, size)[0])
 
 
 def _noise(rng: np.random.Generator, size: int) -> np.ndarray:
-    return np.asarray(_smooth_noise(rng, size, "L"))
+    return np.asarray(smooth_noise(rng, size, "L"))
 
 
 TEXTURES: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
@@ -199,8 +200,8 @@ class Scene(NamedTuple):
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
     """A random colour gradient blended with smooth colour noise, then small distractors."""
     start, end = rng.integers(0, 256, (2, 3))
-    gradient = _blend(start, end, _ramp(_direction(rng, size)[0]))
-    image = Image.blend(gradient, _smooth_noise(rng, size, "RGB"), rng.uniform(0.2, 0.6))
+    gradient = _blend(start, end, _ramp(direction_frame(rng, size)[0]))
+    image = Image.blend(gradient, smooth_noise(rng, size, "RGB"), rng.uniform(0.2, 0.6))
     _draw_distractors(rng, image)
     return image
 
@@ -275,13 +276,16 @@ def scene_to_example(scene: Scene) -> dict[str, np.ndarray]:
     }
 
 
-class ShapesSource:
-    """Random-access source of shape scenes (grain-compatible): `len(s)`, `s[i]` -> example dict.
+class SyntheticSource:
+    """Random-access source of generated examples (grain-compatible): `len(s)`, `s[i]` -> dict.
 
-    `s[i]` is {"image": uint8 [S, S, 3], "label": int32 scalar, "mask": uint8 [S, S] in {0, 1}}.
-    Negative indices count from the end, as for a list; indices outside [-len, len) raise
-    IndexError. `seed` must be >= 0.
+    Example `i` is drawn from its own generator, seeded by (seed, split, i). Negative indices
+    count from the end, as for a list; indices outside [-len, len) raise IndexError. `seed` must
+    be >= 0. Subclasses name themselves, list their classes and draw from `self._rng(i)`.
     """
+
+    name = "synthetic"
+    class_names: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -292,7 +296,7 @@ class ShapesSource:
     ):
         if split not in DEFAULT_SIZES:
             raise ValueError(
-                f"Unknown split={split!r} for synthetic:shapes; use one of {sorted(DEFAULT_SIZES)}."
+                f"Unknown split={split!r} for {self.name}; use one of {sorted(DEFAULT_SIZES)}."
             )
         num_examples = DEFAULT_SIZES[split] if num_examples is None else num_examples
         if num_examples < 1:
@@ -305,26 +309,36 @@ class ShapesSource:
         self.num_examples = num_examples
         self.image_size = image_size
         self.seed = seed
-        self.class_names = CLASS_NAMES
-        self.num_classes = len(CLASS_NAMES)
+        self.num_classes = len(self.class_names)
 
     def __len__(self) -> int:
         return self.num_examples
 
-    def scene(self, index: int) -> Scene:
-        """The uncomposited layers of example `index` (for tests and visualisation)."""
+    def _rng(self, index: int) -> np.random.Generator:
+        """The generator of example `index`, after checking the index."""
         index = operator.index(index)
         if not -self.num_examples <= index < self.num_examples:
             raise IndexError(f"index {index} out of range for {self!r} of {len(self)} examples.")
         index %= self.num_examples
-        rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index])
-        return render_scene(rng, self.image_size)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return scene_to_example(self.scene(index))
+        return np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index])
 
     def __repr__(self) -> str:
         return (
-            f"ShapesSource(split={self.split!r}, num_examples={self.num_examples}, "
+            f"{type(self).__name__}(split={self.split!r}, num_examples={self.num_examples}, "
             f"image_size={self.image_size}, seed={self.seed})"
         )
+
+
+class ShapesSource(SyntheticSource):
+    """`synthetic:shapes`: `s[i]` is {"image": uint8 [S, S, 3], "label": int32 scalar,
+    "mask": uint8 [S, S] in {0, 1}}."""
+
+    name = "synthetic:shapes"
+    class_names = CLASS_NAMES
+
+    def scene(self, index: int) -> Scene:
+        """The uncomposited layers of example `index` (for tests and visualisation)."""
+        return render_scene(self._rng(index), self.image_size)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return scene_to_example(self.scene(index))

@@ -6,7 +6,7 @@ similarity matrix never exists in full.
 
 As a command, the k-NN evaluation of a checkpoint's backbone (SPEC 5):
 
-    python -m dino_jax.eval.knn --checkpoint runs/demo/export --train synthetic:shapes \
+    python -m dino_jax.eval.knn --checkpoint runs/demo/export --train synthetic:textures \
         --resize 72 --crop 64 --out runs/demo/knn.json
 """
 

@@ -10,7 +10,7 @@ CosineAnnealingLR stepped once an epoch), on RandomResizedCrop + flip; it is tes
 centre-cropped images. One difference from the reference: its training crops resize bilinearly,
 ours bicubically.
 
-    python -m dino_jax.eval.linear --checkpoint runs/demo/export --train synthetic:shapes \\
+    python -m dino_jax.eval.linear --checkpoint runs/demo/export --train synthetic:textures \\
         --resize 72 --crop 64 --epochs 10 --out_dir runs/demo/linear
 """
 

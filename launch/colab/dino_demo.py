@@ -17,9 +17,9 @@
 # # DINO in JAX: train, look, evaluate
 #
 # This notebook trains the demo recipe of dino_jax (a small ViT, without labels, on the built-in
-# `synthetic:shapes` scenes), plots its loss and collapse monitors, shows the self-attention maps
-# of the trained teacher with their Jaccard index against the true object masks, measures its
-# k-NN accuracy, and loads an official DINO `.pth`.
+# `synthetic:textures` images), plots its loss and collapse monitors, shows the self-attention
+# maps of the trained teacher on `synthetic:shapes` scenes with their Jaccard index against the
+# true object masks, measures its k-NN accuracy, and loads an official DINO `.pth`.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/)
 #
@@ -245,7 +245,7 @@ from dino_jax.eval import knn
 
 resize, crop = config.data.eval_resize_size, config.data.eval_crop_size  # as in training
 knn.main(
-    f"--checkpoint {WORKDIR}/export --train synthetic:shapes --train_examples {KNN_TRAIN} "
+    f"--checkpoint {WORKDIR}/export --train synthetic:textures --train_examples {KNN_TRAIN} "
     f"--val_examples {KNN_VAL} --resize {resize} --crop {crop} --batch_size {EVAL_BATCH} "
     f"--ks 10,20 --out {WORKDIR}/knn.json".split()
 )
