@@ -222,7 +222,7 @@ def load_exported(path: str | epath.PathLike) -> tuple[ml_collections.ConfigDict
     NumPy, not device arrays, so that an export loads on any device count or topology;
     `jax.device_put` them where they are needed. `batch_stats` is {} for models without BN.
     """
-    path = epath.Path(path)
+    path = _absolute(path)
     config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
     with ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.metadata(path / "variables").item_metadata.tree

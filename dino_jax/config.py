@@ -61,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.local_crops_number = 8
     c.local_crops_scale = (0.05, 0.4)
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic:shapes"  # or "tfds:imagenet2012", "folder:/path/to/images"
+    # or "synthetic:textures", "tfds:imagenet2012", "folder:/path/to/images"
+    c.data.source = "synthetic:shapes"
     c.data.split = "train"
     c.data.data_dir = ""  # tfds data_dir ("" = tfds default)
     c.data.global_crop_size = 224

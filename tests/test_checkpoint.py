@@ -199,7 +199,7 @@ def test_a_save_killed_before_its_commit_leaves_the_previous_checkpoint(tmp_path
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "3"]
 
 
-def test_export_holds_the_teacher_and_its_config(tmp_path, sharded):
+def test_export_holds_the_teacher_and_its_config(tmp_path, sharded, monkeypatch):
     config, _, fresh = sharded
     # BatchNorm statistics as a model with BN has them (this tiny ViT has none).
     stats = {"head": {"bn": {"mean": jnp.arange(8.0), "var": jnp.ones(8)}}}
@@ -211,7 +211,8 @@ def test_export_holds_the_teacher_and_its_config(tmp_path, sharded):
 
     on_disk = json.loads((tmp_path / "export" / "config.json").read_text())
     assert (on_disk["out_dim"], on_disk["patch_size"]) == (256, 8)
-    loaded_config, params, batch_stats = load_exported(tmp_path / "export")
+    monkeypatch.chdir(tmp_path)  # a relative path, as in `--checkpoint runs/demo/export`
+    loaded_config, params, batch_stats = load_exported("export")
     assert loaded_config.arch == "vit_small" and loaded_config.embed_dim == 64
     for want, got in [(state.teacher, params), (state.batch_stats["teacher"], batch_stats)]:
         assert jax.tree.structure(got) == jax.tree.structure(want)
