@@ -324,3 +324,45 @@ def save_release_vit(path, *, patch_size=16, embed_dim=384, depth=2, num_heads=6
     model = randomize_(TorchViT(patch_size, embed_dim, depth, num_heads, img_size=224), seed)
     torch.save(model.state_dict(), path)
     return model.double().eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The same iteration timed in float32: the baseline that BENCHMARKS.md sets beside
+# `python -m dino_jax.benchmark step` (ViT-S/16, out_dim 65536, 2x224 + 8x96 crops).
+
+
+def time_iterations(batch_size=8, local_crops=8, steps=3, warmup=1):
+    """Median wall seconds of main_dino.py's iteration for ViT-S/16 on random crops."""
+    import time
+    import types
+
+    def model():
+        head = TorchDINOHead(384, 65536, False, True, 3, 2048, 256)
+        return TorchMultiCrop(TorchViT(16, 384, 12, 6, 224), head)
+
+    student, teacher = model(), model()
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    ncrops = 2 + local_crops
+    dino_loss = TorchDINOLoss(65536, ncrops, 0.04, 0.04, 0, 100)
+    optimizer = torch.optim.AdamW(get_params_groups(student))
+    args = types.SimpleNamespace(
+        steps_per_epoch=1000, lr=5e-4, batch_size=batch_size, min_lr=1e-6, epochs=100,
+        warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
+        clip_grad=3.0, freeze_last_layer=1,
+    )  # fmt: skip
+    sizes = [224] * 2 + [96] * local_crops
+    crops = [torch.randn(batch_size, 3, s, s) for s in sizes]
+    times = []
+    for it in range(warmup + steps):
+        start = time.perf_counter()
+        train_iteration(student, teacher, dino_loss, optimizer, crops, it, 1, args)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[warmup:]))
+
+
+if __name__ == "__main__":
+    step_s = time_iterations()
+    print(f"reference iteration (PyTorch {torch.__version__}, {torch.get_num_threads()} threads):")
+    print(f"{step_s:.3f} s per step, {8 / step_s:.2f} images/s")
