@@ -95,6 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
     # ViT blocks recomputed in the backward pass to save memory: "none", "block" (keep each
     # block's input only) or "dots_saveable" (keep the matmul outputs, recompute the rest).
     c.remat = "none"
+    # The student's forward and backward as this many independent sub-batches of images (every
+    # chunks-th image, so each device keeps its own): the same loss and gradient, with drop-path
+    # masks drawn per chunk. XLA:CPU runs each operation on one core and overlaps independent
+    # ones, so 2 keeps a 2-core CPU busier (~7% faster for ViT-S/16); leave 1 on accelerators.
+    c.student_chunks = 1
     return c
 
 
@@ -191,12 +196,31 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"batch_size={config.batch_size} is not divisible by {num_devices} devices: use a "
             f"multiple of {num_devices} (the batch is split evenly over all devices)."
         )
+    _check_student_chunks(config, num_devices)
     if config.local_crops_number < 0:
         raise ValueError(f"local_crops_number={config.local_crops_number} must be >= 0.")
     if config.warmup_teacher_temp_epochs > config.epochs:
         raise ValueError(
             f"warmup_teacher_temp_epochs={config.warmup_teacher_temp_epochs} exceeds "
             f"epochs={config.epochs}."
+        )
+
+
+def _check_student_chunks(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+    chunks = config.student_chunks
+    if chunks < 1:
+        raise ValueError(f"student_chunks={chunks} must be >= 1.")
+    if chunks > 1 and (config.arch == "resnet50" or config.use_bn_in_head):
+        raise ValueError(
+            f"student_chunks={chunks} would give BatchNorm the statistics of each chunk instead "
+            "of the whole batch: use student_chunks=1 with resnet50 or use_bn_in_head."
+        )
+    devices = num_devices or 1
+    per_device = config.batch_size // devices
+    if per_device % chunks:
+        raise ValueError(
+            f"student_chunks={chunks} does not divide the images per device ({per_device} = "
+            f"batch_size {config.batch_size} / {devices} devices): use a divisor of {per_device}."
         )
 
 

@@ -108,18 +108,26 @@ def train_step(
     drop_path_rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
 
     def loss_fn(params):
-        student_logits, student_updates = student.apply(
-            {"params": params, "batch_stats": stats["student"]},
-            global_crops,
-            local_crops,
-            train=True,
-            rngs={"drop_path": drop_path_rng},
-            mutable=["batch_stats"],
-        )
-        loss = dino.dino_loss(
-            student_logits, teacher_logits, state.center, hp.teacher_temp, config.student_temp
-        )
-        return loss, student_updates
+        chunks = config.student_chunks
+        losses = []
+        for j in range(chunks):
+            rng = drop_path_rng if chunks == 1 else jax.random.fold_in(drop_path_rng, j)
+            student_logits, student_updates = student.apply(
+                {"params": params, "batch_stats": stats["student"]},
+                _chunk(global_crops, j, chunks, axis=0),
+                _chunk(local_crops, j, chunks, axis=0),
+                train=True,
+                rngs={"drop_path": rng},
+                mutable=["batch_stats"],
+            )
+            targets = _chunk(teacher_logits, j, chunks, axis=1)
+            losses.append(
+                dino.dino_loss(
+                    student_logits, targets, state.center, hp.teacher_temp, config.student_temp
+                )
+            )
+        # Equal chunks: the mean of their batch-mean losses is the batch mean.
+        return sum(losses) / chunks, student_updates
 
     (loss, student_updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
     updates, opt_state = make_optimizer(config, hp).update(grads, state.opt_state, state.student)
@@ -146,6 +154,15 @@ def train_step(
         **dino.teacher_stats(teacher_logits, state.center, hp.teacher_temp),
     }
     return new_state, metrics
+
+
+def _chunk(x: jax.Array | None, j: int, chunks: int, axis: int) -> jax.Array | None:
+    """Images j, j + chunks, j + 2 chunks... of the batch axis `axis`: strided, so that a batch
+    sharded over devices gives each device a slice of its own images."""
+    if x is None or chunks == 1:
+        return x
+    split = (*x.shape[:axis], x.shape[axis] // chunks, chunks, *x.shape[axis + 1 :])
+    return jnp.take(x.reshape(split), j, axis=axis + 1)
 
 
 def augment_on_device(config: ml_collections.ConfigDict, step: jax.Array, batch: Batch) -> Batch:

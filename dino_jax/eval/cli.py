@@ -1,8 +1,9 @@
 """What the evaluation commands share: a checkpoint's backbone on the device mesh, the settings
 of the evaluation data, labelled sources and their features, and the JSON of results.
 
-A data source is named as in training (`synthetic:shapes`, `folder:PATH`, `tfds:NAME`) and a
-split separately (`train`, `val`, `validation`...); a folder has no splits (the name is unused).
+A data source is named as in training (`synthetic:textures`, `synthetic:shapes`, `folder:PATH`,
+`tfds:NAME`) and a split separately (`train`, `val`, `validation`...); a folder has no splits (the
+name is unused).
 """
 
 from __future__ import annotations
