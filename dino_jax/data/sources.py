@@ -1,8 +1,8 @@
 """Where images come from: tfds ArrayRecord datasets, image folders, and the built-in datasets.
 
 `make_source("tfds:imagenet2012" | "folder:/path" | "synthetic:shapes" | "synthetic:textures",
-split)` returns a
-random-access source of records `{"image": encoded bytes or uint8 [H, W, 3], "label": int}`.
+split)` returns a random-access source of records `{"image": encoded bytes or uint8 [H, W, 3],
+"label": int}`.
 `DecodedSource` turns those into RGB arrays in the workers, skipping (and counting) unreadable
 files so that one bad JPEG never stops a run.
 """
