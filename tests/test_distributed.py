@@ -32,22 +32,30 @@ def cpu_env(devices):
     }
 
 
-def start(workdir, devices, *flags):
-    cmd = [
-        sys.executable,
-        "-m",
-        "dino_jax.train",
-        "--config=configs/demo.py:smoke",
-        f"--workdir={workdir}",
-        *flags,
-    ]
+def spawn(module, devices, *args):
+    """`python -m module args` on `devices` CPU devices, its output captured."""
     return subprocess.Popen(
-        cmd,
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=cpu_env(devices),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+    )
+
+
+def cluster_flags(port, process_id):
+    """One of two processes joining over loopback."""
+    return (
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={process_id}",
+    )
+
+
+def start(workdir, devices, *flags):
+    return spawn(
+        "dino_jax.train", devices, "--config=configs/demo.py:smoke", f"--workdir={workdir}", *flags
     )
 
 
@@ -63,16 +71,7 @@ def losses(workdir):
 
 def test_two_processes_match_one(tmp_path):
     port = free_port()
-    procs = [
-        start(
-            tmp_path / "two",
-            4,
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-        )
-        for i in range(2)
-    ]
+    procs = [start(tmp_path / "two", 4, *cluster_flags(port, i)) for i in range(2)]
     for proc in procs:
         finish(proc)
     finish(start(tmp_path / "one", 8))
@@ -89,34 +88,18 @@ def test_two_processes_match_one(tmp_path):
 
 def knn(export_dir, out, devices, *flags):
     """Start the k-NN command on `devices` CPU devices of this process."""
-    command = [
-        sys.executable, "-m", "dino_jax.eval.knn", f"--checkpoint={export_dir}",
+    return spawn(
+        "dino_jax.eval.knn", devices, f"--checkpoint={export_dir}",
         "--train=synthetic:shapes", "--train_examples=72", "--val_examples=40", "--ks=1,5,20",
         "--resize=40", "--crop=32", "--batch_size=16", f"--out={out}", *flags,
-    ]  # fmt: skip
-    return subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=cpu_env(devices),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    )  # fmt: skip
 
 
 def test_knn_on_two_processes_matches_one(export_dir, tmp_path):
     """Each process extracts its slice of every batch; all gather every feature and vote alike."""
     port = free_port()
     procs = [
-        knn(
-            export_dir,
-            tmp_path / f"two_{i}.json",
-            4,
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-        )
-        for i in range(2)
+        knn(export_dir, tmp_path / f"two_{i}.json", 4, *cluster_flags(port, i)) for i in range(2)
     ]
     outputs = [finish(proc) for proc in procs]
     finish(knn(export_dir, tmp_path / "one.json", 8))
