@@ -12,7 +12,9 @@ from torch import nn as tnn
 from torch_reference import TorchViT
 
 from dino_jax.models.vit import (
+    QKV,
     VisionTransformer,
+    explicit_attention,
     gradient_barrier,
     resize_pos_embed,
     vit_base,
@@ -350,3 +352,41 @@ def test_unknown_remat_fails():
     model = VisionTransformer(patch_size=8, img_size=32, remat="everything", **TINY)
     with pytest.raises(ValueError, match="remat='everything'"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_cpu_attention_equals_dot_product_attention():
+    """The CPU path (`explicit_attention`) against `jax.nn.dot_product_attention`, which the
+    accelerators run: the same values and the same gradients for q, k and v."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(3, 17, 4, 16)), jnp.float32) for _ in range(3))
+    cotangent = jnp.asarray(rng.normal(size=(3, 17, 4, 16)), jnp.float32)
+    scale = 16**-0.5
+
+    def xla(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+
+    def explicit(q, k, v):
+        return explicit_attention(q, k, v, scale)[0]
+
+    (got, got_vjp), (want, want_vjp) = (jax.vjp(jax.jit(f), q, k, v) for f in (explicit, xla))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    # The weights it returns are a softmax over keys: rows of positive entries summing to 1.
+    weights = explicit_attention(q, k, v, scale)[1]
+    assert weights.shape == (3, 4, 17, 17) and float(weights.min()) > 0
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_qkv_is_one_linear_layer_split_like_the_reference():
+    """Three products from one [D, 3D] kernel: the reference's qkv(x).reshape(B, N, 3, h, hd)."""
+    x = images(6, 2, 5, 12)[..., 0]  # [2, 5, 12]
+    module = QKV(num_heads=3)
+    params = module.init(jax.random.key(1), x)["params"]
+    assert params["kernel"].shape == (12, 36) and params["bias"].shape == (36,)
+    params = {"kernel": params["kernel"], "bias": jnp.linspace(-1.0, 1.0, 36)}
+    got = module.apply({"params": params}, x)
+    x64, kernel = np.asarray(x, np.float64), np.asarray(params["kernel"], np.float64)
+    want = (x64 @ kernel + np.asarray(params["bias"])).reshape(2, 5, 3, 3, 4)
+    for i in range(3):
+        np.testing.assert_allclose(got[i], want[:, :, i], rtol=1e-5, atol=1e-6)

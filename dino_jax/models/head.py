@@ -8,6 +8,7 @@ conversion: Dense `mlp_{i}` in order, BatchNorm `bn_{i}`, and `last_layer` with 
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import Array
 
@@ -26,6 +27,13 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     """x [..., D] / max(||x||, eps) along the last axis, as torch `F.normalize`."""
     norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
     return x / jnp.maximum(norm, eps)
+
+
+def column_norms(v: Array) -> Array:
+    """||v[:, j]|| for v [D, K] -> [K], summed as ones [D] @ v²: XLA:CPU reduces over a leading
+    axis ~4x slower than it runs that matrix-vector product (120 vs 30 ms at [256, 65536])."""
+    ones = jnp.ones(v.shape[0], v.dtype)
+    return jnp.sqrt(jnp.matmul(ones, v * v, precision=jax.lax.Precision.HIGHEST))
 
 
 def dense(features: int, dtype: Any, name: str) -> nn.Dense:
@@ -59,7 +67,7 @@ class WeightNormDense(nn.Module):
         # x @ (v g / ||v||) computed as (x @ v) * (g / ||v||): the same product, scaled per output
         # unit after the matmul, so the [D, K] normalised weight is never formed (on CPU, XLA
         # fuses that normalisation into the matmul and recomputes it per tile).
-        scale = 1.0 / jnp.linalg.norm(v, axis=0)
+        scale = 1.0 / column_norms(v)
         if self.trainable_g:
             scale = scale * self.param(
                 "weight_g", nn.initializers.ones, (1, self.features), jnp.float32

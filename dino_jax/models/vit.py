@@ -135,16 +135,81 @@ def _layer_norm(name: str | None = None) -> nn.LayerNorm:
     )
 
 
+@jax.custom_vjp
+def softmax(logits: jax.Array) -> jax.Array:
+    """softmax over the last axis, with its gradient y (g - sum(g y)) written out: the same
+    maths as autodiff's, which XLA:CPU runs in more passes (the attention backward ~1.3x slower)."""
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _softmax_fwd(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    probs = jax.nn.softmax(logits, axis=-1)
+    return probs, probs
+
+
+def _softmax_bwd(probs: jax.Array, grad: jax.Array) -> tuple[jax.Array]:
+    return (probs * (grad - jnp.sum(grad * probs, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def explicit_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float
+) -> tuple[jax.Array, jax.Array]:
+    """The reference's attention for q, k, v [B, N, heads, hd]: heads first, (q @ k^T) * scale,
+    softmax in float32, @ v. -> (out [B, N, heads, hd], weights [B, heads, N, N] float32)."""
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    weights = softmax(logits * scale)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
+    return out.transpose(0, 2, 1, 3), weights
+
+
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
     """softmax(q k^T scale) v for q, k, v [B, N, heads, hd] -> [B, N, heads, hd], the weights
-    never returned: cuDNN's flash attention on GPUs for 16-bit inputs, else XLA's (softmax in
-    float32 either way). `jax.nn.dot_product_attention` uses XLA's unless cuDNN is asked for."""
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    never returned (softmax in float32 always).
+
+    GPUs with 16-bit inputs: cuDNN's flash attention. Other accelerators: XLA's
+    `jax.nn.dot_product_attention`. CPU: `explicit_attention`, which XLA:CPU runs forward and
+    backward faster than `dot_product_attention`'s tokens-first products (BENCHMARKS.md).
+    """
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return explicit_attention(q, k, v, scale)[0]
+    if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
         except (ValueError, NotImplementedError):  # a shape or head size cuDNN does not take
             pass
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+
+
+class QKV(nn.Module):
+    """The reference's qkv Linear(D, 3D), one kernel [D, 3D] and bias [3D], applied as three
+    products, one each for q, k and v: x [B, N, D] -> 3 x [B, N, heads, hd] in dtype.
+
+    One product then a slice gives the same numbers, but its gradient is assembled in the
+    [B, N, 3D] layout (pads and adds over the activations); three products assemble it on the
+    [D, 3D] kernel instead, a ~5x smaller array.
+    """
+
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        batch, tokens, dim = x.shape
+        kernel = self.param("kernel", _normal_init, (dim, 3 * dim), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (3 * dim,), jnp.float32)
+        x = x.astype(self.dtype)
+
+        def project(i: int) -> jax.Array:
+            part = slice(i * dim, (i + 1) * dim)
+            y = x @ kernel[:, part].astype(self.dtype) + bias[part].astype(self.dtype)
+            return y.reshape(batch, tokens, self.num_heads, dim // self.num_heads)
+
+        return project(0), project(1), project(2)
 
 
 class Attention(nn.Module):
@@ -162,17 +227,12 @@ class Attention(nn.Module):
         Without weights, `fused_attention` computes the same softmax attention.
         """
         batch, tokens, dim = x.shape
-        head_dim = dim // self.num_heads
-        qkv = _dense(3 * dim, self.dtype, "qkv")(x)
-        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, hd]
+        q, k, v = QKV(self.num_heads, self.dtype, name="qkv")(x)  # [B, N, heads, hd]
+        scale = (dim // self.num_heads) ** -0.5
         if need_weights:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-            attn = jax.nn.softmax(logits * head_dim**-0.5, axis=-1)
-            out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v)
+            out, attn = explicit_attention(q, k, v, scale)
         else:
-            attn = None
-            out = fused_attention(q, k, v, head_dim**-0.5)
+            out, attn = fused_attention(q, k, v, scale), None
         return _dense(dim, self.dtype, "proj")(out.reshape(batch, tokens, dim)), attn
 
 
