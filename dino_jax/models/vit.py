@@ -189,9 +189,9 @@ class QKV(nn.Module):
     """The reference's qkv Linear(D, 3D), one kernel [D, 3D] and bias [3D], applied as three
     products, one each for q, k and v: x [B, N, D] -> 3 x [B, N, heads, hd] in dtype.
 
-    One product then a slice gives the same numbers, but its gradient is assembled in the
+    One product then a slice gives the same numbers, but XLA:CPU assembles its gradient in the
     [B, N, 3D] layout (pads and adds over the activations); three products assemble it on the
-    [D, 3D] kernel instead, a ~5x smaller array.
+    [D, 3D] kernel instead, a far smaller array.
     """
 
     num_heads: int
