@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from tqdm import tqdm
 
-from dino_jax import parallel
+from dino_jax import host_memory, parallel
 from dino_jax.config import load_config
 from dino_jax.data import augment
 from dino_jax.step import init_state, make_train_step
@@ -405,6 +405,8 @@ def _crops(config: ml_collections.ConfigDict) -> str:
 
 def run_step(args: argparse.Namespace, config_args: list[str]) -> None:
     configs = parse_configs(config_args)
+    if jax.default_backend() == "cpu":
+        host_memory.reuse_freed_memory()  # as the training job does
     devices = jax.devices()
     print(
         f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), JAX {jax.__version__}"

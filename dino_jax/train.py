@@ -23,7 +23,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from dino_jax import parallel
+from dino_jax import host_memory, parallel
 from dino_jax.checkpoint import Checkpointer, export_teacher
 from dino_jax.config import validate
 from dino_jax.data.pipeline import steps_per_epoch, train_dataset, train_source
@@ -222,6 +222,8 @@ def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
     parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+    if jax.default_backend() == "cpu":
+        host_memory.reuse_freed_memory()  # each step's temporaries without page faults
     # Our progress at INFO on process 0; the libraries' (orbax, grain) only when they warn.
     absl_logging.set_verbosity(absl_logging.WARNING)
     handler = logging.StreamHandler()

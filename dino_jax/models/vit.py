@@ -100,13 +100,35 @@ def _barrier_bwd(_: None, grad: jax.Array) -> tuple[jax.Array]:
 gradient_barrier.defvjp(_barrier_fwd, _barrier_bwd)
 
 
+@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact GELU as torch computes it, x/2 (1 + erf(x / sqrt 2)).
+    """Exact GELU as torch computes it, x/2 (1 + erf(x / sqrt 2)), with torch's gradient.
 
     `nn.gelu(approximate=False)` is the same function written with erfc, whose XLA expansion costs
-    several times more on CPU.
+    several times more on CPU. The gradient is written out, Phi(x) + x phi(x) from x alone, so the
+    forward is one pass that keeps nothing but its input (autodiff would also keep erf(x / sqrt 2)).
     """
-    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1 / math.sqrt(2))).astype(x.dtype))
+    return 0.5 * x * (1.0 + _erf(x))
+
+
+def _erf(x: jax.Array) -> jax.Array:
+    # erf(x / sqrt 2), evaluated in float32 for 16-bit inputs as torch does.
+    return jax.lax.erf(x.astype(jnp.float32) * np.float32(1 / math.sqrt(2))).astype(x.dtype)
+
+
+def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return gelu(x), x
+
+
+def _gelu_bwd(x: jax.Array, grad: jax.Array) -> tuple[jax.Array]:
+    # erf is odd, so this is the forward's 1 + erf(x / sqrt 2) to the bit; written with -x, XLA
+    # does not merge it with the forward's erf, which would keep that erf as a residual after all.
+    cdf = 0.5 * (1.0 - _erf(-x))
+    pdf = jnp.exp(-0.5 * x * x) * np.float32(1 / math.sqrt(2 * math.pi)).astype(x.dtype)
+    return (grad * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def _uniform_init(bound: float) -> nn.initializers.Initializer:
@@ -124,15 +146,57 @@ def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
     )
 
 
-def _layer_norm(name: str | None = None) -> nn.LayerNorm:
-    # Two-pass variance, as torch computes it; the float32 compute keeps mixed precision stable.
-    return nn.LayerNorm(
-        epsilon=LN_EPS,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        use_fast_variance=False,
-        name=name,
+@jax.custom_vjp
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """torch's LayerNorm over the last axis in float32: two-pass variance, eps 1e-6.
+
+    The gradient is written out (see _layer_norm_bwd): autodiff of the same maths keeps the
+    centred input and broadcasts of 1/sigma and of the scale, full-size arrays that XLA:CPU writes
+    and reads again (the student's LayerNorms cost ~5x the teacher's).
+    """
+    return _layer_norm_fwd(x, scale, bias)[0]
+
+
+def _layer_norm_fwd(
+    x: jax.Array, scale: jax.Array, bias: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True) + LN_EPS)
+    return (x - mean) * rstd * scale + bias, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(
+    saved: tuple[jax.Array, ...], grad: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x, mean, rstd, scale = saved
+    normed = (x - mean) * rstd
+    grad_normed = grad * scale
+    rows = tuple(range(x.ndim - 1))
+    grad_x = rstd * (
+        grad_normed
+        - jnp.mean(grad_normed, axis=-1, keepdims=True)
+        - normed * jnp.mean(grad_normed * normed, axis=-1, keepdims=True)
     )
+    return grad_x, jnp.sum(grad * normed, axis=rows), jnp.sum(grad, axis=rows)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+    """nn.LayerNorm's parameters (scale, bias) and torch's numbers, in float32 whatever the
+    compute dtype, with the gradient of `layer_norm`."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (dim,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (dim,), jnp.float32)
+        return layer_norm(x.astype(jnp.float32), scale, bias)
+
+
+def _layer_norm(name: str | None = None) -> LayerNorm:
+    return LayerNorm(name=name)
 
 
 @jax.custom_vjp
