@@ -404,9 +404,8 @@ def _crops(config: ml_collections.ConfigDict) -> str:
 
 
 def run_step(args: argparse.Namespace, config_args: list[str]) -> None:
+    host_memory.reuse_freed_memory()  # as the training job does, before JAX's threads start
     configs = parse_configs(config_args)
-    if jax.default_backend() == "cpu":
-        host_memory.reuse_freed_memory()  # as the training job does
     devices = jax.devices()
     print(
         f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), JAX {jax.__version__}"

@@ -5,7 +5,12 @@ XLA:CPU allocates a program's temporaries as one block per execution and frees i
 unmaps it on `free`, so every step the kernel zero-fills ~570k new pages on first touch, 1.2 s of
 system time in a 7 s step (BENCHMARKS.md). Serving all allocations from glibc's main heap and never
 trimming it makes the next step reuse the same pages: the behaviour of a caching allocator, which
-accelerator runtimes have for device memory.
+accelerator runtimes have for device memory. On accelerator hosts it does the same for the
+host's batches.
+
+The settings bind only threads that have not allocated yet (a thread keeps its malloc arena, and
+arenas other than the main one mmap such blocks whatever the settings), so the training and
+benchmark commands call `reuse_freed_memory` first, before JAX starts its threads.
 """
 
 from __future__ import annotations
@@ -27,9 +32,7 @@ def reuse_freed_memory() -> bool:
     block freed by one step is the next step's block. Returns whether the settings applied.
 
     The process's resident memory then stays at its high-water mark: right for a training or
-    benchmark process on CPU, which reaches that mark every step. Call it early (after
-    `jax.distributed.initialize`): threads that already allocated keep their own arenas, and
-    their blocks are reused only from the second step on.
+    benchmark process, which reaches that mark every step. Call it before JAX's first use.
     """
     if platform.system() != "Linux":
         return False

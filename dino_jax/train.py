@@ -221,9 +221,8 @@ def _check_finite(metrics: dict, step: int) -> dict[str, float]:
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
+    host_memory.reuse_freed_memory()  # before JAX's threads allocate: see host_memory
     parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
-    if jax.default_backend() == "cpu":
-        host_memory.reuse_freed_memory()  # each step's temporaries without page faults
     # Our progress at INFO on process 0; the libraries' (orbax, grain) only when they warn.
     absl_logging.set_verbosity(absl_logging.WARNING)
     handler = logging.StreamHandler()

@@ -15,7 +15,9 @@ from dino_jax.models.vit import (
     QKV,
     VisionTransformer,
     explicit_attention,
+    gelu,
     gradient_barrier,
+    layer_norm,
     resize_pos_embed,
     vit_base,
     vit_small,
@@ -390,3 +392,36 @@ def test_qkv_is_one_linear_layer_split_like_the_reference():
     want = (x64 @ kernel + np.asarray(params["bias"])).reshape(2, 5, 3, 3, 4)
     for i in range(3):
         np.testing.assert_allclose(got[i], want[:, :, i], rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_and_its_gradient_match_torch():
+    """`layer_norm`'s written-out gradient against torch's LayerNorm backward in float64, on rows
+    far from zero mean (the centring matters) with a non-trivial scale and bias."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(3.0, 2.0, size=(3, 5, 64))
+    scale, bias, cotangent = rng.normal(size=64), rng.normal(size=64), rng.normal(size=(3, 5, 64))
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    got, vjp = jax.vjp(jax.jit(layer_norm), f32(x), f32(scale), f32(bias))
+    got_grads = vjp(f32(cotangent))
+
+    tx, tscale, tbias = (torch.tensor(a, requires_grad=True) for a in (x, scale, bias))
+    want = tnn.functional.layer_norm(tx, (64,), tscale, tbias, eps=1e-6)
+    want.backward(torch.from_numpy(cotangent))
+    assert_close(got, want.detach().numpy())
+    for g, w in zip(got_grads, (tx.grad, tscale.grad, tbias.grad), strict=True):
+        assert_close(g, w.numpy())
+
+
+def test_gelu_and_its_gradient_match_torch():
+    """Exact (erf) GELU and its written-out gradient against torch in float64, including the
+    tails where the gradient is 0 or 1; bfloat16 stays bfloat16."""
+    x = np.linspace(-9.0, 9.0, 2001)
+    got, vjp = jax.vjp(jax.jit(gelu), jnp.asarray(x, jnp.float32))
+    got_grad = vjp(jnp.ones(x.shape, jnp.float32))[0]
+    tx = torch.tensor(x, requires_grad=True)
+    want = tnn.functional.gelu(tx)
+    want.sum().backward()
+    np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_grad, tx.grad.numpy(), rtol=1e-6, atol=1e-6)
+    half = jnp.asarray(x, jnp.bfloat16)
+    assert gelu(half).dtype == jax.grad(lambda v: gelu(v).sum())(half).dtype == jnp.bfloat16

@@ -1,0 +1,62 @@
+"""Freed host memory is reused: the train step's temporaries stop page-faulting on CPU."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# The demo recipe's step: XLA:CPU's temporaries for it are one ~750 MB block per execution.
+PROGRAM = """
+import json, resource, sys
+from dino_jax import host_memory
+applied = host_memory.reuse_freed_memory() if sys.argv[1] == "reuse" else None
+import jax
+from dino_jax import parallel
+from dino_jax.benchmark import random_batch
+from dino_jax.config import load_config
+from dino_jax.step import init_state, make_train_step
+config = load_config(sys.argv[2])
+config.steps_per_epoch = 100
+mesh = parallel.make_mesh(config.mesh)
+state = init_state(config, jax.random.key(0), mesh)
+batch = parallel.to_global(random_batch(config), mesh)
+step = make_train_step(config, mesh).lower(state, batch).compile()
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    state, _ = step(state, batch)
+    jax.block_until_ready(state)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+pages = step.memory_analysis().temp_size_in_bytes // 4096
+print(json.dumps({"applied": applied, "faults": faults, "pages": pages}))
+"""
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+
+
+def step_faults(mode: str) -> dict:
+    # One CPU device, as `python -m dino_jax.train` runs here (the suite's 8 are a test setting).
+    env = {**os.environ, "XLA_FLAGS": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", PROGRAM, mode, DEMO],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's malloc is what is tuned")
+def test_reused_memory_does_not_page_fault():
+    default, reused = step_faults("default"), step_faults("reuse")
+    pages = default["pages"]
+    assert pages > 8192, default  # far above glibc's largest mmap threshold (32 MiB)
+    # By default every step touches its temporaries' pages afresh: the problem being solved.
+    assert min(default["faults"][1:]) > pages // 2, default
+    assert reused["applied"] is True
+    # Reused: after the first step the same pages serve the next ones.
+    assert max(reused["faults"][1:]) < pages // 100, reused
