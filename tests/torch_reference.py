@@ -290,8 +290,12 @@ def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
             p.grad = None
 
 
-def train_iteration(student, teacher, dino_loss, optimizer, crops, it, epoch, args):
+def train_iteration(
+    student, teacher, dino_loss, optimizer, crops, it, epoch, args, fp16_scaler=None
+):
     """main_dino.py's train_one_epoch body for iteration `it`; `crops` is crop-major NCHW.
+    With `fp16_scaler` (a `torch.amp.GradScaler`), its `--use_fp16 true` path: forwards and loss
+    under float16 autocast, the loss scaled, gradients unscaled before clipping.
     Returns the loss; student, teacher, optimizer and dino_loss.center are updated in place."""
     niter = args.steps_per_epoch
     lr = cosine_scheduler(
@@ -303,14 +307,25 @@ def train_iteration(student, teacher, dino_loss, optimizer, crops, it, epoch, ar
         group["lr"] = lr[it]
         if i == 0:
             group["weight_decay"] = wd[it]
-    teacher_output = teacher(crops[:2])
-    loss = dino_loss(student(crops), teacher_output, epoch)
+    device = crops[0].device.type
+    with torch.autocast(device, dtype=torch.float16, enabled=fp16_scaler is not None):
+        teacher_output = teacher(crops[:2])
+        loss = dino_loss(student(crops), teacher_output, epoch)
     optimizer.zero_grad()
-    loss.backward()
-    if args.clip_grad:
-        clip_gradients(student, args.clip_grad)
-    cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-    optimizer.step()
+    if fp16_scaler is None:
+        loss.backward()
+        if args.clip_grad:
+            clip_gradients(student, args.clip_grad)
+        cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+        optimizer.step()
+    else:
+        fp16_scaler.scale(loss).backward()
+        if args.clip_grad:
+            fp16_scaler.unscale_(optimizer)
+            clip_gradients(student, args.clip_grad)
+        cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+        fp16_scaler.step(optimizer)
+        fp16_scaler.update()
     with torch.no_grad():
         m = momentum[it]
         for param_q, param_k in zip(student.parameters(), teacher.parameters(), strict=True):
@@ -331,38 +346,66 @@ def save_release_vit(path, *, patch_size=16, embed_dim=384, depth=2, num_heads=6
 # `python -m dino_jax.benchmark step` (ViT-S/16, out_dim 65536, 2x224 + 8x96 crops).
 
 
-def time_iterations(batch_size=8, local_crops=8, steps=3, warmup=1):
-    """Median wall seconds of main_dino.py's iteration for ViT-S/16 on random crops."""
+def time_iterations(batch_size=8, local_crops=8, steps=3, warmup=1, device="cpu", fp16=False):
+    """Median wall seconds of main_dino.py's iteration for ViT-S/16 on random crops, on `device`,
+    in float32 or, with `fp16`, its mixed-precision path (`--use_fp16 true`)."""
     import time
     import types
 
     def model():
         head = TorchDINOHead(384, 65536, False, True, 3, 2048, 256)
-        return TorchMultiCrop(TorchViT(16, 384, 12, 6, 224), head)
+        return TorchMultiCrop(TorchViT(16, 384, 12, 6, 224), head).to(device)
 
+    torch.backends.cudnn.benchmark = True  # as main_dino.py
     student, teacher = model(), model()
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
     ncrops = 2 + local_crops
-    dino_loss = TorchDINOLoss(65536, ncrops, 0.04, 0.04, 0, 100)
+    dino_loss = TorchDINOLoss(65536, ncrops, 0.04, 0.04, 0, 100).to(device)
     optimizer = torch.optim.AdamW(get_params_groups(student))
+    scaler = torch.amp.GradScaler(device) if fp16 else None
     args = types.SimpleNamespace(
         steps_per_epoch=1000, lr=5e-4, batch_size=batch_size, min_lr=1e-6, epochs=100,
         warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
         clip_grad=3.0, freeze_last_layer=1,
     )  # fmt: skip
     sizes = [224] * 2 + [96] * local_crops
-    crops = [torch.randn(batch_size, 3, s, s) for s in sizes]
+    crops = [torch.randn(batch_size, 3, s, s, device=device) for s in sizes]
     times = []
     for it in range(warmup + steps):
         start = time.perf_counter()
-        train_iteration(student, teacher, dino_loss, optimizer, crops, it, 1, args)
+        # loss.item() at its end waits for the device
+        train_iteration(student, teacher, dino_loss, optimizer, crops, it, 1, args, scaler)
         times.append(time.perf_counter() - start)
     return float(np.median(times[warmup:]))
 
 
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Time main_dino.py's iteration (ViT-S/16, out_dim 65536) on random crops."
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--fp16", action="store_true", help="main_dino.py --use_fp16 true")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--local-crops", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: this PyTorch sees no CUDA device")
+    step_s = time_iterations(
+        args.batch_size, args.local_crops, args.steps, args.warmup, args.device, args.fp16
+    )
+    where = f"{torch.get_num_threads()} threads"
+    if args.device.startswith("cuda"):
+        where = torch.cuda.get_device_name()
+    precision = "float16 autocast" if args.fp16 else "float32"
+    print(f"reference iteration (PyTorch {torch.__version__}, {where}, {precision}):")
+    print(f"{step_s:.3f} s per step, {args.batch_size / step_s:.2f} images/s")
+
+
 if __name__ == "__main__":
-    step_s = time_iterations()
-    print(f"reference iteration (PyTorch {torch.__version__}, {torch.get_num_threads()} threads):")
-    print(f"{step_s:.3f} s per step, {8 / step_s:.2f} images/s")
+    main()
