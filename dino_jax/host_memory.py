@@ -29,7 +29,9 @@ M_ARENA_MAX = -8
 @functools.cache
 def reuse_freed_memory() -> bool:
     """On Linux with glibc: one malloc arena, no mmap'd blocks, no trimming of the heap, so a
-    block freed by one step is the next step's block. Returns whether the settings applied.
+    block freed by one step is the next step's block (from the second step on, or once the heap
+    has settled: a small allocation that takes the start of a freed block makes the heap grow by
+    one block first). Returns whether the settings applied.
 
     The process's resident memory then stays at its high-water mark: right for a training or
     benchmark process, which reaches that mark every step. Call it before JAX's first use.
