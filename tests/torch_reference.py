@@ -364,7 +364,7 @@ def time_iterations(batch_size=8, local_crops=8, steps=3, warmup=1, device="cpu"
     ncrops = 2 + local_crops
     dino_loss = TorchDINOLoss(65536, ncrops, 0.04, 0.04, 0, 100).to(device)
     optimizer = torch.optim.AdamW(get_params_groups(student))
-    scaler = torch.amp.GradScaler(device) if fp16 else None
+    scaler = torch.amp.GradScaler(torch.device(device).type) if fp16 else None
     args = types.SimpleNamespace(
         steps_per_epoch=1000, lr=5e-4, batch_size=batch_size, min_lr=1e-6, epochs=100,
         warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
