@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dino_jax.kernels import cpu_attention
+
 IN_CHANS = 3  # the patch conv's bias init needs its fan-in before any input is seen
 LN_EPS = 1e-6
 INIT_STD = 0.02
@@ -232,11 +234,14 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> j
     never returned (softmax in float32 always).
 
     GPUs with 16-bit inputs: cuDNN's flash attention. Other accelerators: XLA's
-    `jax.nn.dot_product_attention`. CPU: `explicit_attention`, which XLA:CPU runs forward and
-    backward faster than `dot_product_attention`'s tokens-first products (BENCHMARKS.md).
+    `jax.nn.dot_product_attention`. CPU: float32 with head sizes a multiple of 16, our kernel
+    (`kernels.cpu_attention`, the logits kept in cache), else `explicit_attention`, which XLA:CPU
+    runs faster than `dot_product_attention`'s tokens-first products (BENCHMARKS.md).
     """
     backend = jax.default_backend()
     if backend == "cpu":
+        if cpu_attention.supports(q):
+            return cpu_attention.attention(q, k, v, scale)
         return explicit_attention(q, k, v, scale)[0]
     if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:

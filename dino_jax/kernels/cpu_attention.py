@@ -1,0 +1,210 @@
+"""softmax(q k^T scale) v as one CPU kernel forward and one backward (cpu_attention.cc).
+
+XLA:CPU runs attention as batched products with the [B, heads, N, N] logits written to memory
+and read back between them, at about a sixth of the matmul speed of the same machine; the kernel
+keeps each (image, head) pair's logits in cache and reads q, k, v in the [B, N, heads, hd] layout
+the qkv products leave them in. The same maths as `vit.explicit_attention` (float32, the
+probabilities kept for the backward, the softmax gradient p (g - sum g p)), summed in another order.
+
+The library is compiled once per source, jaxlib and CPU into ~/.cache/dino_jax (or
+$DINO_JAX_CACHE) with the host's C++ compiler (`$CXX`, else g++). Without one, or with
+DINO_JAX_CPU_KERNELS=0, `available()` is False and callers keep XLA's products.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+SOURCE = Path(__file__).with_name("cpu_attention.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
+FORWARD, BACKWARD = "dino_attention_forward", "dino_attention_backward"
+LANES = 16  # the kernel's vector width in floats: head sizes must be a multiple
+
+log = logging.getLogger(__name__)
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered (building it on the first call)."""
+    return _library() is not None
+
+
+def supports(q: jax.Array) -> bool:
+    """Whether `attention` takes q [B, N, heads, hd]: float32 and hd a multiple of 16."""
+    return q.dtype == jnp.float32 and q.ndim == 4 and q.shape[-1] % LANES == 0 and available()
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """softmax(q k^T * scale) v for float32 q, k, v [B, N, heads, hd] -> [B, N, heads, hd]."""
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have one shape, got {q.shape}, {k.shape}, {v.shape}")
+    if not available():
+        raise RuntimeError(
+            "The CPU attention kernel could not be built (see the warning above); "
+            "check supports(q) first, or install a C++ compiler (g++)."
+        )
+    return _attention(q, k, v, float(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    return _forward(scale)(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v, scale):
+    out, probs = _forward(scale)(q, k, v)
+    return out, (q, k, v, probs)
+
+
+def _attention_bwd(scale, saved, grad):
+    return _backward(scale)(*saved, grad)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# The kernel runs each (image, head) pair on its own, so a batch or heads axis sharded over a
+# mesh stays sharded: every device runs the kernel on its own shard, no gathering.
+
+
+def _pair_spec(sharding: NamedSharding, heads_at: int) -> tuple:
+    spec = tuple(sharding.spec) + (None,) * 4
+    return spec[0], spec[heads_at]
+
+
+def _specs(mesh, first) -> tuple[NamedSharding, NamedSharding]:
+    """(the [B, N, heads, hd] sharding, the [B, heads, N, N] one) from q's."""
+    batch, heads = _pair_spec(first.sharding, 2)
+    return NamedSharding(mesh, P(batch, None, heads, None)), NamedSharding(
+        mesh, P(batch, heads, None, None)
+    )
+
+
+@functools.cache
+def _forward(scale: float):
+    @custom_partitioning
+    def forward(q, k, v):
+        return _call_forward(q, k, v, scale)
+
+    def partition(mesh, arg_shapes, result_shape):
+        tokens, pairs = _specs(mesh, arg_shapes[0])
+        return mesh, lambda q, k, v: _call_forward(q, k, v, scale), (tokens, pairs), (tokens,) * 3
+
+    def infer(mesh, arg_shapes, result_shape):
+        return _specs(mesh, arg_shapes[0])
+
+    forward.def_partition(
+        partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule="b n h d, b m h d, b m h d -> b n h d, b h n m",
+        need_replication_factors=("n", "d", "m"),  # in order of first use
+    )
+    return forward
+
+
+@functools.cache
+def _backward(scale: float):
+    @custom_partitioning
+    def backward(q, k, v, probs, grad):
+        return _call_backward(q, k, v, probs, grad, scale)
+
+    def partition(mesh, arg_shapes, result_shape):
+        tokens, pairs = _specs(mesh, arg_shapes[0])
+        lower = lambda *args: _call_backward(*args, scale)  # noqa: E731
+        return mesh, lower, (tokens,) * 3, (tokens, tokens, tokens, pairs, tokens)
+
+    def infer(mesh, arg_shapes, result_shape):
+        return (_specs(mesh, arg_shapes[0])[0],) * 3
+
+    backward.def_partition(
+        partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule="b n h d, b n h d, b n h d, b h n m, b n h d -> b n h d, b n h d, b n h d",
+        need_replication_factors=("n", "d", "m"),  # in order of first use
+    )
+    return backward
+
+
+def _call_forward(q, k, v, scale):
+    batch, tokens, heads, _ = q.shape
+    out_types = (
+        jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        jax.ShapeDtypeStruct((batch, heads, tokens, tokens), jnp.float32),
+    )
+    call = jax.ffi.ffi_call(FORWARD, out_types, vmap_method="sequential")
+    return call(q, k, v, scale=np.float32(scale))
+
+
+def _call_backward(q, k, v, probs, grad, scale):
+    out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32),) * 3
+    call = jax.ffi.ffi_call(BACKWARD, out_types, vmap_method="sequential")
+    return call(q, k, v, probs, grad, scale=np.float32(scale))
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("DINO_JAX_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as error:
+        log.warning("CPU attention kernel unavailable (%s); using XLA's products.", error)
+        return None
+    for name, symbol in ((FORWARD, "DinoAttentionForward"), (BACKWARD, "DinoAttentionBackward")):
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), "cpu")
+    return library
+
+
+def _build() -> Path:
+    """The compiled library for this source, jaxlib, compiler and CPU, building it if missing.
+
+    -march=native ties the binary to the CPU, so the CPU's feature flags are part of its name;
+    it is written to a temporary file and renamed, so concurrent builds never load a half file.
+    """
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise FileNotFoundError(f"no C++ compiler {os.environ.get('CXX', 'g++')!r} on PATH")
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), jaxlib.__version__, compiler, " ".join(FLAGS), _cpu_id()):
+        key.update(part if isinstance(part, bytes) else part.encode())
+    cache = Path(os.environ.get("DINO_JAX_CACHE", Path.home() / ".cache" / "dino_jax"))
+    target = cache / f"cpu_attention-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    try:
+        command = [compiler, *FLAGS, "-isystem", include, str(SOURCE), "-o", str(partial)]
+        subprocess.run(command, check=True, capture_output=True, text=True)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def _cpu_id() -> str:
+    """The CPU's model and feature flags (what -march=native compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = ("model name", "flags")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
