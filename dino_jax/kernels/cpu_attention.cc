@@ -6,8 +6,8 @@
 // XLA:CPU writes and reads them back through memory between its batched products.
 //
 // The five products are one register-tiled kernel, C[r, :] = sum_k A(r, k) B[k, :], with A read
-// row- or column-wise, in GCC's vector extensions: AVX-512 or AVX2 (or SSE) registers, whichever
-// the CPU it is compiled on has.
+// row- or column-wise, in GCC's vector extensions: 8-float vectors, which the compiler maps onto
+// the registers of the CPU it is compiled on.
 
 #include <atomic>
 #include <condition_variable>
@@ -23,11 +23,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int64_t kLanes = 16;  // one register: 32 of them
-#else
-constexpr int64_t kLanes = 8;  // AVX2's register (two SSE ones): 16 of them
-#endif
+// One AVX2 register (half an AVX-512 one, two SSE ones), on every CPU: one code path everywhere,
+// and AVX-512 cores such as AMD's Zen 4 split 512-bit operations into two 256-bit ones anyway.
+constexpr int64_t kLanes = 8;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
@@ -54,13 +52,15 @@ inline IVec Valid(int64_t start, int64_t end) {
   return lane < static_cast<int32_t>(end - start);
 }
 
-// exp for x <= 0 (Cephes' expf: x = n ln 2 + r, a degree-6 polynomial in r; within 2 ulp).
-// Below -87.3 the result is 0, where e^x underflows float32's normal range anyway.
+// exp for x <= 0, Cephes' expf: x = n ln 2 + r with n the nearest integer (|r| <= ln 2 / 2), a
+// degree-6 polynomial in r, times 2^n; within 2 ulp. Below -87.3 the result is 0: there e^x is
+// under float32's smallest normal number and adds nothing to a softmax's sum of at least 1.
 inline Vec Exp(Vec x) {
   const IVec underflow = x < -87.3f;
-  x = x < -87.3f ? Splat(-87.3f) : x;
-  Vec n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504088896341f + 0.5f, IVec), Vec);
-  n = n > x * 1.44269504088896341f + 0.5f ? n - 1.0f : n;  // truncation -> floor
+  x = underflow ? Splat(-87.3f) : x;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const Vec shifted = x * 1.44269504088896341f + kRound;
+  const Vec n = shifted - kRound;
   const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
   Vec p = Splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -69,13 +69,15 @@ inline Vec Exp(Vec x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
-  Vec scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return underflow ? Splat(0.0f) : p * scale;
+  IVec bits;
+  std::memcpy(&bits, &shifted, sizeof bits);  // n in the low mantissa bits
+  bits = (bits - 0x4B400000 + 127) << 23;      // 0x4B400000: the bits of kRound
+  Vec two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return underflow ? Splat(0.0f) : p * two_n;
 }
 
-// C[r, 0:16 V] = sum_k A(r, k) B[k, 0:16 V] for R rows, A(r, k) = a[r * a_row + k * a_col].
+// C[r, 0:kLanes V] = sum_k A(r, k) B[k, 0:kLanes V] for R rows, A(r, k) = a[r * a_row + k * a_col].
 template <int R, int V>
 inline void Tile(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
                  int64_t depth, float* c, int64_t ldc) {
@@ -130,13 +132,16 @@ void MatMul(int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t a
   }
 }
 
-// dst[d, j] = src[j, d] for j < n (rows `stride` apart), 0 for n <= j < ld.
+// dst[d, j] = src[j, d] for j < n (rows `stride` apart), 0 for n <= j < ld; src is read row by
+// row, each row once.
 void PackTransposed(const float* src, int64_t stride, int64_t n, int64_t dim, float* dst,
                     int64_t ld) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* row = src + j * stride;
+    for (int64_t d = 0; d < dim; ++d) dst[d * ld + j] = row[d];
+  }
   for (int64_t d = 0; d < dim; ++d) {
-    float* row = dst + d * ld;
-    for (int64_t j = 0; j < n; ++j) row[j] = src[j * stride + d];
-    for (int64_t j = n; j < ld; ++j) row[j] = 0.0f;
+    for (int64_t j = n; j < ld; ++j) dst[d * ld + j] = 0.0f;
   }
 }
 
@@ -255,7 +260,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::ResultBuffer<ffi::F32> probs) {
   const Shape shape = ShapeOf(q);
   const int64_t n = shape.tokens, dim = shape.dim, ld = RoundUp(n), stride = shape.stride();
-  if (dim % kLanes) return ffi::Error::InvalidArgument("head size must be a multiple of 16");
+  if (dim % kLanes) return ffi::Error::InvalidArgument("head size must be a multiple of 8");
   const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
   float *od = out->typed_data(), *pd = probs->typed_data();
   ParallelFor(pool, shape.batch * shape.heads, [&](int64_t pair) {
@@ -278,7 +283,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> grad_v) {
   const Shape shape = ShapeOf(q);
   const int64_t n = shape.tokens, dim = shape.dim, ld = RoundUp(n), stride = shape.stride();
-  if (dim % kLanes) return ffi::Error::InvalidArgument("head size must be a multiple of 16");
+  if (dim % kLanes) return ffi::Error::InvalidArgument("head size must be a multiple of 8");
   const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
   const float *pd = probs.typed_data(), *god = grad_out.typed_data();
   float *gq = grad_q->typed_data(), *gk = grad_k->typed_data(), *gv = grad_v->typed_data();

@@ -7,8 +7,9 @@ the qkv products leave them in. The same maths as `vit.explicit_attention` (floa
 probabilities kept for the backward, the softmax gradient p (g - sum g p)), summed in another order.
 
 The library is compiled once per source, jaxlib and CPU into ~/.cache/dino_jax (or
-$DINO_JAX_CACHE) with the host's C++ compiler (`$CXX`, else g++). Without one, or with
-DINO_JAX_CPU_KERNELS=0, `available()` is False and callers keep XLA's products.
+$DINO_JAX_CACHE) with the host's C++ compiler (`$CXX`, else g++). Without one (and no build in
+the cache), if it fails to compile, or with DINO_JAX_CPU_KERNELS=0, `available()` is False and
+callers keep XLA's products.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
 FORWARD, BACKWARD = "dino_attention_forward", "dino_attention_backward"
-LANES = 16  # the kernel's vector width in floats: head sizes must be a multiple
+LANES = 8  # the kernel's vector width in floats: head sizes must be a multiple
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def available() -> bool:
 
 
 def supports(q: jax.Array) -> bool:
-    """Whether `attention` takes q [B, N, heads, hd]: float32 and hd a multiple of 16."""
+    """Whether `attention` takes q [B, N, heads, hd]: float32 and hd a multiple of 8."""
     return q.dtype == jnp.float32 and q.ndim == 4 and q.shape[-1] % LANES == 0 and available()
 
 
@@ -163,8 +164,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         library = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as error:
-        log.warning("CPU attention kernel unavailable (%s); using XLA's products.", error)
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", None) or ""  # the compiler's own message, if it ran
+        log.warning("CPU attention kernel unavailable (%s); using XLA's products.\n%s", error, detail)
         return None
     for name, symbol in ((FORWARD, "DinoAttentionForward"), (BACKWARD, "DinoAttentionBackward")):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), "cpu")
@@ -172,28 +174,27 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _build() -> Path:
-    """The compiled library for this source, jaxlib, compiler and CPU, building it if missing.
+    """The compiled library for this source, jaxlib and CPU, building it if missing.
 
     -march=native ties the binary to the CPU, so the CPU's feature flags are part of its name;
     it is written to a temporary file and renamed, so concurrent builds never load a half file.
     """
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        raise FileNotFoundError(f"no C++ compiler {os.environ.get('CXX', 'g++')!r} on PATH")
-    include = jax.ffi.include_dir()
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jaxlib.__version__, compiler, " ".join(FLAGS), _cpu_id()):
+    for part in (SOURCE.read_bytes(), jaxlib.__version__, " ".join(FLAGS), _cpu_id()):
         key.update(part if isinstance(part, bytes) else part.encode())
     cache = Path(os.environ.get("DINO_JAX_CACHE", Path.home() / ".cache" / "dino_jax"))
     target = cache / f"cpu_attention-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise FileNotFoundError(f"no C++ compiler {os.environ.get('CXX', 'g++')!r} on PATH")
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        command = [compiler, *FLAGS, "-isystem", include, str(SOURCE), "-o", str(partial)]
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        command = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE)]
+        subprocess.run([*command, "-o", str(partial)], check=True, capture_output=True, text=True)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
