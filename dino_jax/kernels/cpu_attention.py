@@ -166,7 +166,8 @@ def _library() -> ctypes.CDLL | None:
         library = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", None) or ""  # the compiler's own message, if it ran
-        log.warning("CPU attention kernel unavailable (%s); using XLA's products.\n%s", error, detail)
+        message = "CPU attention kernel unavailable (%s); using XLA's products.\n%s"
+        log.warning(message, error, detail)
         return None
     for name, symbol in ((FORWARD, "DinoAttentionForward"), (BACKWARD, "DinoAttentionBackward")):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), "cpu")
