@@ -2,11 +2,12 @@
 
     python -m dino_jax.benchmark data [--images 200] [--local-crops 10] [--seed 0] [--repeats 5]
     python -m dino_jax.benchmark step --config configs/vit_small16.py --config.batch_size=8 \\
-        [--config configs/other.py ...] [--steps 5] [--warmup 1]
+        [--config configs/other.py ...] [--steps 5] [--warmup 1] [--interleave]
 
 `step`: the real jitted train step on random data, per config: compile time, median step time,
 images/s, FLOPs per step from XLA's cost analysis, achieved FLOP/s, MFU against the device's
 peak, and peak device memory. `--config.key=value` after a `--config` overrides that config.
+`--interleave` runs one step of each config in turn, so that A/B figures share the same minutes.
 
 `data`: single-process images/s (= per core) of JPEG decode + multi-crop, ours
 (`dino_jax.data.augment`) against the baseline, a plain PIL implementation of the reference's
@@ -24,6 +25,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import cv2
 import jax
@@ -36,6 +38,7 @@ from tqdm import tqdm
 from dino_jax import host_memory, parallel
 from dino_jax.config import load_config
 from dino_jax.data import augment
+from dino_jax.kernels import cpu_attention
 from dino_jax.step import init_state, make_train_step
 
 # ImageNet's most common shapes (H, W).
@@ -358,8 +361,45 @@ def step_flops(compiled, num_devices: int) -> float:
     return float(cost["flops"]) * num_devices
 
 
-def benchmark_step(config: ml_collections.ConfigDict, steps: int, warmup: int) -> StepReport:
-    """Compile the train step of `config` ahead of time and time `steps` runs on random data."""
+def counted_program(config: ml_collections.ConfigDict, mesh, state, batch, compiled):
+    """The compiled step whose cost analysis counts all of the step's FLOPs.
+
+    XLA cannot see inside the CPU attention kernel's custom calls, so a step that has them is
+    counted as compiled with XLA's attention instead: the same maths, one compile more.
+    """
+    if cpu_attention.FORWARD not in compiled.as_text():
+        return compiled
+    with_xla = config.copy_and_resolve_references()
+    with_xla.cpu_attention_kernel = False
+    return make_train_step(with_xla, mesh).lower(state, batch).compile()
+
+
+@dataclasses.dataclass
+class PreparedStep:
+    """One config's compiled step, its state and its batch, ready to be timed."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    compiled: Any
+    state: Any
+    batch: dict[str, jax.Array]
+    compile_s: float
+    times: list[float] = dataclasses.field(default_factory=list)
+    cpu_times: list[float] = dataclasses.field(default_factory=list)
+
+    def run(self, timed: bool) -> None:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        self.state, metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready((self.state, metrics))
+        if timed:
+            self.times.append(time.perf_counter() - start)
+            self.cpu_times.append(time.process_time() - cpu_start)
+        if not math.isfinite(float(metrics["loss"])):
+            raise RuntimeError(f"the step gave loss={float(metrics['loss'])}")
+
+
+def prepare_step(config: ml_collections.ConfigDict) -> PreparedStep:
+    """Compile the train step of `config` ahead of time, with its state and a random batch."""
     if config.steps_per_epoch <= 0:
         config.steps_per_epoch = 1000  # any value: the schedules only need one
     mesh = parallel.make_mesh(config.mesh)
@@ -367,26 +407,22 @@ def benchmark_step(config: ml_collections.ConfigDict, steps: int, warmup: int) -
     batch = parallel.to_global(random_batch(config), mesh)
     start = time.perf_counter()
     compiled = make_train_step(config, mesh).lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    times, cpu_times = [], []
-    for i in range(warmup + steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
-    if not math.isfinite(float(metrics["loss"])):
-        raise RuntimeError(f"the step gave loss={float(metrics['loss'])}")
+    return PreparedStep(config, mesh, compiled, state, batch, time.perf_counter() - start)
+
+
+def report_step(step: PreparedStep) -> StepReport:
+    """The figures of a prepared step's timed runs."""
+    config, mesh = step.config, step.mesh
     device, n = mesh.devices.flat[0], mesh.size
-    flops = step_flops(compiled, n)
-    step_s = statistics.median(times)
+    counted = counted_program(config, mesh, step.state, step.batch, step.compiled)
+    flops = step_flops(counted, n)
+    step_s = statistics.median(step.times)
     peak, peak_source = mesh_peak_flops(list(mesh.devices.flat), config.dtype)
-    memory, memory_source = peak_memory(device, compiled)
+    memory, memory_source = peak_memory(device, step.compiled)
     return StepReport(
-        compile_s=compile_s,
+        compile_s=step.compile_s,
         step_s=step_s,
-        cpu_s=statistics.median(cpu_times),
+        cpu_s=statistics.median(step.cpu_times),
         images_per_s=config.batch_size / step_s,
         flops=flops,
         flops_per_s=flops / step_s,
@@ -398,6 +434,26 @@ def benchmark_step(config: ml_collections.ConfigDict, steps: int, warmup: int) -
     )
 
 
+def benchmark_steps(
+    configs: list[ml_collections.ConfigDict], steps: int, warmup: int
+) -> list[StepReport]:
+    """Time the configs' steps in turn, one step of each per round, in one process: on a machine
+    whose speed drifts, every config sees the same minutes (compare these, not separate runs)."""
+    prepared = [prepare_step(config) for config in configs]
+    for i in range(warmup + steps):
+        for step in prepared:
+            step.run(timed=i >= warmup)
+    return [report_step(step) for step in prepared]
+
+
+def benchmark_step(config: ml_collections.ConfigDict, steps: int, warmup: int) -> StepReport:
+    """Compile the train step of `config` ahead of time and time `steps` runs on random data."""
+    step = prepare_step(config)
+    for i in range(warmup + steps):
+        step.run(timed=i >= warmup)
+    return report_step(step)
+
+
 def _crops(config: ml_collections.ConfigDict) -> str:
     g, l, n = config.data.global_crop_size, config.data.local_crop_size, config.local_crops_number
     return f"2x{g}" + (f" + {n}x{l}" if n else "")
@@ -407,17 +463,22 @@ def run_step(args: argparse.Namespace, config_args: list[str]) -> None:
     host_memory.reuse_freed_memory()  # as the training job does, before JAX's threads start
     configs = parse_configs(config_args)
     devices = jax.devices()
+    order = "in turn, one step of each per round" if args.interleave else "one config after another"
     print(
         f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), JAX {jax.__version__}"
-        f", median of {args.steps} steps after {args.warmup} warm-up\n"
+        f", median of {args.steps} steps after {args.warmup} warm-up, {order}\n"
     )
     print(
         "| config | model | batch, crops | dtype | compile s | step s | images/s | GFLOP/step "
         "| achieved TFLOP/s | peak TFLOP/s | MFU | peak memory GiB | CPU s/step |"
     )
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for label, config in configs:
-        r = benchmark_step(config, args.steps, args.warmup)
+    if args.interleave:
+        reports = benchmark_steps([c for _, c in configs], args.steps, args.warmup)
+    else:
+        reports = (benchmark_step(c, args.steps, args.warmup) for _, c in configs)
+    rows = []
+    for (label, config), r in zip(configs, reports, strict=True):
         model = f"{config.arch}/{config.patch_size}, K={config.out_dim}"
         print(
             f"| {label} | {model} | {config.batch_size}, {_crops(config)} | {config.dtype} "
@@ -427,6 +488,12 @@ def run_step(args: argparse.Namespace, config_args: list[str]) -> None:
             f"| {r.cpu_s:.2f} |",
             flush=True,
         )
+        rows.append((label, r))
+    if args.interleave and len(rows) > 1:
+        first_label, first = rows[0]
+        print(f"\nspeed against {first_label} (its median step time over each one's):")
+        for label, r in rows[1:]:
+            print(f"  {label}: {first.step_s / r.step_s:.3f}x")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -447,6 +514,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     step.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     step.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    step.add_argument(
+        "--interleave",
+        action="store_true",
+        help="compile every config first, then run one step of each in turn (A/B comparisons)",
+    )
     step.set_defaults(run=run_step)
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "step":

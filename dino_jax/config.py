@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     # ViT blocks recomputed in the backward pass to save memory: "none", "block" (keep each
     # block's input only) or "dots_saveable" (keep the matmul outputs, recompute the rest).
     c.remat = "none"
+    # On CPU, float32 attention as one kernel forward and one backward (dino_jax/kernels/, built
+    # on first use with the host's g++; XLA's products where it cannot be built). False: XLA's.
+    c.cpu_attention_kernel = True
     # The student's forward and backward as this many independent sub-batches of images (every
     # chunks-th image, so each device keeps its own): the same loss and gradient, with drop-path
     # masks drawn per chunk. XLA:CPU runs each operation on one core and overlaps independent

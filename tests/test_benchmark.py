@@ -93,3 +93,31 @@ def test_benchmark_step_report_is_consistent(tiny_config):
     assert report.flops_per_s == pytest.approx(report.flops / report.step_s)
     assert report.mfu == pytest.approx(report.flops_per_s / report.peak_flops)
     assert report.peak_memory_bytes > 0 and report.memory_source == "memory_analysis"
+
+
+def test_interleaved_configs_each_get_their_steps(capsys):
+    """Two configs in turn: a row each and the speed ratio, and the CPU kernel's FLOPs counted."""
+    tiny = ["--config", "configs/vit_small16.py:smoke", "--config.dtype=float32"]
+    args = [*tiny, *tiny, "--config.cpu_attention_kernel=False"]
+    benchmark.main(["step", *args, "--steps", "2", "--warmup", "1", "--interleave"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| configs/")]
+    assert len(rows) == 2 and "cpu_attention_kernel=False" in rows[1]
+    gflops = [float(row.strip("|").split("|")[7]) for row in rows]
+    # XLA cannot count inside the kernel's custom calls: the kernel's step is counted as XLA's.
+    assert gflops[0] == gflops[1] > 0
+    assert "in turn, one step of each per round" in out
+    assert "cpu_attention_kernel=False: " in out.split("speed against")[1]
+
+
+def test_interleaving_alternates_the_steps(tiny_config, monkeypatch):
+    order = []
+    run = benchmark.PreparedStep.run
+
+    def logged(self, timed):
+        order.append(self.config.seed)
+        run(self, timed)
+
+    monkeypatch.setattr(benchmark.PreparedStep, "run", logged)
+    reports = benchmark.benchmark_steps([tiny_config(seed=1), tiny_config(seed=2)], 2, 1)
+    assert order == [1, 2, 1, 2, 1, 2] and len(reports) == 2

@@ -34,12 +34,14 @@ def build_backbone(
     img_size: int = 224,
     dtype=jnp.float32,
     remat: str = "none",
+    cpu_attention_kernel: bool = True,
     **vit_overrides: int,
 ):
     """The backbone named by `arch` ("vit_tiny", "vit_small", "vit_base", "resnet50").
 
     `vit_overrides` (embed_dim, depth, num_heads) replace a ViT's size where non-zero; `remat`
-    (ViTs only) recomputes blocks in the backward pass.
+    (ViTs only) recomputes blocks in the backward pass; `cpu_attention_kernel` (ViTs only) runs
+    float32 attention on CPU as dino_jax's kernel rather than XLA's products.
     """
     if arch in VIT_ARCHS:
         vit = _VITS[arch](
@@ -48,6 +50,7 @@ def build_backbone(
             img_size=img_size,
             dtype=dtype,
             remat=remat,
+            cpu_kernel=cpu_attention_kernel,
         )
         return vit.clone(**{k: v for k, v in vit_overrides.items() if v})
     if arch == "resnet50":
@@ -65,6 +68,7 @@ def build_dino(config: ml_collections.ConfigDict, *, teacher: bool = False) -> M
         img_size=config.img_size,
         dtype=dtype,
         remat=config.get("remat", "none"),
+        cpu_attention_kernel=config.get("cpu_attention_kernel", True),
         embed_dim=config.embed_dim,
         depth=config.depth,
         num_heads=config.num_heads,

@@ -229,18 +229,21 @@ def explicit_attention(
     return out.transpose(0, 2, 1, 3), weights
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+def fused_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, cpu_kernel: bool = True
+) -> jax.Array:
     """softmax(q k^T scale) v for q, k, v [B, N, heads, hd] -> [B, N, heads, hd], the weights
     never returned (softmax in float32 always).
 
     GPUs with 16-bit inputs: cuDNN's flash attention. Other accelerators: XLA's
-    `jax.nn.dot_product_attention`. CPU: float32 with head sizes a multiple of 16, our kernel
-    (`kernels.cpu_attention`, the logits kept in cache), else `explicit_attention`, which XLA:CPU
-    runs faster than `dot_product_attention`'s tokens-first products (BENCHMARKS.md).
+    `jax.nn.dot_product_attention`. CPU: float32 with head sizes a multiple of 8, our kernel
+    (`kernels.cpu_attention`, the logits kept in cache) unless `cpu_kernel` is False, else
+    `explicit_attention`, which XLA:CPU runs faster than `dot_product_attention`'s tokens-first
+    products (BENCHMARKS.md).
     """
     backend = jax.default_backend()
     if backend == "cpu":
-        if cpu_attention.supports(q):
+        if cpu_kernel and cpu_attention.supports(q):
             return cpu_attention.attention(q, k, v, scale)
         return explicit_attention(q, k, v, scale)[0]
     if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
@@ -283,6 +286,7 @@ class Attention(nn.Module):
 
     num_heads: int
     dtype: Any = jnp.float32
+    cpu_kernel: bool = True  # on CPU, `fused_attention`'s kernel
 
     @nn.compact
     def __call__(
@@ -298,7 +302,7 @@ class Attention(nn.Module):
         if need_weights:
             out, attn = explicit_attention(q, k, v, scale)
         else:
-            out, attn = fused_attention(q, k, v, scale), None
+            out, attn = fused_attention(q, k, v, scale, self.cpu_kernel), None
         return _dense(dim, self.dtype, "proj")(out.reshape(batch, tokens, dim)), attn
 
 
@@ -322,6 +326,7 @@ class Block(nn.Module):
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
+    cpu_kernel: bool = True  # on CPU, `fused_attention`'s kernel
 
     def _drop_path(self, branch: jax.Array, train: bool) -> jax.Array:
         """Zero the branch of whole samples with prob. rate, scale the kept ones by 1/keep_prob."""
@@ -339,7 +344,7 @@ class Block(nn.Module):
         self, x: jax.Array, train: bool = False, need_weights: bool = False
     ) -> tuple[jax.Array, jax.Array | None]:
         """x [B, N, D] float32 -> (x [B, N, D] float32, attention [B, heads, N, N] or None)."""
-        attention = Attention(self.num_heads, self.dtype, name="attn")
+        attention = Attention(self.num_heads, self.dtype, self.cpu_kernel, name="attn")
         branch, attn = attention(LayerNorm(name="norm1")(x), need_weights)
         x = x + self._drop_path(branch.astype(jnp.float32), train)
         hidden = int(x.shape[-1] * self.mlp_ratio)
@@ -376,6 +381,7 @@ class VisionTransformer(nn.Module):
     img_size: int = 224  # pos_embed is built for (img_size // patch_size) ** 2 patches
     dtype: Any = jnp.float32  # matmul compute dtype; params, residuals and outputs stay float32
     remat: str = "none"  # recompute in the backward pass: "none", "block" or "dots_saveable"
+    cpu_kernel: bool = True  # on CPU, float32 attention as `kernels.cpu_attention`
 
     def setup(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -401,7 +407,8 @@ class VisionTransformer(nn.Module):
         rates = np.linspace(0.0, self.drop_path_rate, self.depth)
         block = remat_block(self.remat)
         self.blocks = [
-            block(self.num_heads, self.mlp_ratio, float(rate), self.dtype) for rate in rates
+            block(self.num_heads, self.mlp_ratio, float(rate), self.dtype, self.cpu_kernel)
+            for rate in rates
         ]
         self.norm = LayerNorm()
 
