@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import io
 import math
 import statistics
@@ -250,8 +251,10 @@ def mesh_peak_flops(devices, dtype: str) -> tuple[float, str]:
     return peak * len(devices), source
 
 
+@functools.cache
 def measured_matmul_peak(device: jax.Device, size: int = 2048, repeats: int = 7) -> float:
-    """The best FLOP/s of a float32 [size, size] @ [size, size] matmul on `device` (all cores)."""
+    """The best FLOP/s of a float32 [size, size] @ [size, size] matmul on `device` (all cores),
+    measured once per process, so that the configs of one run share one peak."""
     a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, a).block_until_ready()

@@ -42,12 +42,15 @@ def test_unknown_accelerator_fails_clearly():
 
 
 def test_cpu_peak_is_measured_once_for_the_host():
+    benchmark.measured_matmul_peak.cache_clear()
     peak, source = benchmark.device_peak_flops(jax.devices()[0], "float32")
     assert source == "measured matmul"
     assert 1e9 < peak < 1e14  # between a slow laptop core and more than any CPU socket
     # Several CPU "devices" share the host's cores: the peak is the host's, not a multiple.
     total, _ = benchmark.mesh_peak_flops(jax.devices(), "float32")
     assert total < 3 * peak
+    # Measured once per process: every config of one run is reported against the same peak.
+    assert benchmark.device_peak_flops(jax.devices()[0], "float32")[0] == peak
 
 
 def test_config_overrides():
