@@ -346,10 +346,10 @@ def save_release_vit(path, *, patch_size=16, embed_dim=384, depth=2, num_heads=6
 # `python -m dino_jax.benchmark step` (ViT-S/16, out_dim 65536, 2x224 + 8x96 crops).
 
 
-def time_iterations(batch_size=8, local_crops=8, steps=3, warmup=1, device="cpu", fp16=False):
-    """Median wall seconds of main_dino.py's iteration for ViT-S/16 on random crops, on `device`,
-    in float32 or, with `fp16`, its mixed-precision path (`--use_fp16 true`)."""
-    import time
+def make_iteration(batch_size=8, local_crops=8, device="cpu", fp16=False):
+    """main_dino.py's iteration for ViT-S/16 on random crops, on `device`, in float32 or, with
+    `fp16`, its mixed-precision path (`--use_fp16 true`): a callable that runs the next one."""
+    import itertools
     import types
 
     def model():
@@ -372,13 +372,55 @@ def time_iterations(batch_size=8, local_crops=8, steps=3, warmup=1, device="cpu"
     )  # fmt: skip
     sizes = [224] * 2 + [96] * local_crops
     crops = [torch.randn(batch_size, 3, s, s, device=device) for s in sizes]
-    times = []
-    for it in range(warmup + steps):
-        start = time.perf_counter()
+    counter = itertools.count()
+
+    def iteration():
         # loss.item() at its end waits for the device
-        train_iteration(student, teacher, dino_loss, optimizer, crops, it, 1, args, scaler)
+        it = next(counter)
+        return train_iteration(student, teacher, dino_loss, optimizer, crops, it, 1, args, scaler)
+
+    return iteration
+
+
+def time_iterations(batch_size=8, local_crops=8, steps=3, warmup=1, device="cpu", fp16=False):
+    """Median wall seconds of `make_iteration`'s iterations after `warmup` untimed ones."""
+    import time
+
+    iteration = make_iteration(batch_size, local_crops, device, fp16)
+    times = []
+    for _ in range(warmup + steps):
+        start = time.perf_counter()
+        iteration()
         times.append(time.perf_counter() - start)
     return float(np.median(times[warmup:]))
+
+
+def time_beside_jax(steps=5, warmup=1, batch_size=8, local_crops=8):
+    """(reference s, ours s): medians of the reference's iteration and our jitted step (the same
+    ViT-S/16 shapes, float32, CPU) run in turn in this one process, so both see the same minutes.
+    A second's pause after each lets the other's idle threads go to sleep first."""
+    import time
+
+    from dino_jax import benchmark
+    from dino_jax.config import load_config
+
+    config = load_config("configs/vit_small16.py")
+    config.batch_size, config.local_crops_number, config.dtype = batch_size, local_crops, "float32"
+    ours = benchmark.prepare_step(config)
+    reference = make_iteration(batch_size, local_crops)
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        reference()
+        middle = time.perf_counter()
+        time.sleep(1.0)
+        ours.run(timed=i >= warmup)
+        time.sleep(1.0)
+        if i >= warmup:
+            times.append(middle - start)
+            round_s = f"reference {times[-1]:.3f} s, ours {ours.times[-1]:.3f} s"
+            print(f"round {i - warmup + 1}: {round_s}", flush=True)
+    return float(np.median(times)), float(np.median(ours.times))
 
 
 def main(argv=None):
@@ -393,9 +435,27 @@ def main(argv=None):
     parser.add_argument("--local-crops", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--beside-jax",
+        action="store_true",
+        help="CPU: alternate with our jitted step in this process, and print both and the ratio",
+    )
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: this PyTorch sees no CUDA device")
+    if args.beside_jax:
+        from dino_jax import host_memory
+
+        host_memory.reuse_freed_memory()  # as our commands do, before any thread starts
+        reference_s, ours_s = time_beside_jax(
+            args.steps, args.warmup, args.batch_size, args.local_crops
+        )
+        threads = torch.get_num_threads()
+        print(f"reference iteration (PyTorch {torch.__version__}, {threads} threads, float32):")
+        print(f"  {reference_s:.3f} s per step, {args.batch_size / reference_s:.2f} images/s")
+        print(f"dino_jax step: {ours_s:.3f} s per step, {args.batch_size / ours_s:.2f} images/s")
+        print(f"dino_jax against the reference: {reference_s / ours_s:.3f}x")
+        return
     step_s = time_iterations(
         args.batch_size, args.local_crops, args.steps, args.warmup, args.device, args.fp16
     )
