@@ -80,66 +80,55 @@ def _attention_bwd(scale, saved, grad):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-# The kernel runs each (image, head) pair on its own, so a batch or heads axis sharded over a
-# mesh stays sharded: every device runs the kernel on its own shard, no gathering.
-
-
-def _pair_spec(sharding: NamedSharding, heads_at: int) -> tuple:
-    spec = tuple(sharding.spec) + (None,) * 4
-    return spec[0], spec[heads_at]
-
-
 def _specs(mesh, first) -> tuple[NamedSharding, NamedSharding]:
-    """(the [B, N, heads, hd] sharding, the [B, heads, N, N] one) from q's."""
-    batch, heads = _pair_spec(first.sharding, 2)
+    """(the [B, N, heads, hd] sharding, the [B, heads, N, N] one) from q's: its batch and heads
+    axes as they are, the rest replicated."""
+    spec = (*first.sharding.spec, None, None, None, None)
+    batch, heads = spec[0], spec[2]
     return NamedSharding(mesh, P(batch, None, heads, None)), NamedSharding(
         mesh, P(batch, heads, None, None)
     )
 
 
-@functools.cache
-def _forward(scale: float):
+def _partitioned(call, args: str, outs: str, rule: str):
+    """`call` as an op whose operands and results, q first, are "t" ([B, N, heads, hd]) or "p"
+    ([B, heads, N, N]) arrays. The kernel runs each (image, head) pair on its own, so a batch or
+    heads axis sharded over a mesh stays sharded: each device calls it on its own shard."""
+
     @custom_partitioning
-    def forward(q, k, v):
-        return _call_forward(q, k, v, scale)
+    def op(*operands):
+        return call(*operands)
+
+    def shardings(mesh, arg_shapes, kinds: str) -> tuple[NamedSharding, ...]:
+        tokens, pairs = _specs(mesh, arg_shapes[0])
+        return tuple(tokens if kind == "t" else pairs for kind in kinds)
 
     def partition(mesh, arg_shapes, result_shape):
-        tokens, pairs = _specs(mesh, arg_shapes[0])
-        return mesh, lambda q, k, v: _call_forward(q, k, v, scale), (tokens, pairs), (tokens,) * 3
+        return mesh, call, shardings(mesh, arg_shapes, outs), shardings(mesh, arg_shapes, args)
 
     def infer(mesh, arg_shapes, result_shape):
-        return _specs(mesh, arg_shapes[0])
+        return shardings(mesh, arg_shapes, outs)
 
-    forward.def_partition(
+    op.def_partition(
         partition,
         infer_sharding_from_operands=infer,
-        sharding_rule="b n h d, b m h d, b m h d -> b n h d, b h n m",
+        sharding_rule=rule,
         need_replication_factors=("n", "d", "m"),  # in order of first use
     )
-    return forward
+    return op
+
+
+@functools.cache
+def _forward(scale: float):
+    call = functools.partial(_call_forward, scale=scale)
+    return _partitioned(call, "ttt", "tp", "b n h d, b m h d, b m h d -> b n h d, b h n m")
 
 
 @functools.cache
 def _backward(scale: float):
-    @custom_partitioning
-    def backward(q, k, v, probs, grad):
-        return _call_backward(q, k, v, probs, grad, scale)
-
-    def partition(mesh, arg_shapes, result_shape):
-        tokens, pairs = _specs(mesh, arg_shapes[0])
-        lower = lambda *args: _call_backward(*args, scale)  # noqa: E731
-        return mesh, lower, (tokens,) * 3, (tokens, tokens, tokens, pairs, tokens)
-
-    def infer(mesh, arg_shapes, result_shape):
-        return (_specs(mesh, arg_shapes[0])[0],) * 3
-
-    backward.def_partition(
-        partition,
-        infer_sharding_from_operands=infer,
-        sharding_rule="b n h d, b n h d, b n h d, b h n m, b n h d -> b n h d, b n h d, b n h d",
-        need_replication_factors=("n", "d", "m"),  # in order of first use
-    )
-    return backward
+    call = functools.partial(_call_backward, scale=scale)
+    rule = "b n h d, b n h d, b n h d, b h n m, b n h d -> b n h d, b n h d, b n h d"
+    return _partitioned(call, "tttpt", "ttt", rule)
 
 
 def _call_forward(q, k, v, scale):
