@@ -116,6 +116,7 @@ inline void RowBlock(const float* a, int64_t a_row, int64_t a_col, const float* 
 template <int R = 6, int V = 2>
 void MatMul(int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t a_row,
             int64_t a_col, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  static_assert(R <= 6, "the switch below takes row tails of up to 5 rows");
   int64_t m = 0;
   for (; m + R <= rows; m += R) {
     RowBlock<R, V>(a + m * a_row, a_row, a_col, b, ldb, depth, c + m * ldc, ldc, cols);
