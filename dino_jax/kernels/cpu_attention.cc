@@ -9,6 +9,7 @@
 // row- or column-wise, in GCC's vector extensions: 8-float vectors, which the compiler maps onto
 // the registers of the CPU it is compiled on.
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>

@@ -192,10 +192,11 @@ def _build() -> Path:
 
 
 def _cpu_id() -> str:
-    """The CPU's model and feature flags (what -march=native compiles for)."""
+    """The CPU's model and feature flags (what -march=native compiles for): x86's "model name"
+    and "flags", Arm's "CPU implementer", "CPU part" and "Features"."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor() or platform.machine()
-    wanted = ("model name", "flags")
+    wanted = ("model name", "flags", "CPU implementer", "CPU part", "Features")
     return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
