@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dino_jax.models.head import DINOHead
+from dino_jax.models.head import DINOHead, scaled_matmul
 
 IN, HIDDEN, BOTTLENECK, OUT = 64, 128, 32, 256
 B, N_CROPS = 4, 3
@@ -222,3 +222,18 @@ def test_bfloat16_returns_float32_close_to_float32():
 def test_rejects_zero_layers():
     with pytest.raises(ValueError, match="nlayers=0"):
         init_head(make_head(nlayers=0))
+
+
+def test_scaled_matmul_value_and_gradients_match_numpy():
+    rng = np.random.default_rng(5)
+    x, v, scale = rng.normal(size=(6, 8)), rng.normal(size=(8, 20)), rng.uniform(0.5, 2, size=20)
+    cotangent = rng.normal(size=(6, 20))
+    args = [jnp.float32(a) for a in (x, v, scale)]
+    got = scaled_matmul(*args)
+    grads = jax.grad(lambda *a: jnp.sum(scaled_matmul(*a) * jnp.float32(cotangent)), (0, 1, 2))(
+        *args
+    )
+    np.testing.assert_allclose(got, (x @ v) * scale, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[0], (cotangent * scale) @ v.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[1], x.T @ (cotangent * scale), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[2], np.sum(cotangent * (x @ v), 0), rtol=1e-5, atol=1e-5)

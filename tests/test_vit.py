@@ -8,17 +8,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import linen as fnn
 from torch import nn as tnn
 from torch_reference import TorchViT
 
 from dino_jax.models.vit import (
     QKV,
+    PatchEmbed,
     VisionTransformer,
     explicit_attention,
     gelu,
     gradient_barrier,
     layer_norm,
+    linear,
     resize_pos_embed,
+    sum_rows,
     vit_base,
     vit_small,
     vit_tiny,
@@ -425,3 +429,80 @@ def test_gelu_and_its_gradient_match_torch():
     np.testing.assert_allclose(got_grad, tx.grad.numpy(), rtol=1e-6, atol=1e-6)
     half = jnp.asarray(x, jnp.bfloat16)
     assert gelu(half).dtype == jax.grad(lambda v: gelu(v).sum())(half).dtype == jnp.bfloat16
+
+
+def test_linear_value_and_gradients_match_numpy():
+    rng = np.random.default_rng(0)
+    x, kernel = rng.normal(size=(3, 5, 8)), rng.normal(size=(8, 12))
+    bias, cotangent = rng.normal(size=(12,)), rng.normal(size=(3, 5, 12))
+
+    def loss(x, kernel, bias):
+        return jnp.sum(linear(x, kernel, bias) * jnp.float32(cotangent))
+
+    args = [jnp.float32(a) for a in (x, kernel, bias)]
+    value = linear(*args)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(*args)
+    rows_x, rows_g = x.reshape(-1, 8), cotangent.reshape(-1, 12)
+    np.testing.assert_allclose(value, x @ kernel + bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[0], cotangent @ kernel.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[1], rows_x.T @ rows_g, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[2], rows_g.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_keeps_bfloat16_gradients_close_to_float32():
+    rng = np.random.default_rng(1)
+    x, kernel, bias = rng.normal(size=(40, 16)), rng.normal(size=(16, 24)), rng.normal(size=24)
+
+    def grads(dtype):
+        args = [jnp.asarray(a, dtype) for a in (x, kernel, bias)]
+        return jax.grad(lambda *a: jnp.sum(linear(*a).astype(jnp.float32) ** 2), (0, 1, 2))(*args)
+
+    for low, full in zip(grads(jnp.bfloat16), grads(jnp.float32), strict=True):
+        assert low.dtype == jnp.bfloat16
+        scale = float(jnp.max(jnp.abs(full)))
+        np.testing.assert_allclose(np.float32(low), full, atol=0.03 * scale)
+
+
+def test_sum_rows_sums_all_leading_axes():
+    x = np.random.default_rng(2).normal(size=(4, 3, 7))
+    got = sum_rows(jnp.float32(x))
+    assert got.shape == (7,) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, x.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_patch_embed_is_the_strided_conv_with_conv_parameters(dtype):
+    """nn.Conv's parameters (names, shapes, the kernel's initial values; torch's bias bound) and
+    the conv's numbers, forward and gradient."""
+    x = jnp.float32(np.random.default_rng(3).normal(size=(2, 32, 48, 3)))
+    embed = PatchEmbed(64, 16, dtype)
+    params = embed.init(jax.random.key(0), x)
+    conv = fnn.Conv(
+        64,
+        (16, 16),
+        strides=(16, 16),
+        padding="VALID",
+        dtype=dtype,
+        kernel_init=fnn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+    )
+    conv_params = conv.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(params["params"]["kernel"], conv_params["params"]["kernel"])
+    assert params["params"]["bias"].shape == (64,)
+    assert float(jnp.max(jnp.abs(params["params"]["bias"]))) <= 1 / math.sqrt(768)
+
+    got = embed.apply(params, x)
+    assert got.shape == (2, 2, 3, 64) and got.dtype == dtype
+    want = conv.apply(params, x)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol)
+
+    kernel, bias = (np.float64(params["params"][k]) for k in ("kernel", "bias"))
+    patches = np.float64(x).reshape(2, 2, 16, 3, 16, 3).transpose(0, 1, 3, 2, 4, 5)
+    numpy_out = np.einsum("bijuvc,uvcd->bijd", patches, kernel) + bias
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(got, numpy_out, rtol=1e-5, atol=1e-5)
+        cotangent = np.random.default_rng(4).normal(size=got.shape)
+        grad = jax.grad(lambda p: jnp.sum(embed.apply(p, x) * jnp.float32(cotangent)))(params)
+        want_kernel = np.einsum("bijuvc,bijd->uvcd", patches, cotangent)
+        np.testing.assert_allclose(grad["params"]["kernel"], want_kernel, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(grad["params"]["bias"], cotangent.sum((0, 1, 2)), rtol=1e-5)
