@@ -6,9 +6,6 @@ float32 whatever the compute dtype of the networks.
 
 from __future__ import annotations
 
-import functools
-import operator
-
 import jax
 import jax.numpy as jnp
 
@@ -37,9 +34,12 @@ def dino_loss(
     teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
     log_ps = jax.nn.log_softmax(student_logits / student_temp, axis=-1)  # [n, B, K]
     pt = jnp.exp(teacher_log_probs(teacher_logits, center, teacher_temp))  # [2, B, K]
-    pt_all = functools.reduce(operator.add, list(pt))  # [B, K]: the sum over teacher crops
-    weights = [pt_all - pt[v] if v < n_teacher else pt_all for v in range(n_crops)]
-    cross_entropy = -jnp.sum(jnp.stack(weights) * log_ps, axis=-1)  # [n, B]
+
+    def others(v: int) -> jax.Array:  # [B, K]: the sum of Pt(q) over the teacher crops q != v
+        return sum((pt[q] for q in range(n_teacher) if q != v), jnp.zeros_like(pt[0]))
+
+    weights = jnp.stack([others(v) for v in range(n_crops)])  # [n, B, K]
+    cross_entropy = -jnp.sum(weights * log_ps, axis=-1)  # [n, B]
     n_pairs = n_teacher * (n_crops - 1)
     return jnp.sum(jnp.mean(cross_entropy, axis=-1)) / n_pairs
 

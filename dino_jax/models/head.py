@@ -29,26 +29,10 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     return x / jnp.maximum(norm, eps)
 
 
-@jax.custom_vjp
 def column_norms(v: Array) -> Array:
     """||v[:, j]|| for v [D, K] -> [K], summed by `sum_rows` (XLA:CPU's reduction over the
     leading axis: 120 ms at [256, 65536], the matrix-vector product: 30 ms)."""
     return jnp.sqrt(sum_rows(v * v))
-
-
-def _column_norms_fwd(v: Array) -> tuple[Array, tuple[Array, Array]]:
-    norms = column_norms(v)
-    return norms, (v, norms)
-
-
-def _column_norms_bwd(saved: tuple[Array, Array], grad: Array) -> tuple[Array]:
-    # d||v_j|| / dv_ij = v_ij / ||v_j||: one pass over v (autodiff of the product above writes
-    # the broadcast of the gradient through a K = 1 matmul first).
-    v, norms = saved
-    return (v * (grad / norms),)
-
-
-column_norms.defvjp(_column_norms_fwd, _column_norms_bwd)
 
 
 @jax.custom_vjp

@@ -16,7 +16,7 @@ import numpy as np
 
 from dino_jax.kernels import cpu_attention
 
-IN_CHANS = 3  # RGB: the patch embedding's bias init needs its fan-in before any input is seen
+IN_CHANS = 3  # RGB images
 LN_EPS = 1e-6
 INIT_STD = 0.02
 # torch's bicubic kernel constant; jax.image.resize uses -0.5, hence our own resize.
