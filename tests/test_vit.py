@@ -128,6 +128,25 @@ def test_matches_torch_reference(patch, img_size, height, width):
         assert_close(got, want)
 
 
+def test_cls_features_skip_the_other_tokens_in_the_last_block():
+    # The features are the cls token's, so the last block leaves out every other token's query,
+    # projection and MLP: at least those matmuls' FLOPs, counted by XLA, are gone from the forward
+    # (the values are the full computation's: test_matches_torch_reference).
+    model = VisionTransformer(patch_size=8, img_size=32, **TINY)
+    variables, x = tiny_variables(), images(1, 2, 32, 32)
+
+    def flops(fn):
+        return jax.jit(fn).lower(variables, x).compile().cost_analysis()["flops"]
+
+    cls = flops(model.apply)
+    full = flops(lambda v, x: model.apply(v, x, 1, method="get_intermediate_layers")[0])
+    batch, others, dim = 2, 16, 64  # 4 x 4 patches besides the cls token
+    # per token: q and proj (D x D each) and the MLP (D x 4D twice), 2 FLOPs per multiply-add
+    skipped = batch * others * 2 * (2 * dim * dim + 2 * dim * 4 * dim)
+    assert full - cls >= skipped, (full, cls, skipped)
+    assert full - cls < 1.2 * skipped, "more left out than the last block's other tokens"
+
+
 # ---------------------------------------------------------------------------------------------
 # Position-embedding resize
 

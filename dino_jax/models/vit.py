@@ -310,18 +310,21 @@ class QKV(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        batch, tokens, dim = x.shape
+    def __call__(
+        self, x: jax.Array, cls_only: bool = False
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """With cls_only, q is the cls token's alone: [B, 1, heads, hd]."""
+        dim = x.shape[-1]
         kernel = self.param("kernel", _normal_init, (dim, 3 * dim), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (3 * dim,), jnp.float32)
         x = x.astype(self.dtype)
 
-        def project(i: int) -> jax.Array:
+        def project(i: int, rows: jax.Array) -> jax.Array:
             part = slice(i * dim, (i + 1) * dim)
-            y = linear(x, kernel[:, part].astype(self.dtype), bias[part].astype(self.dtype))
-            return y.reshape(batch, tokens, self.num_heads, dim // self.num_heads)
+            y = linear(rows, kernel[:, part].astype(self.dtype), bias[part].astype(self.dtype))
+            return y.reshape(*rows.shape[:2], self.num_heads, dim // self.num_heads)
 
-        return project(0), project(1), project(2)
+        return project(0, x[:, :1] if cls_only else x), project(1, x), project(2, x)
 
 
 class Attention(nn.Module):
@@ -333,20 +336,24 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, need_weights: bool = False
+        self, x: jax.Array, need_weights: bool = False, cls_only: bool = False
     ) -> tuple[jax.Array, jax.Array | None]:
-        """x [B, N, D] -> (out [B, N, D] in dtype, attn [B, heads, N, N] float32 or None).
+        """x [B, N, D] -> (out [B, Q, D] in dtype, attn [B, heads, Q, N] float32 or None), Q = N
+        or, with cls_only, 1: the cls token's query alone.
 
-        Without weights, `fused_attention` computes the same softmax attention.
+        Without weights, `fused_attention` computes the same softmax attention (the cls query
+        alone is a matrix-vector product per head, `explicit_attention`'s).
         """
-        batch, tokens, dim = x.shape
-        q, k, v = QKV(self.num_heads, self.dtype, name="qkv")(x)  # [B, N, heads, hd]
+        batch, _, dim = x.shape
+        q, k, v = QKV(self.num_heads, self.dtype, name="qkv")(x, cls_only)  # [B, Q|N, heads, hd]
         scale = (dim // self.num_heads) ** -0.5
-        if need_weights:
+        if need_weights or cls_only:
             out, attn = explicit_attention(q, k, v, scale)
+            attn = attn if need_weights else None
         else:
             out, attn = fused_attention(q, k, v, scale, self.cpu_kernel), None
-        return Linear(dim, self.dtype, name="proj")(out.reshape(batch, tokens, dim)), attn
+        out = out.reshape(batch, q.shape[1], dim)
+        return Linear(dim, self.dtype, name="proj")(out), attn
 
 
 class Mlp(nn.Module):
@@ -384,12 +391,15 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, train: bool = False, need_weights: bool = False
+        self, x: jax.Array, train: bool = False, need_weights: bool = False, cls_only: bool = False
     ) -> tuple[jax.Array, jax.Array | None]:
-        """x [B, N, D] float32 -> (x [B, N, D] float32, attention [B, heads, N, N] or None)."""
+        """x [B, N, D] float32 -> (x [B, Q, D] float32, attention [B, heads, Q, N] or None),
+        Q = N or, with cls_only, 1: the cls token's output alone, which attends to all N tokens
+        (the others' outputs are not computed at all, a twelfth of a ViT's matmuls in its last
+        block)."""
         attention = Attention(self.num_heads, self.dtype, self.cpu_kernel, name="attn")
-        branch, attn = attention(LayerNorm(name="norm1")(x), need_weights)
-        x = x + self._drop_path(branch.astype(jnp.float32), train)
+        branch, attn = attention(LayerNorm(name="norm1")(x), need_weights, cls_only)
+        x = x[:, : branch.shape[1]] + self._drop_path(branch.astype(jnp.float32), train)
         hidden = int(x.shape[-1] * self.mlp_ratio)
         branch = Mlp(hidden, self.dtype, name="mlp")(LayerNorm(name="norm2")(x))
         return x + self._drop_path(branch.astype(jnp.float32), train), attn
@@ -408,8 +418,8 @@ def remat_block(remat: str) -> type[Block]:
         return Block
     if remat not in REMAT_POLICIES:
         raise ValueError(f"Unknown remat={remat!r}; choose one of {', '.join(REMATS)}.")
-    # train and need_weights (positions 2, 3 counting self) are Python bools.
-    return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(2, 3))
+    # train, need_weights and cls_only (positions 2-4 counting self) are Python bools.
+    return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(2, 3, 4))
 
 
 class PatchEmbed(nn.Module):
@@ -491,21 +501,23 @@ class VisionTransformer(nn.Module):
         return tokens + resize_pos_embed(self.pos_embed, grid_h, grid_w)
 
     def _encode(
-        self, x: jax.Array, train: bool, need_weights: bool = False
+        self, x: jax.Array, train: bool, need_weights: bool = False, cls_only: bool = False
     ) -> tuple[list[jax.Array], jax.Array | None]:
         """x [B, H, W, 3] -> (each block's output [B, 1+N, D], the last block's attention
-        [B, h, 1+N, 1+N] if need_weights else None)."""
+        [B, h, 1+N, 1+N] if need_weights else None). With cls_only, the last block's output is
+        the cls token's alone, [B, 1, D]."""
         h = self._tokens(x)
         outputs = []
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
-            h, attn = block(gradient_barrier(h), train, need_weights and last)
+            h, attn = block(gradient_barrier(h), train, need_weights and last, cls_only and last)
             outputs.append(h)
         return outputs, attn
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        """x [B, H, W, 3] -> cls features [B, D] float32 after the final LayerNorm."""
-        outputs, _ = self._encode(x, train)
+        """x [B, H, W, 3] -> cls features [B, D] float32 after the final LayerNorm. The features
+        are the cls token's alone, so the last block computes nothing else."""
+        outputs, _ = self._encode(x, train, cls_only=True)
         return self.norm(outputs[-1])[:, 0]
 
     def get_last_selfattention(self, x: jax.Array) -> jax.Array:
