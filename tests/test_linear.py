@@ -34,8 +34,15 @@ def vit():
 
 
 def block_outputs(model, variables, images):
-    """Each block's raw output [B, 1+N, D], captured from the forward pass."""
-    _, state = model.apply(variables, images, capture_intermediates=True, mutable=["intermediates"])
+    """Each block's raw output [B, 1+N, D], captured from a forward pass over every token (the
+    features' own pass computes the cls token alone in the last block)."""
+    _, state = model.apply(
+        variables,
+        images,
+        method="get_intermediate_layers",
+        capture_intermediates=True,
+        mutable=["intermediates"],
+    )
     calls = state["intermediates"]
     return [np.asarray(calls[f"blocks_{i}"]["__call__"][0][0]) for i in range(model.depth)]
 
