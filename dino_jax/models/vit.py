@@ -398,7 +398,8 @@ class Block(nn.Module):
         (the others' outputs are never computed: ~7% of a 12-block ViT's FLOPs)."""
         attention = Attention(self.num_heads, self.dtype, self.cpu_kernel, name="attn")
         branch, attn = attention(LayerNorm(name="norm1")(x), need_weights, cls_only)
-        x = x[:, : branch.shape[1]] + self._drop_path(branch.astype(jnp.float32), train)
+        x = x[:, :1] if cls_only else x  # the residual stream of the tokens computed
+        x = x + self._drop_path(branch.astype(jnp.float32), train)
         hidden = int(x.shape[-1] * self.mlp_ratio)
         branch = Mlp(hidden, self.dtype, name="mlp")(LayerNorm(name="norm2")(x))
         return x + self._drop_path(branch.astype(jnp.float32), train), attn
@@ -515,7 +516,8 @@ class VisionTransformer(nn.Module):
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """x [B, H, W, 3] -> cls features [B, D] float32 after the final LayerNorm. The features
-        are the cls token's alone, so the last block computes nothing else."""
+        are the cls token's alone, so of the other tokens the last block computes only the keys
+        and values that the cls query attends to."""
         outputs, _ = self._encode(x, train, cls_only=True)
         return self.norm(outputs[-1])[:, 0]
 
