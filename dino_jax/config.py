@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
     c.checkpoint.keep = 3
+    # Where compiled programs persist (relative: under the workdir; "": nowhere), so that a rerun
+    # after preemption loads its programs instead of compiling them again.
+    c.compilation_cache_dir = "compilation_cache"
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10  # metrics to metrics.jsonl and TensorBoard
     c.eval = ml_collections.ConfigDict()

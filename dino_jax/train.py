@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -108,16 +109,50 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     data = None
     try:
         ckpt.check_compatible(config)
-        data = iter(train_dataset(config, source))
-        state = _initial_state(config, mesh, ckpt, data)
-        resumed = int(state.step) or None
-        with MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=resumed) as writer:
-            writer.write_hparams(config)
-            return _loop(config, workdir, mesh, state, data, ckpt, writer)
+        with compilation_cache(workdir, config.compilation_cache_dir):
+            data = iter(train_dataset(config, source))
+            state = _initial_state(config, mesh, ckpt, data)
+            resumed = int(state.step) or None
+            enabled = jax.process_index() == 0
+            with MetricWriter(workdir, enabled=enabled, resume_step=resumed) as writer:
+                writer.write_hparams(config)
+                return _loop(config, workdir, mesh, state, data, ckpt, writer)
     finally:
         ckpt.close()  # waits for saves in flight: even after an error the last one is complete
         if data is not None:
             data.close()  # stops the data workers
+
+
+class CacheHits:
+    """How many programs this process has loaded from JAX's persistent compilation cache."""
+
+    count = 0
+
+    @classmethod
+    def listen(cls, event: str, **_) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            cls.count += 1
+
+
+jax.monitoring.register_event_listener(CacheHits.listen)
+
+
+@contextlib.contextmanager
+def compilation_cache(workdir: str, cache_dir: str):
+    """JAX's persistent compilation cache in `cache_dir` (relative: under `workdir`) while the
+    run lasts, then the process's own setting again (a notebook may train several runs)."""
+    if not cache_dir:
+        yield
+        return
+    previous = jax.config.jax_compilation_cache_dir
+    # JAX opens its cache once per process: reset it so that this run's directory is taken.
+    jax_compilation_cache.reset_cache()
+    jax_compilation_cache.set_cache_dir(os.path.join(workdir, cache_dir))
+    try:
+        yield
+    finally:
+        jax_compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", previous)
 
 
 def _loop(config, workdir, mesh, state, data, ckpt, writer) -> dict[str, float]:
@@ -131,9 +166,11 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer) -> dict[str, float]:
     # Several processes must stop at the same step: JAX's preemption service (which handles
     # their SIGTERM) agrees on it. A single process catches the signals itself.
     stop = StopSignal() if jax.process_count() == 1 else None
+    hits = CacheHits.count
     train_step, compile_time = _compile(config, mesh, state)
     writer.write(start, {"compile_time_s": compile_time})
-    log.info("Steps %d..%d, compiled in %.1f s", start, total_steps, compile_time)
+    how = "loaded from the compilation cache" if CacheHits.count > hits else "compiled"
+    log.info("Steps %d..%d, %s in %.1f s", start, total_steps, how, compile_time)
     last = {}
     bar = tqdm(total=total_steps, initial=start, disable=jax.process_index() != 0, unit="step")
     window = Throughput(config.batch_size)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -27,9 +28,9 @@ RECIPES = [
 ]
 
 
-def cli(workdir, *overrides, config="configs/demo.py:smoke", wait=True):
+def cli(workdir, *overrides, config="configs/demo.py:smoke", wait=True, devices=8):
     cmd = [sys.executable, "-m", "dino_jax.train", f"--config={config}", f"--workdir={workdir}"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     proc = subprocess.Popen(
         [*cmd, *overrides],
         cwd=REPO,
@@ -131,6 +132,31 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(
         [got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-6
     )
+
+
+def test_rerun_loads_the_step_from_the_compilation_cache(tmp_path):
+    """A rerun in the same workdir, as after a preemption, loads the compiled step from the
+    workdir instead of compiling it again. One device: with more, the CPU attention kernel's
+    partitioning makes each process's program differ (kernels/cpu_attention.py)."""
+    code, out = cli(tmp_path, devices=1)
+    assert code == 0, out
+    assert "compiled in" in out and "loaded from the compilation cache" not in out
+    entries = [p.name for p in (tmp_path / "compilation_cache").iterdir()]
+    assert any(name.startswith("jit_train_step") for name in entries), entries
+    code, out = cli(tmp_path, devices=1)
+    assert code == 0, out
+    assert "loaded from the compilation cache in" in out
+
+
+def test_compilation_cache_is_the_runs_own_and_given_back(tmp_path):
+    previous = jax.config.jax_compilation_cache_dir
+    with train_lib.compilation_cache(str(tmp_path), "cache"):
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+    assert jax.config.jax_compilation_cache_dir == previous
+    with train_lib.compilation_cache(str(tmp_path), "/elsewhere/cache"):  # absolute: as given
+        assert jax.config.jax_compilation_cache_dir == "/elsewhere/cache"
+    with train_lib.compilation_cache(str(tmp_path), ""):  # "": no cache
+        assert jax.config.jax_compilation_cache_dir == previous
 
 
 def test_sigterm_saves_the_current_step(tmp_path):

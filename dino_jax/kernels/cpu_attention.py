@@ -93,7 +93,12 @@ def _specs(mesh, first) -> tuple[NamedSharding, NamedSharding]:
 def _partitioned(call, args: str, outs: str, rule: str):
     """`call` as an op whose operands and results, q first, are "t" ([B, N, heads, hd]) or "p"
     ([B, heads, N, N]) arrays. The kernel runs each (image, head) pair on its own, so a batch or
-    heads axis sharded over a mesh stays sharded: each device calls it on its own shard."""
+    heads axis sharded over a mesh stays sharded: each device calls it on its own shard.
+
+    custom_partitioning writes a Python object's address into the program, so no two processes
+    compile the same program and JAX's persistent compilation cache never hits: with one device
+    the kernel is called directly instead.
+    """
 
     @custom_partitioning
     def op(*operands):
@@ -121,12 +126,16 @@ def _partitioned(call, args: str, outs: str, rule: str):
 @functools.cache
 def _forward(scale: float):
     call = functools.partial(_call_forward, scale=scale)
+    if jax.device_count() == 1:  # nothing to partition (see _partitioned)
+        return call
     return _partitioned(call, "ttt", "tp", "b n h d, b m h d, b m h d -> b n h d, b h n m")
 
 
 @functools.cache
 def _backward(scale: float):
     call = functools.partial(_call_backward, scale=scale)
+    if jax.device_count() == 1:
+        return call
     rule = "b n h d, b n h d, b n h d, b h n m, b n h d -> b n h d, b n h d, b n h d"
     return _partitioned(call, "tttpt", "ttt", rule)
 
