@@ -49,6 +49,31 @@ def _absolute(path: str | epath.PathLike) -> epath.Path:
     return path if "://" in os.fspath(path) else epath.Path(os.path.abspath(path))
 
 
+def _array_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
+    """orbax's type handlers, with replica-parallel saving on TPU only.
+
+    Replica-parallel saving has each copy of a replicated array write a slice of it, which pays
+    across the hosts of a TPU pod. Each slice is an op compiled on the spot: on CPU that costs
+    more than it saves (the first save of ResNet-50 on 8 CPU devices: 20.3 s -> 2.9 s), and on GPU
+    clusters the compilations can stall a save past its barrier (google/orbax#2934). orbax turns
+    it off for GPUs itself, but only when JAX_PLATFORMS names them.
+    """
+    scalar = ocp.type_handlers.ScalarHandler()
+    array = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.default_backend() == "tpu")
+    return ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, array),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (int, scalar),
+        (float, scalar),
+        (np.number, scalar),
+        (str, ocp.type_handlers.StringHandler()),
+    )
+
+
+def _pytree_handler() -> ocp.PyTreeCheckpointHandler:
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=_array_handlers())
+
+
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config as the JSON-compatible dict that is saved (tuples become lists)."""
     return json.loads(config.to_json_best_effort())
@@ -82,7 +107,13 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(_STATE, _DATA, _CONFIG)
+            self.directory,
+            options=options,
+            item_handlers={
+                _STATE: _pytree_handler(),
+                _CONFIG: ocp.JsonCheckpointHandler(),
+                _DATA: grain.checkpoint.CheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
@@ -146,7 +177,7 @@ class Checkpointer:
         if force and step in self._manager.all_steps():
             return False  # e.g. the final step, already saved on schedule
         items = {
-            _STATE: ocp.args.StandardSave(state),
+            _STATE: ocp.args.PyTreeSave(state),
             _CONFIG: ocp.args.JsonSave(config_to_dict(config)),
         }
         if data_iterator is not None:
@@ -166,7 +197,8 @@ class Checkpointer:
         `data_iterator`, if given, is moved in place to the position saved at `step` (grain's
         `set_state`), so that the run continues with the batch that followed the checkpoint.
         """
-        items = {_STATE: ocp.args.StandardRestore(abstract_state)}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        items = {_STATE: ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args)}
         if data_iterator is not None:
             if _DATA not in self._manager.item_metadata(step):
                 raise ValueError(
@@ -209,9 +241,8 @@ def export_teacher(
         "params": state.teacher,
         "batch_stats": state.batch_stats["teacher"] if state.batch_stats else {},
     }
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path / "variables", variables, force=True)
-        checkpointer.wait_until_finished()
+    with ocp.Checkpointer(_pytree_handler()) as checkpointer:
+        checkpointer.save(path / "variables", args=ocp.args.PyTreeSave(variables), force=True)
     if jax.process_index() == 0:
         (path / "config.json").write_text(config.to_json_best_effort(indent=2))
 
