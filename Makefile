@@ -20,11 +20,7 @@ $(VENV)/.installed: $(BIN)/python setup.py
 	touch $@
 
 demo: $(VENV)/.installed
-	@if [ -f dino_jax/train.py ]; then \
-		$(BIN)/python -m dino_jax.train --config configs/demo.py --workdir $${WORKDIR:-runs/demo}; \
-	else \
-		echo "make demo: not yet: the training command arrives with the input pipeline."; \
-	fi
+	$(BIN)/python -m dino_jax.train --config configs/demo.py --workdir $${WORKDIR:-runs/demo}
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
