@@ -144,15 +144,20 @@ def compilation_cache(workdir: str, cache_dir: str):
     if not cache_dir:
         yield
         return
-    previous = jax.config.jax_compilation_cache_dir
+    previous_dir = jax.config.jax_compilation_cache_dir
+    previous_key = jax.config.jax_remove_custom_partitioning_ptr_from_cache_key
     # JAX opens its cache once per process: reset it so that this run's directory is taken.
     jax_compilation_cache.reset_cache()
     jax_compilation_cache.set_cache_dir(os.path.join(workdir, cache_dir))
+    # The CPU attention kernel's custom partitioning puts a Python object's address in the
+    # program, different in every process: left in the cache key, it would never hit.
+    jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
     try:
         yield
     finally:
         jax_compilation_cache.reset_cache()
-        jax.config.update("jax_compilation_cache_dir", previous)
+        jax.config.update("jax_compilation_cache_dir", previous_dir)
+        jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", previous_key)
 
 
 def _loop(config, workdir, mesh, state, data, ckpt, writer) -> dict[str, float]:

@@ -136,14 +136,15 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
 
 def test_rerun_loads_the_step_from_the_compilation_cache(tmp_path):
     """A rerun in the same workdir, as after a preemption, loads the compiled step from the
-    workdir instead of compiling it again. One device: with more, the CPU attention kernel's
-    partitioning makes each process's program differ (kernels/cpu_attention.py)."""
-    code, out = cli(tmp_path, devices=1)
+    workdir instead of compiling it again. Two devices: the CPU attention kernel is custom
+    partitioned there, which puts a Python object's address, new in every process, in the
+    program (one device calls the kernel directly: test_cpu_attention.py)."""
+    code, out = cli(tmp_path, devices=2)
     assert code == 0, out
     assert "compiled in" in out and "loaded from the compilation cache" not in out
     entries = [p.name for p in (tmp_path / "compilation_cache").iterdir()]
     assert any(name.startswith("jit_train_step") for name in entries), entries
-    code, out = cli(tmp_path, devices=1)
+    code, out = cli(tmp_path, devices=2)
     assert code == 0, out
     assert "loaded from the compilation cache in" in out
 
@@ -152,7 +153,9 @@ def test_compilation_cache_is_the_runs_own_and_given_back(tmp_path):
     previous = jax.config.jax_compilation_cache_dir
     with train_lib.compilation_cache(str(tmp_path), "cache"):
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+        assert jax.config.jax_remove_custom_partitioning_ptr_from_cache_key
     assert jax.config.jax_compilation_cache_dir == previous
+    assert not jax.config.jax_remove_custom_partitioning_ptr_from_cache_key
     with train_lib.compilation_cache(str(tmp_path), "/elsewhere/cache"):  # absolute: as given
         assert jax.config.jax_compilation_cache_dir == "/elsewhere/cache"
     with train_lib.compilation_cache(str(tmp_path), ""):  # "": no cache

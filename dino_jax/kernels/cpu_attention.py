@@ -95,9 +95,10 @@ def _partitioned(call, args: str, outs: str, rule: str):
     ([B, heads, N, N]) arrays. The kernel runs each (image, head) pair on its own, so a batch or
     heads axis sharded over a mesh stays sharded: each device calls it on its own shard.
 
-    custom_partitioning writes a Python object's address into the program, so no two processes
-    compile the same program and JAX's persistent compilation cache never hits: with one device
-    the kernel is called directly instead.
+    custom_partitioning writes a Python object's address into the program, new in every process,
+    so JAX's persistent compilation cache only hits with that left out of its key (the training
+    command does so); with one device the kernel is called directly, and the program is the same
+    in every process anyway.
     """
 
     @custom_partitioning
