@@ -136,9 +136,8 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
 
 def test_rerun_loads_the_step_from_the_compilation_cache(tmp_path):
     """A rerun in the same workdir, as after a preemption, loads the compiled step from the
-    workdir instead of compiling it again. Two devices: the CPU attention kernel is custom
-    partitioned there, which puts a Python object's address, new in every process, in the
-    program (one device calls the kernel directly: test_cpu_attention.py)."""
+    workdir instead of compiling it again, although the CPU attention kernel's custom
+    partitioning puts a Python object's address, new in every process, in the program."""
     code, out = cli(tmp_path, devices=2)
     assert code == 0, out
     assert "compiled in" in out and "loaded from the compilation cache" not in out

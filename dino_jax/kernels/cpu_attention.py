@@ -96,9 +96,8 @@ def _partitioned(call, args: str, outs: str, rule: str):
     heads axis sharded over a mesh stays sharded: each device calls it on its own shard.
 
     custom_partitioning writes a Python object's address into the program, new in every process,
-    so JAX's persistent compilation cache only hits with that left out of its key (the training
-    command does so); with one device the kernel is called directly, and the program is the same
-    in every process anyway.
+    so JAX's persistent compilation cache only hits with that left out of its key
+    (`train.compilation_cache` does so).
     """
 
     @custom_partitioning
@@ -127,16 +126,12 @@ def _partitioned(call, args: str, outs: str, rule: str):
 @functools.cache
 def _forward(scale: float):
     call = functools.partial(_call_forward, scale=scale)
-    if jax.device_count() == 1:  # nothing to partition (see _partitioned)
-        return call
     return _partitioned(call, "ttt", "tp", "b n h d, b m h d, b m h d -> b n h d, b h n m")
 
 
 @functools.cache
 def _backward(scale: float):
     call = functools.partial(_call_backward, scale=scale)
-    if jax.device_count() == 1:
-        return call
     rule = "b n h d, b n h d, b n h d, b h n m, b n h d -> b n h d, b n h d, b n h d"
     return _partitioned(call, "tttpt", "ttt", rule)
 
