@@ -51,9 +51,11 @@ def kernel_value_and_grads(q, k, v, grad, scale):
     return out, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
 
-# Token counts below, at and above the vector width (8 or 16 lanes), ViT-S/16's 197 and 37.
+# Token counts below, at and above the vector width (8 or 16 lanes), ViT-S/16's 197 and 37; a
+# head size of 24, an odd number of 8-float halves (the products' last strip on 16 lanes).
 @pytest.mark.parametrize(
-    "shape", [(2, 1, 1, 16), (2, 9, 3, 16), (1, 16, 2, 32), (3, 37, 6, 64), (1, 197, 2, 64)]
+    "shape",
+    [(2, 1, 1, 16), (2, 9, 3, 16), (1, 16, 2, 32), (2, 21, 3, 24), (3, 37, 6, 64), (1, 197, 2, 64)],
 )
 def test_values_and_gradients_match_torch_float64(shape):
     q, k, v, grad = random_qkvg(shape, seed=sum(shape))

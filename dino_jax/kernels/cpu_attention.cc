@@ -6,8 +6,8 @@
 // XLA:CPU writes and reads them back through memory between its batched products.
 //
 // The five products are one register-tiled kernel, C[r, :] = sum_k A(r, k) B[k, :], with A read
-// row- or column-wise, in GCC's vector extensions: 8-float vectors, which the compiler maps onto
-// the registers of the CPU it is compiled on.
+// row- or column-wise, in GCC's vector extensions: vectors of 16 floats on AVX-512 and 8
+// elsewhere, which the compiler maps onto the registers of the CPU it is compiled on.
 
 #include <algorithm>
 #include <atomic>
@@ -24,19 +24,38 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// One AVX2 register (half an AVX-512 one, two SSE ones), on every CPU: one code path everywhere,
-// and AVX-512 cores such as AMD's Zen 4 split 512-bit operations into two 256-bit ones anyway.
+// One vector register: 16 floats where the compiler targets AVX-512 (-march=native on a CPU that
+// has it), else 8 (AVX2, or two SSE/NEON registers). Head sizes need only be a multiple of 8:
+// the products take a last 8-column strip in a half vector.
+#ifdef __AVX512F__
+constexpr int64_t kLanes = 16;
+#else
 constexpr int64_t kLanes = 8;
+#endif
+constexpr int64_t kHalf = 8;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef float HalfVec __attribute__((vector_size(kHalf * sizeof(float))));
 
-inline Vec Load(const float* p) {
-  Vec v;
+// Accumulator tiles of kRows x kCols vectors, plus kCols vectors of B and one broadcast of A,
+// fill most of the registers: AVX-512's 32 or AVX2's 16.
+#ifdef __AVX512F__
+constexpr int kRows = 6, kCols = 4;
+#else
+constexpr int kRows = 6, kCols = 2;
+#endif
+
+template <typename V = Vec>
+inline V Load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+template <typename V>
+inline void Store(float* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
 inline Vec Splat(float x) {
   Vec v;
@@ -78,15 +97,17 @@ inline Vec Exp(Vec x) {
   return underflow ? Splat(0.0f) : p * two_n;
 }
 
-// C[r, 0:kLanes V] = sum_k A(r, k) B[k, 0:kLanes V] for R rows, A(r, k) = a[r * a_row + k * a_col].
-template <int R, int V>
+// C[r, 0:W V] = sum_k A(r, k) B[k, 0:W V] for R rows, A(r, k) = a[r * a_row + k * a_col], in
+// vectors T of W floats.
+template <typename T, int R, int V>
 inline void Tile(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
                  int64_t depth, float* c, int64_t ldc) {
-  Vec acc[R][V] = {};
+  constexpr int64_t W = sizeof(T) / sizeof(float);
+  T acc[R][V] = {};
   for (int64_t k = 0; k < depth; ++k) {
-    Vec bk[V];
+    T bk[V];
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) bk[v] = Load(b + k * ldb + v * kLanes);
+    for (int v = 0; v < V; ++v) bk[v] = Load<T>(b + k * ldb + v * W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const float ar = a[r * a_row + k * a_col];  // broadcast by the product, from memory
@@ -97,41 +118,44 @@ inline void Tile(const float* a, int64_t a_row, int64_t a_col, const float* b, i
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) Store(c + r * ldc + v * kLanes, acc[r][v]);
+    for (int v = 0; v < V; ++v) Store(c + r * ldc + v * W, acc[r][v]);
   }
 }
 
-// Rows [0, R) of C, columns in blocks of V vectors and then one vector at a time.
-template <int R, int V>
+// Rows [0, R) of C: columns in blocks of kCols vectors, then one vector at a time, then a last
+// half vector where cols is an odd multiple of 8 on 16 lanes.
+template <int R>
 inline void RowBlock(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
                      int64_t depth, float* c, int64_t ldc, int64_t cols) {
   int64_t j = 0;
-  for (; j + V * kLanes <= cols; j += V * kLanes) {
-    Tile<R, V>(a, a_row, a_col, b + j, ldb, depth, c + j, ldc);
+  for (; j + kCols * kLanes <= cols; j += kCols * kLanes) {
+    Tile<Vec, R, kCols>(a, a_row, a_col, b + j, ldb, depth, c + j, ldc);
   }
-  for (; j < cols; j += kLanes) Tile<R, 1>(a, a_row, a_col, b + j, ldb, depth, c + j, ldc);
+  for (; j + kLanes <= cols; j += kLanes) {
+    Tile<Vec, R, 1>(a, a_row, a_col, b + j, ldb, depth, c + j, ldc);
+  }
+  if (j < cols) Tile<HalfVec, R, 1>(a, a_row, a_col, b + j, ldb, depth, c + j, ldc);
 }
 
-// C[m, 0:cols] = sum_k A(m, k) B[k, 0:cols] for m < rows; cols is a multiple of kLanes.
-// 6 rows x 2 vectors of accumulators, 2 of B and one broadcast of A fit AVX2's 16 registers.
-template <int R = 6, int V = 2>
+// The last rows - m < R rows of C, one RowBlock sized to them.
+template <int R>
+inline void RowTail(int64_t tail, const float* a, int64_t a_row, int64_t a_col, const float* b,
+                    int64_t ldb, int64_t depth, float* c, int64_t ldc, int64_t cols) {
+  if constexpr (R > 0) {
+    if (tail == R) return RowBlock<R>(a, a_row, a_col, b, ldb, depth, c, ldc, cols);
+    RowTail<R - 1>(tail, a, a_row, a_col, b, ldb, depth, c, ldc, cols);
+  }
+}
+
+// C[m, 0:cols] = sum_k A(m, k) B[k, 0:cols] for m < rows; cols is a multiple of 8.
 void MatMul(int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t a_row,
             int64_t a_col, const float* b, int64_t ldb, float* c, int64_t ldc) {
-  static_assert(R <= 6, "the switch below takes row tails of up to 5 rows");
   int64_t m = 0;
-  for (; m + R <= rows; m += R) {
-    RowBlock<R, V>(a + m * a_row, a_row, a_col, b, ldb, depth, c + m * ldc, ldc, cols);
+  for (; m + kRows <= rows; m += kRows) {
+    RowBlock<kRows>(a + m * a_row, a_row, a_col, b, ldb, depth, c + m * ldc, ldc, cols);
   }
-  const float* at = a + m * a_row;
-  float* ct = c + m * ldc;
-  switch (rows - m) {
-    case 5: RowBlock<5, V>(at, a_row, a_col, b, ldb, depth, ct, ldc, cols); break;
-    case 4: RowBlock<4, V>(at, a_row, a_col, b, ldb, depth, ct, ldc, cols); break;
-    case 3: RowBlock<3, V>(at, a_row, a_col, b, ldb, depth, ct, ldc, cols); break;
-    case 2: RowBlock<2, V>(at, a_row, a_col, b, ldb, depth, ct, ldc, cols); break;
-    case 1: RowBlock<1, V>(at, a_row, a_col, b, ldb, depth, ct, ldc, cols); break;
-    default: break;
-  }
+  RowTail<kRows - 1>(rows - m, a + m * a_row, a_row, a_col, b, ldb, depth, c + m * ldc, ldc,
+                     cols);
 }
 
 // dst[d, j] = src[j, d] for j < n (rows `stride` apart), 0 for n <= j < ld; src is read row by
@@ -147,32 +171,48 @@ void PackTransposed(const float* src, int64_t stride, int64_t n, int64_t dim, fl
   }
 }
 
-// Horizontal reductions of a vector.
+// Horizontal reductions of a vector of W floats, halving it log2(W) times: a dependency chain of
+// log2(W) operations where a lane-by-lane loop has W, once per softmax row.
+template <int W>
+struct Floats {
+  typedef float type __attribute__((vector_size(W * sizeof(float))));
+};
+
+template <int W, typename Op>
+inline float Reduce(typename Floats<W>::type x, Op op) {
+  if constexpr (W == 2) {
+    return op(x[0], x[1]);
+  } else {
+    typename Floats<W / 2>::type low, high;
+    std::memcpy(&low, &x, sizeof low);
+    std::memcpy(&high, reinterpret_cast<const char*>(&x) + sizeof low, sizeof high);
+    return Reduce<W / 2>(op(low, high), op);
+  }
+}
+
 inline float Max(Vec x) {
-  float m = x[0];
-  for (int l = 1; l < kLanes; ++l) m = x[l] > m ? x[l] : m;
-  return m;
+  return Reduce<kLanes>(x, [](auto a, auto b) { return a > b ? a : b; });
 }
 
 inline float Sum(Vec x) {
-  float s = 0.0f;
-  for (int l = 0; l < kLanes; ++l) s += x[l];
-  return s;
+  return Reduce<kLanes>(x, [](auto a, auto b) { return a + b; });
 }
 
 // Row-wise softmax(s * scale) of s [n, ld] over its first n columns, in place (the columns from
 // n on set to 0) and into probs [n, n]. Like torch, the exponentials are scaled by 1 / their sum.
+// The products read the aligned rows of s; probs, whose rows start anywhere, is only written.
 void Softmax(float* s, int64_t n, int64_t ld, float scale, float* probs) {
-  const int64_t full = n / kLanes * kLanes;
+  const int64_t full = n / kLanes * kLanes, rest = n - full;
   const IVec tail = Valid(full, n);
   for (int64_t i = 0; i < n; ++i) {
     float* row = s + i * ld;
+    float* out = probs + i * n;
     Vec max = Splat(-__builtin_inff());
     for (int64_t j = 0; j < full; j += kLanes) {
       const Vec x = Load(row + j) * scale;
       max = x > max ? x : max;
     }
-    if (full < n) {
+    if (rest) {
       const Vec x = Load(row + full) * scale;
       max = tail && x > max ? x : max;
     }
@@ -185,8 +225,16 @@ void Softmax(float* s, int64_t n, int64_t ld, float scale, float* probs) {
       sum += e;
     }
     const float inverse = 1.0f / Sum(sum);
-    for (int64_t j = 0; j < ld; j += kLanes) Store(row + j, Load(row + j) * inverse);
-    std::memcpy(probs + i * n, row, n * sizeof(float));
+    for (int64_t j = 0; j < full; j += kLanes) {
+      const Vec p = Load(row + j) * inverse;
+      Store(row + j, p);
+      Store(out + j, p);
+    }
+    if (rest) {
+      const Vec p = Load(row + full) * inverse;
+      Store(row + full, p);
+      for (int64_t l = 0; l < rest; ++l) out[full + l] = p[l];
+    }
   }
 }
 
@@ -262,7 +310,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::ResultBuffer<ffi::F32> probs) {
   const Shape shape = ShapeOf(q);
   const int64_t n = shape.tokens, dim = shape.dim, ld = RoundUp(n), stride = shape.stride();
-  if (dim % kLanes) return ffi::Error::InvalidArgument("head size must be a multiple of 8");
+  if (dim % kHalf) return ffi::Error::InvalidArgument("head size must be a multiple of 8");
   const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
   float *od = out->typed_data(), *pd = probs->typed_data();
   ParallelFor(pool, shape.batch * shape.heads, [&](int64_t pair) {
@@ -285,7 +333,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> grad_v) {
   const Shape shape = ShapeOf(q);
   const int64_t n = shape.tokens, dim = shape.dim, ld = RoundUp(n), stride = shape.stride();
-  if (dim % kLanes) return ffi::Error::InvalidArgument("head size must be a multiple of 8");
+  if (dim % kHalf) return ffi::Error::InvalidArgument("head size must be a multiple of 8");
   const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
   const float *pd = probs.typed_data(), *god = grad_out.typed_data();
   float *gq = grad_q->typed_data(), *gk = grad_k->typed_data(), *gv = grad_v->typed_data();

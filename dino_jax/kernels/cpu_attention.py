@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
 FORWARD, BACKWARD = "dino_attention_forward", "dino_attention_backward"
-LANES = 8  # the kernel's vector width in floats: head sizes must be a multiple
+LANES = 8  # head sizes must be a multiple of 8 floats: the products' narrowest strip
 
 log = logging.getLogger(__name__)
 
