@@ -171,31 +171,17 @@ void PackTransposed(const float* src, int64_t stride, int64_t n, int64_t dim, fl
   }
 }
 
-// Horizontal reductions of a vector of W floats, halving it log2(W) times: a dependency chain of
-// log2(W) operations where a lane-by-lane loop has W, once per softmax row.
-template <int W>
-struct Floats {
-  typedef float type __attribute__((vector_size(W * sizeof(float))));
-};
-
-template <int W, typename Op>
-inline float Reduce(typename Floats<W>::type x, Op op) {
-  if constexpr (W == 2) {
-    return op(x[0], x[1]);
-  } else {
-    typename Floats<W / 2>::type low, high;
-    std::memcpy(&low, &x, sizeof low);
-    std::memcpy(&high, reinterpret_cast<const char*>(&x) + sizeof low, sizeof high);
-    return Reduce<W / 2>(op(low, high), op);
-  }
-}
-
+// Horizontal reductions of a vector.
 inline float Max(Vec x) {
-  return Reduce<kLanes>(x, [](auto a, auto b) { return a > b ? a : b; });
+  float m = x[0];
+  for (int l = 1; l < kLanes; ++l) m = x[l] > m ? x[l] : m;
+  return m;
 }
 
 inline float Sum(Vec x) {
-  return Reduce<kLanes>(x, [](auto a, auto b) { return a + b; });
+  float s = 0.0f;
+  for (int l = 0; l < kLanes; ++l) s += x[l];
+  return s;
 }
 
 // Row-wise softmax(s * scale) of s [n, ld] over its first n columns, in place (the columns from
