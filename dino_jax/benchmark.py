@@ -230,10 +230,10 @@ PEAK_FLOPS = {
 def device_peak_flops(device: jax.Device, dtype: str) -> tuple[float, str]:
     """(peak FLOP/s of one device for matmuls in `dtype`, where the figure comes from).
 
-    Accelerators: the table above, matched on `device_kind`. CPUs: a measured float32 matmul.
+    Accelerators: the table above, matched on `device_kind`. CPUs: a measured matmul in `dtype`.
     """
     if device.platform == "cpu":
-        return measured_matmul_peak(device), "measured matmul"
+        return measured_matmul_peak(device, dtype), "measured matmul"
     kind = device.device_kind
     # The longest matching name wins ("TPU v5 lite" before "TPU v5").
     for name in sorted(PEAK_FLOPS, key=len, reverse=True):
@@ -252,11 +252,15 @@ def mesh_peak_flops(devices, dtype: str) -> tuple[float, str]:
 
 
 @functools.cache
-def measured_matmul_peak(device: jax.Device, size: int = 2048, repeats: int = 7) -> float:
-    """The best FLOP/s of a float32 [size, size] @ [size, size] matmul on `device` (all cores),
-    measured once per process, so that the configs of one run share one peak."""
-    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
-    matmul = jax.jit(lambda x, y: x @ y)
+def measured_matmul_peak(
+    device: jax.Device, dtype: str = "float32", size: int = 2048, repeats: int = 7
+) -> float:
+    """The best FLOP/s of a [size, size] @ [size, size] matmul in `dtype` on `device` (all
+    cores), accumulated in float32 as the step's are (for bfloat16, on the CPU's matrix units
+    where it has them), measured once per process and dtype, so that the configs of one run
+    share one peak."""
+    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     matmul(a, a).block_until_ready()
     best = math.inf
     for _ in range(repeats):

@@ -468,6 +468,19 @@ def test_linear_value_and_gradients_match_numpy():
     np.testing.assert_allclose(grads[2], rows_g.sum(0), rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_products_accumulate_in_float32():
+    """The forward, input-gradient and kernel-gradient products of a bfloat16 `linear` take
+    bfloat16 operands and give float32 results (the form XLA:CPU runs on AMX)."""
+    x, kernel, bias = jnp.ones((6, 8), jnp.bfloat16), jnp.ones((8, 16), jnp.bfloat16), jnp.ones(16)
+    loss = lambda x, kernel: jnp.sum(linear(x, kernel, bias.astype(jnp.bfloat16)) ** 2)  # noqa: E731
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    assert len(dots) == 3, dots
+    for line in dots:
+        operands, result = line.rsplit("->", 1)
+        assert operands.count("bf16>") == 2 and result.strip().endswith("xf32>"), line
+
+
 def test_linear_keeps_bfloat16_gradients_close_to_float32():
     rng = np.random.default_rng(1)
     x, kernel, bias = rng.normal(size=(40, 16)), rng.normal(size=(16, 24)), rng.normal(size=24)

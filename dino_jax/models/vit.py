@@ -152,6 +152,14 @@ def sum_rows(x: jax.Array) -> jax.Array:
     )
 
 
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b accumulated in float32, returned in a's dtype: for float32 the plain product. For
+    16-bit inputs every backend accumulates in float32 anyway, and XLA:CPU runs a bfloat16
+    product on the CPU's matrix units (AMX) only when its output is float32: 6.4x faster on an
+    Intel Xeon (BENCHMARKS.md)."""
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
 @jax.custom_vjp
 def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """x [..., D] @ kernel [D, F] + bias [F], torch's Linear, with its gradient written out.
@@ -160,7 +168,7 @@ def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     contracts the rows of x and grad as they lie (autodiff's form made XLA:CPU write grad
     transposed first, 0.28 s of the ViT-S/16 step).
     """
-    return jnp.matmul(x, kernel) + bias
+    return matmul(x, kernel) + bias
 
 
 def _linear_fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> tuple[jax.Array, tuple]:
@@ -170,8 +178,11 @@ def _linear_fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> tuple[jax.A
 def _linear_bwd(saved: tuple, grad: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     x, kernel = saved
     rows_x, rows_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-    grad_kernel = jax.lax.dot_general(rows_x, rows_grad, (((0,), (0,)), ((), ())))
-    grad_x = jnp.matmul(grad, kernel.T)
+    contract_rows = (((0,), (0,)), ((), ()))
+    grad_kernel = jax.lax.dot_general(
+        rows_x, rows_grad, contract_rows, preferred_element_type=jnp.float32
+    ).astype(kernel.dtype)
+    grad_x = matmul(grad, kernel.T)
     return grad_x, grad_kernel, sum_rows(grad).astype(grad.dtype)
 
 
@@ -268,7 +279,9 @@ def explicit_attention(
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     weights = softmax(logits * scale)
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
+    out = jnp.einsum(
+        "bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    ).astype(v.dtype)
     return out.transpose(0, 2, 1, 3), weights
 
 
@@ -279,15 +292,17 @@ def fused_attention(
     never returned (softmax in float32 always).
 
     GPUs with 16-bit inputs: cuDNN's flash attention. Other accelerators: XLA's
-    `jax.nn.dot_product_attention`. CPU: float32 with head sizes a multiple of 8, our kernel
-    (`kernels.cpu_attention`, the logits kept in cache) unless `cpu_kernel` is False, else
-    `explicit_attention`, which XLA:CPU runs faster than `dot_product_attention`'s tokens-first
-    products (BENCHMARKS.md).
+    `jax.nn.dot_product_attention`. CPU: with head sizes a multiple of 8, our float32 kernel
+    (`kernels.cpu_attention`, the logits kept in cache; 16-bit inputs are widened to float32 for
+    it, still faster than XLA:CPU's 16-bit batched products) unless `cpu_kernel` is False,
+    else `explicit_attention`, which XLA:CPU runs faster than `dot_product_attention`'s
+    tokens-first products (BENCHMARKS.md).
     """
     backend = jax.default_backend()
     if backend == "cpu":
-        if cpu_kernel and cpu_attention.supports(q):
-            return cpu_attention.attention(q, k, v, scale)
+        wide = [t.astype(jnp.float32) for t in (q, k, v)]
+        if cpu_kernel and cpu_attention.supports(wide[0]):
+            return cpu_attention.attention(*wide, scale).astype(q.dtype)
         return explicit_attention(q, k, v, scale)[0]
     if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
@@ -447,7 +462,7 @@ class PatchEmbed(nn.Module):
         grid = (batch, height // p, width // p)
         patches = x.reshape(*grid[:2], p, grid[2], p, chans).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(*grid, p * p * chans).astype(self.dtype)
-        out = jnp.dot(patches, kernel.reshape(-1, self.features).astype(self.dtype))
+        out = matmul(patches, kernel.reshape(-1, self.features).astype(self.dtype))
         return out + bias.astype(self.dtype)
 
 
