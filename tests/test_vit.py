@@ -472,7 +472,10 @@ def test_bfloat16_products_accumulate_in_float32():
     """The forward, input-gradient and kernel-gradient products of a bfloat16 `linear` take
     bfloat16 operands and give float32 results (the form XLA:CPU runs on AMX)."""
     x, kernel, bias = jnp.ones((6, 8), jnp.bfloat16), jnp.ones((8, 16), jnp.bfloat16), jnp.ones(16)
-    loss = lambda x, kernel: jnp.sum(linear(x, kernel, bias.astype(jnp.bfloat16)) ** 2)  # noqa: E731
+
+    def loss(x, kernel):
+        return jnp.sum(linear(x, kernel, bias.astype(jnp.bfloat16)) ** 2)
+
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).as_text()
     dots = [line for line in text.splitlines() if "dot_general" in line]
     assert len(dots) == 3, dots

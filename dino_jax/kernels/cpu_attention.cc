@@ -137,7 +137,7 @@ inline void RowBlock(const float* a, int64_t a_row, int64_t a_col, const float* 
   if (j < cols) Tile<HalfVec, R, 1>(a, a_row, a_col, b + j, ldb, depth, c + j, ldc);
 }
 
-// The last rows - m < R rows of C, one RowBlock sized to them.
+// The last `tail` (< R) rows of C, as one RowBlock of exactly that many rows.
 template <int R>
 inline void RowTail(int64_t tail, const float* a, int64_t a_row, int64_t a_col, const float* b,
                     int64_t ldb, int64_t depth, float* c, int64_t ldc, int64_t cols) {
