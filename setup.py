@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dino_jax", "dino_jax.*"]),
-    package_data={"dino_jax.kernels": ["*.cc"]},  # compiled on first use (kernels/)
+    package_data={"dino_jax.cpu": ["*.cc"]},  # compiled on first use (cpu/attention_kernel.py)
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

@@ -36,10 +36,10 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from tqdm import tqdm
 
-from dino_jax import host_memory, parallel
+from dino_jax import parallel
 from dino_jax.config import load_config
+from dino_jax.cpu import attention_kernel, host_memory
 from dino_jax.data import augment
-from dino_jax.kernels import cpu_attention
 from dino_jax.step import init_state, make_train_step
 
 # ImageNet's most common shapes (H, W).
@@ -372,12 +372,12 @@ def counted_program(config: ml_collections.ConfigDict, mesh, state, batch, compi
     """The compiled step whose cost analysis counts all of the step's FLOPs.
 
     XLA cannot see inside the CPU attention kernel's custom calls, so a step that has them is
-    counted as compiled with XLA's attention instead: the same maths, one compile more.
+    counted as compiled with the stock layers instead: the same maths, one compile more.
     """
-    if cpu_attention.FORWARD not in compiled.as_text():
+    if attention_kernel.FORWARD not in compiled.as_text():
         return compiled
     with_xla = config.copy_and_resolve_references()
-    with_xla.cpu_attention_kernel = False
+    with_xla.cpu_tuning = False
     return make_train_step(with_xla, mesh).lower(state, batch).compile()
 
 
@@ -467,8 +467,9 @@ def _crops(config: ml_collections.ConfigDict) -> str:
 
 
 def run_step(args: argparse.Namespace, config_args: list[str]) -> None:
-    host_memory.reuse_freed_memory()  # as the training job does, before JAX's threads start
     configs = parse_configs(config_args)
+    if all(c.cpu_tuning and host_memory.cpu_run(c.platform) for _, c in configs):
+        host_memory.reuse_freed_memory()  # as the training job does, before JAX's threads start
     devices = jax.devices()
     order = "in turn, one step of each per round" if args.interleave else "one config after another"
     print(

@@ -16,6 +16,7 @@ ARCHS = (*VIT_ARCHS, "resnet50")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 DTYPES = ("float32", "bfloat16")
 REMATS = ("none", "block", "dots_saveable")
+PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -98,9 +99,13 @@ def base_config() -> ml_collections.ConfigDict:
     # ViT blocks recomputed in the backward pass to save memory: "none", "block" (keep each
     # block's input only) or "dots_saveable" (keep the matmul outputs, recompute the rest).
     c.remat = "none"
-    # On CPU, float32 attention as one kernel forward and one backward (dino_jax/kernels/, built
-    # on first use with the host's g++; XLA's products where it cannot be built). False: XLA's.
-    c.cpu_attention_kernel = True
+    # The platform the step is built for: "auto" takes it from the mesh's devices; "cpu", "gpu"
+    # or "tpu" name it (a step compiled ahead of time for other devices takes theirs).
+    c.platform = "auto"
+    # On CPU meshes, dino_jax.cpu's tuned layers (written-out gradients, the C++ attention kernel
+    # built on first use with the host's g++) and host-memory reuse. False: stock Flax layers,
+    # as on accelerators. Ignored elsewhere.
+    c.cpu_tuning = True
     # The student's forward and backward as this many independent sub-batches of images (every
     # chunks-th image, so each device keeps its own): the same loss and gradient, with drop-path
     # masks drawn per chunk. XLA:CPU runs each operation on one core and overlaps independent
@@ -179,6 +184,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_choice("optimizer", config.optimizer, OPTIMIZERS)
     _check_choice("dtype", config.dtype, DTYPES)
     _check_choice("remat", config.remat, REMATS)
+    _check_choice("platform", config.platform, PLATFORMS)
     if config.arch in VIT_ARCHS:
         sizes = {
             "img_size": config.img_size,

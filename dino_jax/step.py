@@ -14,7 +14,7 @@ import optax
 from jax.sharding import Mesh
 
 from dino_jax import loss as dino
-from dino_jax import parallel
+from dino_jax import parallel, platform
 from dino_jax.config import steps_per_epoch, validate
 from dino_jax.data import augment, device_augment
 from dino_jax.models import MultiCrop, build_dino
@@ -183,14 +183,16 @@ def make_train_step(
     config: ml_collections.ConfigDict, mesh: Mesh
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step` jitted over `mesh`: state sharded by the parallel.py rules and donated, batch
-    split over every device, metrics replicated. Bad settings fail here, before compilation."""
+    split over every device, metrics replicated, the model built from the layers of the mesh's
+    platform. Bad settings fail here, before compilation."""
     validate(config, mesh.size)
     steps_per_epoch(config)  # the schedules need it: fail now rather than while tracing
+    layers = platform.model_layers(config, mesh)
     step = partial(
         train_step,
         config=config,
-        student=build_dino(config),
-        teacher=build_dino(config, teacher=True),
+        student=build_dino(config, layers=layers),
+        teacher=build_dino(config, teacher=True, layers=layers),
     )
     shardings = state_sharding(config, mesh)
     return jax.jit(

@@ -24,9 +24,10 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from dino_jax import host_memory, parallel
+from dino_jax import parallel
 from dino_jax.checkpoint import Checkpointer, export_teacher
 from dino_jax.config import validate
+from dino_jax.cpu import host_memory
 from dino_jax.data.pipeline import steps_per_epoch, train_dataset, train_source
 from dino_jax.eval.monitor import KnnMonitor
 from dino_jax.metrics import MetricWriter
@@ -263,7 +264,8 @@ def _check_finite(metrics: dict, step: int) -> dict[str, float]:
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
-    host_memory.reuse_freed_memory()  # before JAX's threads allocate: see host_memory
+    if f.config.cpu_tuning and host_memory.cpu_run(f.config.platform):
+        host_memory.reuse_freed_memory()  # before JAX's threads allocate: see host_memory
     parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
     # Our progress at INFO on process 0; the libraries' (orbax, grain) only when they warn.
     absl_logging.set_verbosity(absl_logging.WARNING)

@@ -101,16 +101,16 @@ def test_benchmark_step_report_is_consistent(tiny_config):
 def test_interleaved_configs_each_get_their_steps(capsys):
     """Two configs in turn: a row each and the speed ratio, and the CPU kernel's FLOPs counted."""
     tiny = ["--config", "configs/vit_small16.py:smoke", "--config.dtype=float32"]
-    args = [*tiny, *tiny, "--config.cpu_attention_kernel=False"]
+    args = [*tiny, *tiny, "--config.cpu_tuning=False"]
     benchmark.main(["step", *args, "--steps", "2", "--warmup", "1", "--interleave"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| configs/")]
-    assert len(rows) == 2 and "cpu_attention_kernel=False" in rows[1]
+    assert len(rows) == 2 and "cpu_tuning=False" in rows[1]
     gflops = [float(row.strip("|").split("|")[7]) for row in rows]
     # XLA cannot count inside the kernel's custom calls: the kernel's step is counted as XLA's.
     assert gflops[0] == gflops[1] > 0
     assert "in turn, one step of each per round" in out
-    assert "cpu_attention_kernel=False: " in out.split("speed against")[1]
+    assert "cpu_tuning=False: " in out.split("speed against")[1]
 
 
 def test_interleaving_alternates_the_steps(tiny_config, monkeypatch):
@@ -123,6 +123,6 @@ def test_interleaving_alternates_the_steps(tiny_config, monkeypatch):
 
     monkeypatch.setattr(benchmark.PreparedStep, "run", logged)
     # Without the CPU kernel each step is also the program its FLOPs are counted on: no recompile.
-    configs = [tiny_config(seed=seed, cpu_attention_kernel=False) for seed in (1, 2)]
+    configs = [tiny_config(seed=seed, cpu_tuning=False) for seed in (1, 2)]
     reports = benchmark.benchmark_steps(configs, 2, 1)
     assert order == [1, 2, 1, 2, 1, 2] and len(reports) == 2

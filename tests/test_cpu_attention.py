@@ -14,7 +14,7 @@ import torch
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dino_jax.kernels import cpu_attention
+from dino_jax.cpu import attention_kernel as cpu_attention
 
 # Where a compiler is, the kernel must build: a broken build fails here instead of skipping.
 pytestmark = pytest.mark.skipif(
@@ -129,17 +129,17 @@ def run_python(code, **env):
 
 
 def test_without_compiler_the_model_keeps_xla_attention(tmp_path):
-    """No compiler (and no cached build): a warning, available() False, and fused_attention
-    falls back to XLA's products with the same numbers."""
+    """No compiler (and no cached build): a warning, available() False, and the CPU layers'
+    attention falls back to XLA's products with the same numbers."""
     result = run_python(
         """
         import jax.numpy as jnp, numpy as np
-        from dino_jax.kernels import cpu_attention
-        from dino_jax.models.vit import explicit_attention, fused_attention
+        from dino_jax.cpu import attention_kernel as cpu_attention
+        from dino_jax.cpu.layers import attention, explicit_attention
         x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 1, 16)), jnp.float32)
         assert not cpu_attention.available()
-        got = fused_attention(x, x, x, 0.25)
-        np.testing.assert_array_equal(got, explicit_attention(x, x, x, 0.25)[0])
+        got = attention(x, x, x, 0.25)
+        np.testing.assert_array_equal(got, explicit_attention(x, x, x, 0.25))
         print("fallback ok")
         """,
         CXX="no-such-compiler",
@@ -153,7 +153,7 @@ def test_without_compiler_the_model_keeps_xla_attention(tmp_path):
 
 def test_switched_off_by_environment():
     result = run_python(
-        "from dino_jax.kernels import cpu_attention; print(cpu_attention.available())",
+        "from dino_jax.cpu import attention_kernel; print(attention_kernel.available())",
         DINO_JAX_CPU_KERNELS="0",
     )
     assert result.returncode == 0, result.stderr
@@ -163,7 +163,7 @@ def test_switched_off_by_environment():
 def test_build_is_cached_per_source(tmp_path):
     """The first process compiles into the cache, the next loads that file without compiling."""
     code = """
-        from dino_jax.kernels import cpu_attention
+        from dino_jax.cpu import attention_kernel as cpu_attention
         assert cpu_attention.available()
         print(cpu_attention._build())
     """

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dino_jax.models.head import DINOHead, scaled_matmul
+from dino_jax import cpu
+from dino_jax.models.head import DINOHead
+from dino_jax.models.layers import STOCK
 
 IN, HIDDEN, BOTTLENECK, OUT = 64, 128, 32, 256
 B, N_CROPS = 4, 3
@@ -130,8 +132,11 @@ def init_head(head: DINOHead, seed: int = 0):
         (False, False, 1),
     ],
 )
-def test_matches_reference_outputs_stats_and_grads(use_bn, norm_last_layer, nlayers):
-    head = make_head(use_bn=use_bn, norm_last_layer=norm_last_layer, nlayers=nlayers)
+@pytest.mark.parametrize("layers", [STOCK, cpu.LAYERS], ids=["stock", "cpu"])
+def test_matches_reference_outputs_stats_and_grads(use_bn, norm_last_layer, nlayers, layers):
+    head = make_head(
+        use_bn=use_bn, norm_last_layer=norm_last_layer, nlayers=nlayers, layers=layers
+    )
     variables = perturbed_variables(init_head(head))
     params, stats = variables["params"], variables.get("batch_stats", {})
     ref = torch_head_like(head, params)
@@ -222,18 +227,3 @@ def test_bfloat16_returns_float32_close_to_float32():
 def test_rejects_zero_layers():
     with pytest.raises(ValueError, match="nlayers=0"):
         init_head(make_head(nlayers=0))
-
-
-def test_scaled_matmul_value_and_gradients_match_numpy():
-    rng = np.random.default_rng(5)
-    x, v, scale = rng.normal(size=(6, 8)), rng.normal(size=(8, 20)), rng.uniform(0.5, 2, size=20)
-    cotangent = rng.normal(size=(6, 20))
-    args = [jnp.float32(a) for a in (x, v, scale)]
-    got = scaled_matmul(*args)
-    grads = jax.grad(lambda *a: jnp.sum(scaled_matmul(*a) * jnp.float32(cotangent)), (0, 1, 2))(
-        *args
-    )
-    np.testing.assert_allclose(got, (x @ v) * scale, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grads[0], (cotangent * scale) @ v.T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grads[1], x.T @ (cotangent * scale), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grads[2], np.sum(cotangent * (x @ v), 0), rtol=1e-5, atol=1e-5)

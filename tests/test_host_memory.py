@@ -14,7 +14,7 @@ import pytest
 # execution, far above glibc's largest mmap threshold (32 MiB).
 PROGRAM = """
 import json, resource, sys
-from dino_jax import host_memory
+from dino_jax.cpu import host_memory
 applied = host_memory.reuse_freed_memory() if sys.argv[1] == "reuse" else None
 import jax
 from dino_jax import parallel

@@ -8,21 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import linen as fnn
 from torch import nn as tnn
 from torch_reference import TorchViT
 
+from dino_jax import cpu
+from dino_jax.models.layers import STOCK, explicit_attention
 from dino_jax.models.vit import (
-    QKV,
-    PatchEmbed,
     VisionTransformer,
-    explicit_attention,
-    gelu,
-    gradient_barrier,
-    layer_norm,
-    linear,
     resize_pos_embed,
-    sum_rows,
     vit_base,
     vit_small,
     vit_tiny,
@@ -98,8 +91,9 @@ def images(key, batch, height, width):
         (16, 64, 48, 80),  # patch 16, non-square, W > H
     ],
 )
-def test_matches_torch_reference(patch, img_size, height, width):
-    model = VisionTransformer(patch_size=patch, img_size=img_size, **TINY)
+@pytest.mark.parametrize("layers", [STOCK, cpu.LAYERS], ids=["stock", "cpu"])
+def test_matches_torch_reference(patch, img_size, height, width, layers):
+    model = VisionTransformer(patch_size=patch, img_size=img_size, layers=layers, **TINY)
     variables = tiny_variables(patch, img_size)
     x = images(2, 2, height, width)
 
@@ -339,12 +333,13 @@ def test_bfloat16_compute_stays_close_with_float32_params():
 
 
 # ---------------------------------------------------------------------------------------------
-# Gradients: the training path (fused attention, gradient barriers, rematerialisation)
+# Gradients: the training path (stock and CPU layers, rematerialisation)
 
 
 @pytest.mark.parametrize("remat", ["none", "block", "dots_saveable"])
-def test_gradients_match_torch_reference(remat):
-    model = VisionTransformer(patch_size=8, img_size=32, remat=remat, **TINY)
+@pytest.mark.parametrize("layers", [STOCK, cpu.LAYERS], ids=["stock", "cpu"])
+def test_gradients_match_torch_reference(remat, layers):
+    model = VisionTransformer(patch_size=8, img_size=32, remat=remat, layers=layers, **TINY)
     variables = tiny_variables()
     x = images(3, 2, 40, 24)  # resized position embeddings on the way
     weights = np.random.default_rng(0).normal(size=(2, 64))
@@ -363,14 +358,6 @@ def test_gradients_match_torch_reference(remat):
         np.testing.assert_allclose(
             got[name].numpy(), want, rtol=1e-4, atol=1e-4 * rms, err_msg=name
         )
-
-
-def test_gradient_barrier_is_the_identity():
-    x = images(4, 2, 8, 8)
-    cotangent = images(5, 2, 8, 8)
-    _, vjp = jax.vjp(jax.jit(gradient_barrier), x)
-    np.testing.assert_array_equal(gradient_barrier(x), x)
-    np.testing.assert_array_equal(jax.jit(vjp)(cotangent)[0], cotangent)
 
 
 def test_unknown_remat_fails():
@@ -401,143 +388,3 @@ def test_cpu_attention_equals_dot_product_attention():
     weights = explicit_attention(q, k, v, scale)[1]
     assert weights.shape == (3, 4, 17, 17) and float(weights.min()) > 0
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
-
-
-def test_qkv_is_one_linear_layer_split_like_the_reference():
-    """Three products from one [D, 3D] kernel: the reference's qkv(x).reshape(B, N, 3, h, hd)."""
-    x = images(6, 2, 5, 12)[..., 0]  # [2, 5, 12]
-    module = QKV(num_heads=3)
-    params = module.init(jax.random.key(1), x)["params"]
-    assert params["kernel"].shape == (12, 36) and params["bias"].shape == (36,)
-    params = {"kernel": params["kernel"], "bias": jnp.linspace(-1.0, 1.0, 36)}
-    got = module.apply({"params": params}, x)
-    x64, kernel = np.asarray(x, np.float64), np.asarray(params["kernel"], np.float64)
-    want = (x64 @ kernel + np.asarray(params["bias"])).reshape(2, 5, 3, 3, 4)
-    for i in range(3):
-        np.testing.assert_allclose(got[i], want[:, :, i], rtol=1e-5, atol=1e-6)
-
-
-def test_layer_norm_and_its_gradient_match_torch():
-    """`layer_norm`'s written-out gradient against torch's LayerNorm backward in float64, on rows
-    far from zero mean (the centring matters) with a non-trivial scale and bias."""
-    rng = np.random.default_rng(2)
-    x = rng.normal(3.0, 2.0, size=(3, 5, 64))
-    scale, bias, cotangent = rng.normal(size=64), rng.normal(size=64), rng.normal(size=(3, 5, 64))
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    got, vjp = jax.vjp(jax.jit(layer_norm), f32(x), f32(scale), f32(bias))
-    got_grads = vjp(f32(cotangent))
-
-    tx, tscale, tbias = (torch.tensor(a, requires_grad=True) for a in (x, scale, bias))
-    want = tnn.functional.layer_norm(tx, (64,), tscale, tbias, eps=1e-6)
-    want.backward(torch.from_numpy(cotangent))
-    assert_close(got, want.detach().numpy())
-    for g, w in zip(got_grads, (tx.grad, tscale.grad, tbias.grad), strict=True):
-        assert_close(g, w.numpy())
-
-
-def test_gelu_and_its_gradient_match_torch():
-    """Exact (erf) GELU and its written-out gradient against torch in float64, including the
-    tails where the gradient is 0 or 1; bfloat16 stays bfloat16."""
-    x = np.linspace(-9.0, 9.0, 2001)
-    got, vjp = jax.vjp(jax.jit(gelu), jnp.asarray(x, jnp.float32))
-    got_grad = vjp(jnp.ones(x.shape, jnp.float32))[0]
-    tx = torch.tensor(x, requires_grad=True)
-    want = tnn.functional.gelu(tx)
-    want.sum().backward()
-    np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(got_grad, tx.grad.numpy(), rtol=1e-6, atol=1e-6)
-    half = jnp.asarray(x, jnp.bfloat16)
-    assert gelu(half).dtype == jax.grad(lambda v: gelu(v).sum())(half).dtype == jnp.bfloat16
-
-
-def test_linear_value_and_gradients_match_numpy():
-    rng = np.random.default_rng(0)
-    x, kernel = rng.normal(size=(3, 5, 8)), rng.normal(size=(8, 12))
-    bias, cotangent = rng.normal(size=(12,)), rng.normal(size=(3, 5, 12))
-
-    def loss(x, kernel, bias):
-        return jnp.sum(linear(x, kernel, bias) * jnp.float32(cotangent))
-
-    args = [jnp.float32(a) for a in (x, kernel, bias)]
-    value = linear(*args)
-    grads = jax.grad(loss, argnums=(0, 1, 2))(*args)
-    rows_x, rows_g = x.reshape(-1, 8), cotangent.reshape(-1, 12)
-    np.testing.assert_allclose(value, x @ kernel + bias, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grads[0], cotangent @ kernel.T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grads[1], rows_x.T @ rows_g, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grads[2], rows_g.sum(0), rtol=1e-5, atol=1e-5)
-
-
-def test_bfloat16_products_accumulate_in_float32():
-    """The forward, input-gradient and kernel-gradient products of a bfloat16 `linear` take
-    bfloat16 operands and give float32 results (the form XLA:CPU runs on AMX)."""
-    x, kernel, bias = jnp.ones((6, 8), jnp.bfloat16), jnp.ones((8, 16), jnp.bfloat16), jnp.ones(16)
-
-    def loss(x, kernel):
-        return jnp.sum(linear(x, kernel, bias.astype(jnp.bfloat16)) ** 2)
-
-    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).as_text()
-    dots = [line for line in text.splitlines() if "dot_general" in line]
-    assert len(dots) == 3, dots
-    for line in dots:
-        operands, result = line.rsplit("->", 1)
-        assert operands.count("bf16>") == 2 and result.strip().endswith("xf32>"), line
-
-
-def test_linear_keeps_bfloat16_gradients_close_to_float32():
-    rng = np.random.default_rng(1)
-    x, kernel, bias = rng.normal(size=(40, 16)), rng.normal(size=(16, 24)), rng.normal(size=24)
-
-    def grads(dtype):
-        args = [jnp.asarray(a, dtype) for a in (x, kernel, bias)]
-        return jax.grad(lambda *a: jnp.sum(linear(*a).astype(jnp.float32) ** 2), (0, 1, 2))(*args)
-
-    for low, full in zip(grads(jnp.bfloat16), grads(jnp.float32), strict=True):
-        assert low.dtype == jnp.bfloat16
-        scale = float(jnp.max(jnp.abs(full)))
-        np.testing.assert_allclose(np.float32(low), full, atol=0.03 * scale)
-
-
-def test_sum_rows_sums_all_leading_axes():
-    x = np.random.default_rng(2).normal(size=(4, 3, 7))
-    got = sum_rows(jnp.float32(x))
-    assert got.shape == (7,) and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, x.sum((0, 1)), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_patch_embed_is_the_strided_conv_with_conv_parameters(dtype):
-    """nn.Conv's parameters (names, shapes, the kernel's initial values; torch's bias bound) and
-    the conv's numbers, forward and gradient."""
-    x = jnp.float32(np.random.default_rng(3).normal(size=(2, 32, 48, 3)))
-    embed = PatchEmbed(64, 16, dtype)
-    params = embed.init(jax.random.key(0), x)
-    conv = fnn.Conv(
-        64,
-        (16, 16),
-        strides=(16, 16),
-        padding="VALID",
-        dtype=dtype,
-        kernel_init=fnn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-    )
-    conv_params = conv.init(jax.random.key(0), x)
-    np.testing.assert_array_equal(params["params"]["kernel"], conv_params["params"]["kernel"])
-    assert params["params"]["bias"].shape == (64,)
-    assert float(jnp.max(jnp.abs(params["params"]["bias"]))) <= 1 / math.sqrt(768)
-
-    got = embed.apply(params, x)
-    assert got.shape == (2, 2, 3, 64) and got.dtype == dtype
-    want = conv.apply(params, x)
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol)
-
-    kernel, bias = (np.float64(params["params"][k]) for k in ("kernel", "bias"))
-    patches = np.float64(x).reshape(2, 2, 16, 3, 16, 3).transpose(0, 1, 3, 2, 4, 5)
-    numpy_out = np.einsum("bijuvc,uvcd->bijd", patches, kernel) + bias
-    if dtype == jnp.float32:
-        np.testing.assert_allclose(got, numpy_out, rtol=1e-5, atol=1e-5)
-        cotangent = np.random.default_rng(4).normal(size=got.shape)
-        grad = jax.grad(lambda p: jnp.sum(embed.apply(p, x) * jnp.float32(cotangent)))(params)
-        want_kernel = np.einsum("bijuvc,bijd->uvcd", patches, cotangent)
-        np.testing.assert_allclose(grad["params"]["kernel"], want_kernel, rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(grad["params"]["bias"], cotangent.sum((0, 1, 2)), rtol=1e-5)

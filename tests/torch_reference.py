@@ -444,7 +444,7 @@ def main(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: this PyTorch sees no CUDA device")
     if args.beside_jax:
-        from dino_jax import host_memory
+        from dino_jax.cpu import host_memory
 
         host_memory.reuse_freed_memory()  # as our commands do, before any thread starts
         reference_s, ours_s = time_beside_jax(

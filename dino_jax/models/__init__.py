@@ -8,11 +8,13 @@ import ml_collections
 from dino_jax.config import ARCHS, VIT_ARCHS
 from dino_jax.models.dino import MultiCrop
 from dino_jax.models.head import DINOHead
+from dino_jax.models.layers import STOCK, Layers
 from dino_jax.models.resnet import ResNet, resnet50
 from dino_jax.models.vit import VisionTransformer, vit_base, vit_small, vit_tiny
 
 __all__ = [
     "DINOHead",
+    "Layers",
     "MultiCrop",
     "ResNet",
     "VisionTransformer",
@@ -34,14 +36,14 @@ def build_backbone(
     img_size: int = 224,
     dtype=jnp.float32,
     remat: str = "none",
-    cpu_attention_kernel: bool = True,
+    layers: Layers = STOCK,
     **vit_overrides: int,
 ):
     """The backbone named by `arch` ("vit_tiny", "vit_small", "vit_base", "resnet50").
 
     `vit_overrides` (embed_dim, depth, num_heads) replace a ViT's size where non-zero; `remat`
-    (ViTs only) recomputes blocks in the backward pass; `cpu_attention_kernel` (ViTs only) runs
-    float32 attention on CPU as dino_jax's kernel rather than XLA's products.
+    (ViTs only) recomputes blocks in the backward pass; `layers` (ViTs only) are the platform's
+    blocks (`dino_jax.platform.model_layers`), stock Flax by default.
     """
     if arch in VIT_ARCHS:
         vit = _VITS[arch](
@@ -50,7 +52,7 @@ def build_backbone(
             img_size=img_size,
             dtype=dtype,
             remat=remat,
-            cpu_kernel=cpu_attention_kernel,
+            layers=layers,
         )
         return vit.clone(**{k: v for k, v in vit_overrides.items() if v})
     if arch == "resnet50":
@@ -58,8 +60,11 @@ def build_backbone(
     raise ValueError(f"Unknown arch={arch!r}; choose one of {', '.join(ARCHS)}.")
 
 
-def build_dino(config: ml_collections.ConfigDict, *, teacher: bool = False) -> MultiCrop:
-    """The student (with stochastic depth) or the teacher (without) network of `config`."""
+def build_dino(
+    config: ml_collections.ConfigDict, *, teacher: bool = False, layers: Layers = STOCK
+) -> MultiCrop:
+    """The student (with stochastic depth) or the teacher (without) network of `config`, built
+    from `layers` (the platform's, `dino_jax.platform.model_layers`)."""
     dtype = jnp.dtype(config.dtype)
     backbone = build_backbone(
         config.arch,
@@ -68,7 +73,7 @@ def build_dino(config: ml_collections.ConfigDict, *, teacher: bool = False) -> M
         img_size=config.img_size,
         dtype=dtype,
         remat=config.get("remat", "none"),
-        cpu_attention_kernel=config.get("cpu_attention_kernel", True),
+        layers=layers,
         embed_dim=config.embed_dim,
         depth=config.depth,
         num_heads=config.num_heads,
@@ -81,5 +86,6 @@ def build_dino(config: ml_collections.ConfigDict, *, teacher: bool = False) -> M
         hidden_dim=config.head_hidden_dim,
         bottleneck_dim=config.head_bottleneck_dim,
         dtype=dtype,
+        layers=layers,
     )
     return MultiCrop(backbone=backbone, head=head)

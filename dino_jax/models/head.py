@@ -8,15 +8,12 @@ conversion: Dense `mlp_{i}` in order, BatchNorm `bn_{i}`, and `last_layer` with 
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import Array
 
 from dino_jax.models.batchnorm import BatchNorm
-from dino_jax.models.vit import gelu, sum_rows
+from dino_jax.models.layers import STOCK, Layers
 
-# The reference's trunc_normal_(std=0.02) truncates at ±2 *absolute*, i.e. 100 std: a plain normal.
-mlp_init = nn.initializers.normal(stddev=0.02)
 # torch's default Linear init, kaiming_uniform(a=sqrt(5)), is U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
 # i.e. variance 1 / (3 fan_in). The reference's N(0, 0.02) init runs before the last layer exists,
 # so the last layer keeps this default.
@@ -27,52 +24,6 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     """x [..., D] / max(||x||, eps) along the last axis, as torch `F.normalize`."""
     norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
     return x / jnp.maximum(norm, eps)
-
-
-def column_norms(v: Array) -> Array:
-    """||v[:, j]|| for v [D, K] -> [K], summed by `sum_rows` (XLA:CPU's reduction over the
-    leading axis: 120 ms at [256, 65536], the matrix-vector product: 30 ms)."""
-    return jnp.sqrt(sum_rows(v * v))
-
-
-@jax.custom_vjp
-def scaled_matmul(x: Array, v: Array, scale: Array) -> Array:
-    """(x @ v) * scale: x [M, D], v [D, K] (any float dtype), scale [K] -> [M, K] float32.
-
-    The backward is written out so that the scale's gradient is `sum_rows` of dy * (x v):
-    autodiff reduces over the rows inside a fusion with the [D, K] update, which XLA:CPU runs
-    ~10x slower (60 ms in the ViT-S/16 step).
-    """
-    return jnp.matmul(x, v, preferred_element_type=jnp.float32) * scale
-
-
-def _scaled_matmul_fwd(x: Array, v: Array, scale: Array) -> tuple[Array, tuple]:
-    product = jnp.matmul(x, v, preferred_element_type=jnp.float32)
-    return product * scale, (x, v, scale, product)
-
-
-def _scaled_matmul_bwd(saved: tuple, grad: Array) -> tuple[Array, Array, Array]:
-    x, v, scale, product = saved
-    grad_product = (grad * scale).astype(v.dtype)
-    grad_scale = sum_rows(grad * product)
-    grad_x = jnp.matmul(grad_product, v.T, preferred_element_type=jnp.float32)
-    grad_v = jnp.matmul(x.T, grad_product, preferred_element_type=jnp.float32)
-    return grad_x.astype(x.dtype), grad_v.astype(v.dtype), grad_scale
-
-
-scaled_matmul.defvjp(_scaled_matmul_fwd, _scaled_matmul_bwd)
-
-
-def dense(features: int, dtype: Any, name: str) -> nn.Dense:
-    """An MLP Linear: float32 params, N(0, 0.02) kernel, zero bias, matmul in `dtype`."""
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=mlp_init,
-        bias_init=nn.initializers.zeros,
-        name=name,
-    )
 
 
 class WeightNormDense(nn.Module):
@@ -86,21 +37,17 @@ class WeightNormDense(nn.Module):
     features: int
     trainable_g: bool = False
     dtype: Any = jnp.float32
+    layers: Layers = STOCK
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """x [..., D] → [..., features] float32."""
         v = self.param("kernel_v", last_layer_init, (x.shape[-1], self.features), jnp.float32)
-        # x @ (v g / ||v||) computed as (x @ v) * (g / ||v||): the same product, scaled per output
-        # unit after the matmul, so the [D, K] normalised weight is never formed (on CPU, XLA
-        # fuses that normalisation into the matmul and recomputes it per tile).
-        scale = 1.0 / column_norms(v)
+        g = jnp.ones((self.features,), jnp.float32)
         if self.trainable_g:
-            scale = scale * self.param(
-                "weight_g", nn.initializers.ones, (1, self.features), jnp.float32
-            )
+            g = self.param("weight_g", nn.initializers.ones, (1, self.features), jnp.float32)[0]
         rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        logits = scaled_matmul(rows, v.astype(self.dtype), scale.reshape(self.features))
+        logits = self.layers.weight_norm_logits(rows, v, g)
         return logits.reshape(*x.shape[:-1], self.features)
 
 
@@ -121,20 +68,22 @@ class DINOHead(nn.Module):
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     dtype: Any = jnp.float32
+    layers: Layers = STOCK
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False) -> Array:
         """x [..., D] (any leading axes, e.g. [B, n_crops, D]) → logits [..., out_dim] float32."""
         if self.nlayers < 1:
             raise ValueError(f"DINOHead nlayers={self.nlayers} must be at least 1")
+        dense = self.layers.dense
         for i in range(self.nlayers - 1):
             x = dense(self.hidden_dim, self.dtype, f"mlp_{i}")(x)
             if self.use_bn:
                 x = BatchNorm(dtype=self.dtype, name=f"bn_{i}")(x, train=train)
-            x = gelu(x)
+            x = self.layers.gelu(x)
         x = dense(self.bottleneck_dim, self.dtype, f"mlp_{self.nlayers - 1}")(x)
         x = l2_normalize(x.astype(jnp.float32))
         last = WeightNormDense(
-            self.out_dim, trainable_g=not self.norm_last_layer, dtype=self.dtype, name="last_layer"
+            self.out_dim, not self.norm_last_layer, self.dtype, self.layers, name="last_layer"
         )
         return last(x)

@@ -1,9 +1,9 @@
-"""softmax(q k^T scale) v as one CPU kernel forward and one backward (cpu_attention.cc).
+"""softmax(q k^T scale) v as one CPU kernel forward and one backward (attention_kernel.cc).
 
 XLA:CPU runs attention as batched products with the [B, heads, N, N] logits written to memory
 and read back between them, at about a sixth of the matmul speed of the same machine; the kernel
 keeps each (image, head) pair's logits in cache and reads q, k, v in the [B, N, heads, hd] layout
-the qkv products leave them in. The same maths as `vit.explicit_attention` (float32, the
+the qkv products leave them in. The same maths as `cpu.layers.explicit_attention` (float32, the
 probabilities kept for the backward, the softmax gradient p (g - sum g p)), summed in another order.
 
 The library is compiled once per source, jaxlib and CPU into ~/.cache/dino_jax (or
@@ -33,7 +33,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-SOURCE = Path(__file__).with_name("cpu_attention.cc")
+SOURCE = Path(__file__).with_name("attention_kernel.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
 FORWARD, BACKWARD = "dino_attention_forward", "dino_attention_backward"
 LANES = 8  # head sizes must be a multiple of 8 floats: the products' narrowest strip

@@ -1,12 +1,11 @@
 """Keep freed host memory for reuse, so that XLA:CPU's steps do not page-fault.
 
-XLA:CPU allocates a program's temporaries as one block per execution and frees it at the end:
-2.2 GiB for the ViT-S/16 step at batch 8. glibc serves a block that size with a fresh `mmap` and
-unmaps it on `free`, so every step the kernel zero-fills ~570k new pages on first touch, 1.2 s of
-system time in a 7 s step (BENCHMARKS.md). Serving all allocations from glibc's main heap and never
-trimming it makes the next step reuse the same pages: the behaviour of a caching allocator, which
-accelerator runtimes have for device memory. On accelerator hosts it does the same for the
-host's batches.
+XLA:CPU allocates a program's temporaries as one block per execution and frees it at the end
+(2.2 GiB for the ViT-S/16 step at batch 8). glibc serves a block that size with a fresh `mmap`
+and unmaps it on `free`, so every step the kernel zero-fills the block's pages again on first
+touch (BENCHMARKS.md). Serving all allocations from glibc's main heap and never trimming it makes
+the next step reuse the same pages: the behaviour of a caching allocator, which accelerator
+runtimes have for device memory. Commands apply it on CPU runs only (`cpu_run`).
 
 The settings bind only threads that have not allocated yet (a thread keeps its malloc arena, and
 arenas other than the main one mmap such blocks whatever the settings), so the training and
@@ -18,8 +17,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import importlib.util
+import os
 import platform
 
+# Packages that give JAX an accelerator backend.
+ACCELERATOR_PLUGINS = ("libtpu", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
 # mallopt parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -47,3 +50,22 @@ def reuse_freed_memory() -> bool:
     # mmap it anyway; -1 disables trimming (mallopt(3)).
     settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def cpu_run(platform_setting: str) -> bool:
+    """Whether a run with `config.platform` = platform_setting will run on the CPU, told before
+    JAX starts (its backends start threads): "cpu", or "auto" where JAX_PLATFORMS names only the
+    CPU or no accelerator plugin is installed."""
+    if platform_setting != "auto":
+        return platform_setting == "cpu"
+    requested = os.environ.get("JAX_PLATFORMS", "")
+    if requested:
+        return requested == "cpu"
+    return not any(_installed(name) for name in ACCELERATOR_PLUGINS)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the parent namespace package is absent
+        return False

@@ -1,0 +1,180 @@
+"""The building blocks the models are written in: stock Flax and JAX layers, one set per platform.
+
+`Layers` names each block the ViT and the DINO head use. `stock()` gives Flax's and JAX's own,
+the program XLA optimises for TPUs and GPUs; `dino_jax.cpu.LAYERS` gives XLA:CPU-tuned ones with
+the same parameters and the same numbers. The platform's set is chosen once, in the shell, from
+the mesh (`dino_jax.platform`), never inside traced code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IN_CHANS = 3  # RGB images
+LN_EPS = 1e-6
+INIT_STD = 0.02
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+# The reference's trunc_normal_(std=0.02) truncates at ±2 absolute (±100 std): a plain normal.
+normal_init = nn.initializers.normal(INIT_STD)
+
+
+def uniform_init(bound: float) -> nn.initializers.Initializer:
+    """U(-bound, bound), for a bias whose fan-in the initializer cannot see."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _dot_general_f32(lhs, rhs, dimension_numbers, precision=None, **kwargs) -> jax.Array:
+    """lax.dot_general accumulating into float32: its transpose then gives float32 kernel
+    gradients, so their reduction over the batch (the data-parallel all-reduce) is float32."""
+    return jax.lax.dot_general(
+        lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32
+    )
+
+
+class Dense(nn.Dense):
+    """nn.Dense with the reference Linear's init (kernel [D, F] N(0, 0.02), bias zeros), float32
+    parameters, products accumulated in float32 and the output in `dtype`."""
+
+    kernel_init: nn.initializers.Initializer = normal_init
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+    dot_general: Any = _dot_general_f32
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(x).astype(self.dtype or x.dtype)
+
+
+def dense(features: int, dtype: Any, name: str) -> Dense:
+    return Dense(features, dtype=dtype, name=name)
+
+
+def layer_norm(name: str | None = None) -> nn.LayerNorm:
+    """torch's LayerNorm: eps 1e-6, two-pass variance, float32 whatever the compute dtype."""
+    return nn.LayerNorm(
+        epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+        name=name,
+    )
+
+
+class QKV(Dense):
+    """The reference's qkv Linear(D, 3D) (kernel [D, 3D], bias [3D]) split as it splits it:
+    x [B, N, D] -> q, k, v [B, N, heads, hd] in dtype; with cls_only, q is the cls token's alone,
+    [B, 1, heads, hd]."""
+
+    num_heads: int = 1
+
+    def __call__(
+        self, x: jax.Array, cls_only: bool = False
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        batch, tokens, _ = x.shape
+        qkv = super().__call__(x).reshape(batch, tokens, 3, self.num_heads, -1)
+        q, k, v = (qkv[:, :, i] for i in range(3))
+        return (q[:, :1] if cls_only else q), k, v
+
+
+def qkv(dim: int, num_heads: int, dtype: Any, name: str) -> QKV:
+    return QKV(3 * dim, dtype=dtype, num_heads=num_heads, name=name)
+
+
+def patch_embed(features: int, patch_size: int, dtype: Any, name: str | None = None) -> nn.Conv:
+    """The reference's stride-p conv of p x p patches, [B, H, W, C] -> [B, H/p, W/p, D] float32:
+    kernel [p, p, C, D] with torch Conv2d's default init (U(±1/sqrt(fan_in)), bias alike),
+    products accumulated in float32."""
+    fan_in = IN_CHANS * patch_size * patch_size
+    return nn.Conv(
+        features,
+        (patch_size, patch_size),
+        strides=(patch_size, patch_size),
+        padding="VALID",
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+        bias_init=uniform_init(1.0 / math.sqrt(fan_in)),
+        conv_general_dilated=partial(
+            jax.lax.conv_general_dilated, preferred_element_type=jnp.float32
+        ),
+        name=name,
+    )
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """torch's nn.GELU(): x Phi(x) with the erf, not the tanh approximation."""
+    return nn.gelu(x, approximate=False)
+
+
+def explicit_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float
+) -> tuple[jax.Array, jax.Array]:
+    """The reference's attention for q, k, v [B, N, heads, hd]: (q @ k^T) * scale, softmax in
+    float32, @ v. -> (out [B, Q, heads, hd] in v's dtype, weights [B, heads, Q, N] float32)."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits * scale, axis=-1)
+    out = jnp.einsum(
+        "bhqk,bkhd->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    return out.astype(v.dtype), weights
+
+
+def weight_norm_logits(x: jax.Array, v: jax.Array, g: jax.Array) -> jax.Array:
+    """x [M, D] @ (v g / ||v||) for float32 v [D, K] and g [K], norms per column -> [M, K]
+    float32, as (x @ v) * (g / ||v||) with the product in x's dtype: the [D, K] normalised
+    weight is never formed."""
+    scale = g / jnp.sqrt(jnp.sum(jnp.square(v), axis=0))
+    return jnp.matmul(x, v.astype(x.dtype), preferred_element_type=jnp.float32) * scale
+
+
+def identity(x: jax.Array) -> jax.Array:
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """The blocks a model is built from. Every set makes the same parameters (names, shapes,
+    init) and computes the same functions; they differ only in how XLA is asked to run them."""
+
+    dense: Callable[..., nn.Module]  # (features, dtype, name) -> x [..., D] -> [..., F] in dtype
+    layer_norm: Callable[..., nn.Module]  # (name=None) -> x [..., D] -> float32
+    qkv: Callable[..., nn.Module]  # (dim, num_heads, dtype, name) -> (x, cls_only) -> q, k, v
+    # (features, patch_size, dtype, name=None) -> [B, H, W, 3] -> [B, H/p, W/p, D] float32
+    patch_embed: Callable[..., nn.Module]
+    gelu: Callable[[jax.Array], jax.Array]
+    # softmax(q k^T scale) v for q, k, v [B, N, heads, hd] -> [B, N, heads, hd]
+    attention: Callable[[jax.Array, jax.Array, jax.Array, float], jax.Array]
+    weight_norm_logits: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+    residual: Callable[[jax.Array], jax.Array] = identity  # applied to each block's input
+
+
+def _dot_product_attention(implementation: str, q, k, v, scale: float) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+
+
+def stock(attention: str = "xla") -> Layers:
+    """Flax's and JAX's own layers; attention by `jax.nn.dot_product_attention` with the given
+    implementation ("xla", or "cudnn": cuDNN's flash attention for 16-bit inputs on GPUs)."""
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        choices = ", ".join(ATTENTION_IMPLEMENTATIONS)
+        raise ValueError(f"Unknown attention={attention!r}; choose one of {choices}.")
+    return Layers(
+        dense=dense,
+        layer_norm=layer_norm,
+        qkv=qkv,
+        patch_embed=patch_embed,
+        gelu=exact_gelu,
+        attention=partial(_dot_product_attention, attention),
+        weight_norm_logits=weight_norm_logits,
+    )
+
+
+STOCK = stock()

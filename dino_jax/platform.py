@@ -1,0 +1,71 @@
+"""The platform a step runs on, decided once from its mesh, and the model layers for it.
+
+A step traced on one host for other devices (a CPU host compiling for a TPU slice) must build the
+program of those devices, so nothing here asks `jax.default_backend()`: the mesh's devices say
+which platform it is, or `config.platform` does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from dino_jax import cpu
+from dino_jax.models import build_backbone, layers
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+_GPU_NAMES = ("gpu", "cuda", "rocm")
+
+
+def mesh_platform(mesh: Mesh, requested: str = "auto") -> str:
+    """"cpu", "gpu" or "tpu": `requested` unless "auto", else the platform of the mesh's devices."""
+    if requested != "auto":
+        if requested not in PLATFORMS:
+            raise ValueError(
+                f"Unknown platform={requested!r}; choose auto or one of {', '.join(PLATFORMS)}."
+            )
+        return requested
+    platform = mesh.devices.flat[0].platform
+    return "gpu" if platform in _GPU_NAMES else platform
+
+
+def model_layers(config: ml_collections.ConfigDict, mesh: Mesh) -> layers.Layers:
+    """The model's blocks for the mesh's platform: on CPU, dino_jax.cpu's tuned layers unless
+    `config.cpu_tuning` is False; on GPUs with a 16-bit compute dtype, cuDNN's flash attention
+    where cuDNN takes it; otherwise the stock layers with XLA's attention."""
+    platform = mesh_platform(mesh, config.get("platform", "auto"))
+    if platform == "cpu":
+        return cpu.LAYERS if config.get("cpu_tuning", True) else layers.STOCK
+    if platform == "gpu" and config.dtype in ("bfloat16", "float16"):
+        head_dim = _vit_head_dim(config)
+        if head_dim and cudnn_attention_works(config.dtype, head_dim):
+            return layers.stock(attention="cudnn")
+    return layers.STOCK
+
+
+def _vit_head_dim(config: ml_collections.ConfigDict) -> int:
+    backbone = build_backbone(
+        config.arch, embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads
+    )
+    if not hasattr(backbone, "num_heads"):
+        return 0
+    return backbone.embed_dim // backbone.num_heads
+
+
+@functools.cache
+def cudnn_attention_works(dtype: str, head_dim: int) -> bool:
+    """Whether `jax.nn.dot_product_attention(implementation="cudnn")` traces for these inputs:
+    it needs cuDNN present (a CPU host compiling for GPUs may lack it) and a head size and dtype
+    it takes. Where it does not, XLA's attention runs instead."""
+    q = jax.ShapeDtypeStruct((1, 197, 1, head_dim), jnp.dtype(dtype))
+    try:
+        jax.eval_shape(
+            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), q, q, q
+        )
+    except (RuntimeError, ValueError, NotImplementedError):
+        return False
+    return True
