@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python setup.py
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test,torch]"
+	$(BIN)/pip install --quiet -e ".[test,torch,tpu,gpu-compile]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -9,7 +9,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dino_jax", "dino_jax.*"]),
-    package_data={"dino_jax.cpu": ["*.cc"]},  # compiled on first use (cpu/attention_kernel.py)
+    package_data={
+        "dino_jax.cpu": ["*.cc"],  # compiled on first use (cpu/attention_kernel.py)
+        "dino_jax": ["target_specs/*.txtpb"],  # GPU device descriptions (targets.py)
+    },
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",
@@ -41,5 +44,11 @@ setup(
         ],
         # Only for importing/exporting the official PyTorch checkpoints.
         "torch": ["torch>=2.1"],
+        # Compiling for targets this host lacks (`benchmark compile`, dino_jax/targets.py): libtpu
+        # for TPU slices, the CUDA plugin without NVIDIA's libraries for GPU nodes. JAX's own
+        # extras pin both to the installed jaxlib, which the plugins must match exactly. "tpu"
+        # is also what a TPU VM needs to train.
+        "tpu": ["jax[tpu]"],
+        "gpu-compile": ["jax[cuda12-local]"],
     },
 )

@@ -3,11 +3,18 @@
     python -m dino_jax.benchmark data [--images 200] [--local-crops 10] [--seed 0] [--repeats 5]
     python -m dino_jax.benchmark step --config configs/vit_small16.py --config.batch_size=8 \\
         [--config configs/other.py ...] [--steps 5] [--warmup 1] [--interleave]
+    python -m dino_jax.benchmark compile --config configs/vit_small16.py --target v4-32 \\
+        [--config.key=value ...] [--config configs/other.py ...]
 
 `step`: the real jitted train step on random data, per config: compile time, median step time,
 images/s, FLOPs per step from XLA's cost analysis, achieved FLOP/s, MFU against the device's
 peak, and peak device memory. `--config.key=value` after a `--config` overrides that config.
 `--interleave` runs one step of each config in turn, so that A/B figures share the same minutes.
+
+`compile`: the real train step compiled on this host for a TPU slice or GPU node it does not
+have (dino_jax.targets: v4-8, v4-32, v5e-16, v5p-32, v6e-16, h100x8), per device: memory against
+the chip's HBM, XLA's FLOPs and bytes accessed, roofline bounds, collectives (dino_jax.aot).
+Run TPU targets one process at a time (libtpu), e.g. under `flock /tmp/libtpu.lock`.
 
 `data`: single-process images/s (= per core) of JPEG decode + multi-crop, ours
 (`dino_jax.data.augment`) against the baseline, a plain PIL implementation of the reference's
@@ -36,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from tqdm import tqdm
 
-from dino_jax import parallel
+from dino_jax import aot, parallel, targets
 from dino_jax.config import load_config
 from dino_jax.cpu import attention_kernel, host_memory
 from dino_jax.data import augment
@@ -308,7 +315,7 @@ def parse_configs(argv: list[str]) -> list[tuple[str, ml_collections.ConfigDict]
         else:
             raise ValueError(f"Unknown argument {arg!r}")
     if not configs:
-        raise ValueError("step needs at least one --config recipe")
+        raise ValueError("Give at least one --config recipe, e.g. --config configs/vit_small16.py")
     return configs
 
 
@@ -504,6 +511,32 @@ def run_step(args: argparse.Namespace, config_args: list[str]) -> None:
             print(f"  {label}: {first.step_s / r.step_s:.3f}x")
 
 
+# ---------------------------------------------------------------------------------------------
+# The `compile` sub-command.
+
+
+def run_compile(args: argparse.Namespace, config_args: list[str]) -> None:
+    configs = parse_configs(config_args)
+    target = targets.get_target(args.target)
+    print(
+        f"{target.chips} x {target.chip.name} ({target.name}, topology {target.topology}), "
+        f"JAX {jax.__version__}, compiled on this host; figures per device\n"
+    )
+    print(aot.TABLE_HEADER, flush=True)
+    reports = []
+    for label, config in configs:
+        reports.append(aot.compile_report(config, target, label))
+        print(aot.table_row(reports[-1]), flush=True)
+    for r in reports:
+        print(
+            f"\n{r.label}: peak {r.peak_bytes / 2**30:.2f} of {r.hbm_bytes / 2**30:.1f} GiB HBM "
+            f"({100 * r.headroom:.0f}% free); {r.flops / 1e9:.4g} GFLOP and "
+            f"{r.bytes_accessed / 1e9:.4g} GB accessed per device ({r.cost_source}): at least "
+            f"{1e3 * r.compute_s:.4g} ms compute, {1e3 * r.memory_s:.4g} ms memory ({r.bound} "
+            "bound)"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dino_jax.benchmark", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -528,8 +561,15 @@ def main(argv: list[str] | None = None) -> None:
         help="compile every config first, then run one step of each in turn (A/B comparisons)",
     )
     step.set_defaults(run=run_step)
+    compile_ = commands.add_parser(
+        "compile",
+        help="the train step compiled for a TPU slice or GPU node: memory, cost, collectives",
+        description="Repeat --config RECIPE [--config.key=value ...] for several configs.",
+    )
+    compile_.add_argument("--target", required=True, choices=list(targets.TARGETS))
+    compile_.set_defaults(run=run_compile)
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "step":
+    if rest and args.command not in ("step", "compile"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.run(args, rest)
 

@@ -1,0 +1,253 @@
+"""The train step compiled ahead of time for a target's devices (dino_jax.targets), and its report:
+memory per device against the chip's HBM, XLA's cost, roofline bounds and collectives.
+
+Nothing runs: the state and batch are ShapeDtypeStructs with the step's shardings, so a CPU host
+compiles the exact program of a TPU slice or GPU node, at any batch size. The figures are XLA's
+static ones for one device; the roofline bounds are the least time the step could take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from dino_jax import parallel, targets
+from dino_jax.step import abstract_state, make_train_step
+
+COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "collective-permute", "all-to-all")
+DTYPE_BYTES = {
+    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+    "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+# One instruction of post-optimisation HLO text: `%name = SHAPE opcode(operands), attributes`.
+# Async pairs (`all-gather-start` / `-done`) are counted at `-done`, whose shape is the result
+# alone (a `-start` holds the operands too); `async-start` wrappers call the plain opcode, which
+# is counted where the wrapped computation spells it.
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT )?%?[\w.\-]+ = (?P<shape>.+?) (?P<op>" + "|".join(COLLECTIVES) + r")(?:-done)?\(",
+    re.MULTILINE,
+)
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveOp:
+    """One collective of a compiled program: its kind and the arrays it produces."""
+
+    kind: str
+    arrays: tuple[tuple[str, tuple[int, ...]], ...]  # (HLO dtype, dims) of each result array
+
+    @property
+    def bytes(self) -> int:
+        return int(sum(DTYPE_BYTES[t] * math.prod(dims) for t, dims in self.arrays))
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveTotal:
+    count: int
+    bytes: int
+
+
+def collective_ops(hlo_text: str) -> list[CollectiveOp]:
+    """The collectives of post-optimisation HLO text (`compiled.as_text()`), in program order."""
+    ops = []
+    for match in _INSTRUCTION.finditer(hlo_text):
+        arrays = tuple(
+            (dtype, tuple(int(d) for d in dims.split(",") if d))
+            for dtype, dims in _ARRAY.findall(match["shape"])
+            if dtype in DTYPE_BYTES
+        )
+        ops.append(CollectiveOp(match["op"], arrays))
+    return ops
+
+
+def collective_totals(ops: list[CollectiveOp]) -> dict[str, CollectiveTotal]:
+    """Count and result bytes per kind, every kind present (zeros included)."""
+    return {
+        kind: CollectiveTotal(
+            sum(op.kind == kind for op in ops), sum(op.bytes for op in ops if op.kind == kind)
+        )
+        for kind in COLLECTIVES
+    }
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """One config's step compiled for one target. Bytes, FLOPs and times are per device."""
+
+    label: str
+    target: str
+    chip: str
+    devices: int
+    mesh: dict[str, int]
+    batch_size: int
+    dtype: str
+    compile_s: float
+    argument_bytes: int  # state + this device's share of the batch
+    batch_bytes: int  # this device's share of the batch, unpadded (TPUs pad it to tiles)
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int  # outputs written into donated arguments (the state)
+    hbm_bytes: int
+    flops: float
+    bytes_accessed: float
+    cost_source: str
+    peak_flops: float
+    hbm_bandwidth: float
+    collectives: dict[str, CollectiveTotal]
+    hlo: str = dataclasses.field(repr=False)  # post-optimisation HLO text
+
+    @property
+    def state_bytes(self) -> int:
+        return self.argument_bytes - self.batch_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """XLA's static peak: arguments + outputs + temporaries, donated buffers counted once."""
+        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+
+    @property
+    def headroom(self) -> float:
+        """The share of HBM left over at the static peak (negative: it does not fit)."""
+        return 1 - self.peak_bytes / self.hbm_bytes
+
+    @property
+    def compute_s(self) -> float:
+        return self.flops / self.peak_flops
+
+    @property
+    def memory_s(self) -> float:
+        return self.bytes_accessed / self.hbm_bandwidth
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.compute_s >= self.memory_s else "memory"
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, Any]:
+    """The global batch as ShapeDtypeStructs split over the mesh: the crops of
+    `benchmark.random_batch` (uint8 when the step augments on device, else float32)."""
+    b, g, l = config.batch_size, config.data.global_crop_size, config.data.local_crop_size
+    shapes = {"global": (b, 2, g, g, 3)}
+    if config.local_crops_number:
+        shapes["local"] = (b, config.local_crops_number, l, l, 3)
+    dtype = np.uint8 if config.data.augment_on_device else np.float32
+    sharding = parallel.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for k, s in shapes.items()}
+
+
+def compile_step(config: ml_collections.ConfigDict, target: targets.Target | str):
+    """(compiled, lowered, mesh) of `make_train_step(config, mesh)` over the target's devices,
+    `config.mesh` laid over them."""
+    target = targets.get_target(target) if isinstance(target, str) else target
+    mesh = parallel.make_mesh(config.mesh, targets.abstract_devices(target))
+    step = make_train_step(config, mesh)
+    lowered = step.lower(abstract_state(config, mesh), abstract_batch(config, mesh))
+    # Triton GEMM autotuning times candidate kernels on a GPU; without one, cuBLAS it is.
+    options = {"xla_gpu_enable_triton_gemm": False} if target.platform == "gpu" else None
+    return lowered.compile(compiler_options=options), lowered, mesh
+
+
+def program_cost(compiled, lowered, devices: int) -> tuple[float, float, str]:
+    """(FLOPs, bytes accessed, where they come from) of one device's program.
+
+    XLA's own analysis of the compiled program where the backend gives one (TPU). The CUDA
+    plugin gives none without a GPU, so there XLA's generic analysis stands in: bytes from the
+    compiled program (fusions count their operands and results once), FLOPs from the program
+    before optimisation split evenly over the devices, since the compiled one hides its matmuls
+    in cuBLAS calls the generic analysis counts as 0 FLOPs.
+    """
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older jaxlibs: one dict per program
+        cost = cost[0] if cost else None
+    if cost and "flops" in cost:
+        return float(cost["flops"]), float(cost["bytes accessed"]), "XLA cost analysis"
+    # Private modules, imported here: only this fallback needs them.
+    from jax._src import xla_bridge
+    from jax._src.lib import _jax
+
+    cpu = xla_bridge.get_backend("cpu")
+    (module,) = compiled.runtime_executable().hlo_modules()
+    after = _jax.hlo_module_cost_analysis(cpu, module)
+    before = _jax.hlo_module_cost_analysis(cpu, lowered.compiler_ir("hlo").as_hlo_module())
+    return (
+        float(before["flops"]) / devices,
+        float(after["bytes accessed"]),
+        "XLA generic analysis (FLOPs before optimisation / devices)",
+    )
+
+
+def compile_report(
+    config: ml_collections.ConfigDict, target: targets.Target | str, label: str = ""
+) -> CompileReport:
+    """Compile the train step of `config` for `target` and report it (see CompileReport)."""
+    target = targets.get_target(target) if isinstance(target, str) else target
+    config = config.copy_and_resolve_references()
+    if config.steps_per_epoch <= 0:
+        config.steps_per_epoch = 1000  # any value: the schedules only need one
+    start = time.perf_counter()
+    compiled, lowered, mesh = compile_step(config, target)
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    batch = abstract_batch(config, mesh)
+    flops, bytes_accessed, cost_source = program_cost(compiled, lowered, mesh.size)
+    hlo = compiled.as_text()
+    return CompileReport(
+        label=label,
+        target=target.name,
+        chip=target.chip.name,
+        devices=mesh.size,
+        mesh=dict(mesh.shape),
+        batch_size=config.batch_size,
+        dtype=config.dtype,
+        compile_s=compile_s,
+        argument_bytes=memory.argument_size_in_bytes,
+        batch_bytes=sum(x.size * x.dtype.itemsize for x in batch.values()) // mesh.size,
+        output_bytes=memory.output_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes,
+        hbm_bytes=target.chip.hbm_bytes,
+        flops=flops,
+        bytes_accessed=bytes_accessed,
+        cost_source=cost_source,
+        peak_flops=target.chip.peak_flops,
+        hbm_bandwidth=target.chip.hbm_bandwidth,
+        collectives=collective_totals(collective_ops(hlo)),
+        hlo=hlo,
+    )
+
+
+_COLUMNS = (
+    "config", "target", "mesh", "batch", "dtype", "compile s", "arguments GiB (state)",
+    "temp GiB", "output GiB", "alias GiB", "peak GiB / HBM", "headroom", "GFLOP",
+    "GB accessed", "compute ms", "memory ms", "bound", *COLLECTIVES,
+)  # fmt: skip
+_TEXT_COLUMNS = ("config", "target", "mesh", "dtype", "bound")
+_ALIGN = "".join("---|" if c in _TEXT_COLUMNS else "---:|" for c in _COLUMNS)
+TABLE_HEADER = f"| {' | '.join(_COLUMNS)} |\n|{_ALIGN}"
+
+
+def table_row(r: CompileReport) -> str:
+    """The report as a row under TABLE_HEADER (per device; collectives as count / MiB)."""
+    gib = 2**30
+    mesh = " x ".join(f"{name} {size}" for name, size in r.mesh.items())
+    collectives = " | ".join(
+        f"{t.count} / {t.bytes / 2**20:.2f}" if t.count else "0" for t in r.collectives.values()
+    )
+    return (
+        f"| {r.label} | {r.target} ({r.devices} x {r.chip}) | {mesh} | {r.batch_size} | {r.dtype} "
+        f"| {r.compile_s:.0f} | {r.argument_bytes / gib:.3f} ({r.state_bytes / gib:.3f}) "
+        f"| {r.temp_bytes / gib:.3f} | {r.output_bytes / gib:.3f} | {r.alias_bytes / gib:.3f} "
+        f"| {r.peak_bytes / gib:.2f} / {r.hbm_bytes / gib:.1f} | {100 * r.headroom:.0f}% "
+        f"| {r.flops / 1e9:.4g} | {r.bytes_accessed / 1e9:.4g} | {1e3 * r.compute_s:.4g} "
+        f"| {1e3 * r.memory_s:.4g} | {r.bound} | {collectives} |"
+    )

@@ -1,0 +1,191 @@
+"""The train step compiled on this CPU host for a TPU slice and an 8-GPU node (dino_jax.aot): the
+accelerators' program (no CPU kernels, no per-block conditionals), float32 gradient reductions in
+bfloat16 runs, and the state split 4 ways under fsdp 4.
+
+Each compilation runs in a subprocess, once per session whatever the test workers: libtpu must
+not load into a test worker, and only one process at a time may load it, so TPU compilations
+hold the lock every libtpu user on this machine takes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import pytest
+
+from dino_jax import aot, targets
+from dino_jax.benchmark import parse_configs
+from dino_jax.cpu import attention_kernel
+from dino_jax.step import init_state
+
+REPO = Path(__file__).resolve().parents[1]
+LIBTPU_LOCK = Path(tempfile.gettempdir()) / "libtpu.lock"
+TARGETS = {"tpu": "v4-8", "gpu": "h100x8"}
+FSDP = 4
+# The smoke ViT (batch 8: a multiple of both targets' device counts) in bfloat16, at width 128:
+# every weight matrix (qkv 128x384 included) is then over parallel.MIN_FSDP_SIZE and split over
+# fsdp, so the state divides by 4 but for small vectors.
+RECIPE = [
+    "--config",
+    "configs/vit_small16.py:smoke",
+    "--config.dtype=bfloat16",
+    "--config.embed_dim=128",
+]
+MESHES = {
+    # Parameters replicated: every cross-device sum is a gradient or a batch statistic.
+    "data": "--config.mesh=(('data', -1), ('fsdp', 1))",
+    "fsdp": f"--config.mesh=(('data', -1), ('fsdp', {FSDP}))",
+}
+COMPILE = """
+import pickle, sys
+from dino_jax import aot
+from dino_jax.benchmark import parse_configs
+label, config = parse_configs(sys.argv[3:])[0]
+report = aot.compile_report(config, sys.argv[1], label)
+open(sys.argv[2], "wb").write(pickle.dumps(report))
+"""
+
+
+def compile_report(target: str, mesh: str, shared: Path) -> aot.CompileReport:
+    """aot.compile_report in a fresh process (TPU: holding the libtpu lock), once per session:
+    the first test worker to get here compiles, the others read its report."""
+    platform = targets.get_target(target).platform
+    module, extra = {"tpu": ("libtpu", "tpu"), "gpu": ("jax_plugins.xla_cuda12", "gpu-compile")}[
+        platform
+    ]
+    if importlib.util.find_spec(module) is None:
+        pytest.fail(
+            f"{module} is not installed, so nothing compiles for {target}: `make test` installs "
+            f"it (pip install -e '.[{extra}]')."
+        )
+    out = shared / f"{target}-{mesh}.pkl"
+    with open(shared / f"{target}-{mesh}.lock", "a") as mine, open(LIBTPU_LOCK, "a") as libtpu:
+        fcntl.flock(mine, fcntl.LOCK_EX)
+        if not out.exists():
+            if platform == "tpu":
+                fcntl.flock(libtpu, fcntl.LOCK_EX)
+            command = [sys.executable, "-c", COMPILE, target, str(out), *RECIPE, MESHES[mesh]]
+            result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+            if result.returncode:
+                pytest.fail(f"compiling for {target} failed:\n{result.stderr[-3000:]}")
+    return pickle.loads(out.read_bytes())
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory) -> Path:
+    """A directory every test worker of this session sees (pytest-xdist's recipe)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(params=list(TARGETS))
+def platform(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def data_report(platform, shared_dir) -> aot.CompileReport:
+    return compile_report(TARGETS[platform], "data", shared_dir)
+
+
+@pytest.fixture
+def fsdp_report(platform, shared_dir) -> aot.CompileReport:
+    return compile_report(TARGETS[platform], "fsdp", shared_dir)
+
+
+def _abstract_state():
+    _, config = parse_configs(RECIPE)[0]
+    return jax.eval_shape(lambda key: init_state(config, key), jax.random.key(0))
+
+
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_no_cpu_kernels_or_per_block_conditionals(data_report):
+    hlo = data_report.hlo
+    calls = set(re.findall(r'custom_call_target="([^"]+)"', hlo))
+    cpu_kernels = {attention_kernel.FORWARD, attention_kernel.BACKWARD}
+    assert not {c for c in calls if c.startswith("dino_") or c in cpu_kernels}, calls
+    # The CPU layers' gradient barrier made one conditional per block; the one allowed is
+    # optim.py's last-layer freeze (optax.transforms.conditionally_mask).
+    conditionals = len(re.findall(r" conditional\(", hlo))
+    assert conditionals <= 1, f"{conditionals} conditionals in the {data_report.target} program"
+
+
+def test_gradients_reduce_in_float32(data_report):
+    """bfloat16 matmuls, float32 parameters: with the parameters replicated, the cross-device
+    sums are gradients and batch statistics, all float32, and carry the gradients (XLA may
+    combine and flatten them, so shapes cannot tell which is which; and may sum a gradient
+    before a linear map that widens it, like the position embedding's interpolation, so 90%)."""
+    reductions = [
+        (op.kind, dtype, dims)
+        for op in aot.collective_ops(data_report.hlo)
+        if op.kind in ("all-reduce", "reduce-scatter")
+        for dtype, dims in op.arrays
+    ]
+    assert all(dtype == "f32" for _, dtype, _ in reductions), [
+        r for r in reductions if r[1] != "f32"
+    ]
+    # A reduce-scatter leaves each device its share of a sum over all of them.
+    shares = {"all-reduce": 1, "reduce-scatter": data_report.devices}
+    reduced = sum(4 * math.prod(dims) * shares[kind] for kind, _, dims in reductions)
+    student = _nbytes(_abstract_state().student)
+    assert reduced >= 0.9 * student, f"{reduced} B reduced, student parameters {student} B"
+
+
+def test_fsdp_splits_the_state(fsdp_report):
+    """Per device, the state's arguments are a quarter of the state (+15%: small vectors, norms
+    and biases, stay whole, and TPUs pad them to their tiles)."""
+    total = _nbytes(_abstract_state())
+    ratio = fsdp_report.state_bytes / (total / FSDP)
+    assert 0.95 < ratio < 1.15, f"{fsdp_report.state_bytes} B per device of {total} B: {ratio:.2f}"
+
+
+def test_report_figures(fsdp_report):
+    r = fsdp_report
+    assert r.devices == targets.get_target(r.target).chips
+    assert r.mesh == {"data": r.devices // FSDP, "fsdp": FSDP}
+    assert r.flops > 0 and r.bytes_accessed > 0
+    assert 0 < r.peak_bytes < r.hbm_bytes and 0 < r.headroom < 1
+    assert r.bound in ("compute", "memory")
+    assert r.collectives["all-gather"].count > 0  # the fsdp-split parameters, gathered for use
+    assert aot.table_row(r).count("|") == aot.TABLE_HEADER.splitlines()[0].count("|")
+
+
+def test_collective_parse_counts_async_pairs_once():
+    hlo = """
+  %all-gather-start = (bf16[4,64]{1,0}, bf16[16,64]{1,0}) all-gather-start(%p), dimensions={0}
+  %all-gather-done = bf16[16,64]{1,0} all-gather-done(%all-gather-start)
+  %all-reduce.1 = (f32[64,128]{1,0:T(8,128)}, f32[7]{0}) all-reduce(%a, %b), to_apply=%add
+  %rs = f32[32,128]{1,0} reduce-scatter(%g), dimensions={0}, to_apply=%add
+  ROOT %cp-done = u8[10]{0} collective-permute-done(%cp-start)
+"""
+    totals = aot.collective_totals(aot.collective_ops(hlo))
+    assert totals["all-gather"] == aot.CollectiveTotal(1, 16 * 64 * 2)
+    assert totals["all-reduce"] == aot.CollectiveTotal(1, (64 * 128 + 7) * 4)
+    assert totals["reduce-scatter"] == aot.CollectiveTotal(1, 32 * 128 * 4)
+    assert totals["collective-permute"] == aot.CollectiveTotal(1, 10)
+    assert totals["all-to-all"] == aot.CollectiveTotal(0, 0)
+
+
+def test_unknown_target_names_the_choices():
+    with pytest.raises(ValueError, match="Unknown target 'v9-8'; choose one of v4-8, v4-32"):
+        targets.get_target("v9-8")
+
+
+def test_targets_count_their_chips():
+    """One device per chip: the topology's dimensions multiply to the chip count."""
+    for target in targets.TARGETS.values():
+        dims = target.topology.partition(":")[2] or target.topology
+        assert math.prod(int(d) for d in dims.split("x")) == target.chips, target.name
