@@ -36,21 +36,50 @@ def uniform_init(bound: float) -> nn.initializers.Initializer:
     return init
 
 
-def _dot_general_f32(lhs, rhs, dimension_numbers, precision=None, **kwargs) -> jax.Array:
-    """lax.dot_general accumulating into float32: its transpose then gives float32 kernel
-    gradients, so their reduction over the batch (the data-parallel all-reduce) is float32."""
+# Products of 16-bit activations and float32 parameters: both rounded to 16 bits inside the
+# product, accumulated in float32.
+_ALGORITHMS = {
+    jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+    jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32,
+}
+
+
+def _dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs) -> jax.Array:
+    """lax.dot_general into float32 of activations in the compute dtype and a float32 parameter.
+
+    The parameter enters the product as it is, rounded to 16 bits by the product's algorithm,
+    not by a cast before it: a cast's transpose would round its gradient to 16 bits, and XLA
+    could then all-reduce it in 16 bits. This way the parameter's gradient is a float32 product
+    and its reduction over the batch (the data-parallel all-reduce) is float32.
+    """
+    if lhs.dtype != rhs.dtype:
+        precision = _ALGORITHMS[jnp.dtype(lhs.dtype)]
     return jax.lax.dot_general(
         lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32
     )
 
 
+def _inputs_in_dtype(inputs, kernel, bias, *, dtype=None, inexact=True):
+    """Flax's promote_dtype for the inputs alone: kernel and bias stay float32 (see
+    `_dot_general`; the bias is added to the float32 product)."""
+    del inexact
+    return (inputs if dtype is None else inputs.astype(dtype)), kernel, bias
+
+
+def mixed_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., D] in the compute dtype @ float32 w [D, F] -> [..., F] float32 (`_dot_general`)."""
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    return _dot_general(x, w, dims)
+
+
 class Dense(nn.Dense):
     """nn.Dense with the reference Linear's init (kernel [D, F] N(0, 0.02), bias zeros), float32
-    parameters, products accumulated in float32 and the output in `dtype`."""
+    parameters and gradients, products accumulated in float32 and the output in `dtype`."""
 
     kernel_init: nn.initializers.Initializer = normal_init
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
-    dot_general: Any = _dot_general_f32
+    dot_general: Any = _dot_general
+    promote_dtype: Any = _inputs_in_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return super().__call__(x).astype(self.dtype or x.dtype)
@@ -132,7 +161,7 @@ def weight_norm_logits(x: jax.Array, v: jax.Array, g: jax.Array) -> jax.Array:
     float32, as (x @ v) * (g / ||v||) with the product in x's dtype: the [D, K] normalised
     weight is never formed."""
     scale = g / jnp.sqrt(jnp.sum(jnp.square(v), axis=0))
-    return jnp.matmul(x, v.astype(x.dtype), preferred_element_type=jnp.float32) * scale
+    return mixed_matmul(x, v) * scale
 
 
 def identity(x: jax.Array) -> jax.Array:
