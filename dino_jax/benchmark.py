@@ -530,10 +530,11 @@ def run_compile(args: argparse.Namespace, config_args: list[str]) -> None:
     for r in reports:
         print(
             f"\n{r.label}: peak {r.peak_bytes / 2**30:.2f} of {r.hbm_bytes / 2**30:.1f} GiB HBM "
-            f"({100 * r.headroom:.0f}% free); {r.flops / 1e9:.4g} GFLOP and "
-            f"{r.bytes_accessed / 1e9:.4g} GB accessed per device ({r.cost_source}): at least "
-            f"{1e3 * r.compute_s:.4g} ms compute, {1e3 * r.memory_s:.4g} ms memory ({r.bound} "
-            "bound)"
+            f"({100 * r.headroom:.0f}% free); {r.flops / 1e9:.4g} GFLOP per device "
+            f"({r.cost_source}), {r.hbm_traffic / 1e9:.4g} GB of HBM traffic by our count "
+            f"({r.bytes_accessed / 1e9:.4g} GB accessed by XLA's, which includes on-chip "
+            f"memory): at least {1e3 * r.compute_s:.4g} ms compute, {1e3 * r.memory_s:.4g} ms "
+            f"memory ({r.bound} bound)"
         )
 
 

@@ -157,10 +157,41 @@ def test_report_figures(fsdp_report):
     assert r.devices == targets.get_target(r.target).chips
     assert r.mesh == {"data": r.devices // FSDP, "fsdp": FSDP}
     assert r.flops > 0 and r.bytes_accessed > 0
+    # Ours counts HBM alone; XLA's counts on-chip staging too, and whole sliced operands.
+    assert 0 < r.hbm_traffic < r.bytes_accessed
     assert 0 < r.peak_bytes < r.hbm_bytes and 0 < r.headroom < 1
     assert r.bound in ("compute", "memory")
     assert r.collectives["all-gather"].count > 0  # the fsdp-split parameters, gathered for use
     assert aot.table_row(r).count("|") == aot.TABLE_HEADER.splitlines()[0].count("|")
+
+
+def test_hbm_traffic_counts_hbm_operands_and_results_and_moved_slices():
+    """A hand-made program: a fusion reading an HBM parameter (f32[64,128]: 32 KiB) and a
+    CMEM-staged one (S(3), not HBM), writing 16 KiB to HBM; a prefetch of a [16,128] slice of
+    that parameter (8 KiB moved, counted once for its start/done pair); a copy from HBM to HBM
+    (2 x 4 KiB). Constants and parameters themselves move nothing."""
+    hlo = """
+HloModule m
+
+%fused (a: f32[64,128], b: f32[64,128]) -> bf16[64,128] {
+  %a = f32[64,128]{1,0:T(8,128)} parameter(0)
+  %b = f32[64,128]{1,0:T(8,128)S(3)} parameter(1)
+  %add = f32[64,128]{1,0:T(8,128)} add(%a, %b)
+  ROOT %c = bf16[64,128]{1,0:T(8,128)(2,1)} convert(%add)
+}
+
+ENTRY %main (p0: f32[64,128], p1: f32[64,128], p2: f32[8,128]) -> bf16[64,128] {
+  %p0 = f32[64,128]{1,0:T(8,128)} parameter(0)
+  %p1 = f32[64,128]{1,0:T(8,128)S(3)} parameter(1)
+  %p2 = f32[8,128]{1,0:T(8,128)} parameter(2)
+  %k = f32[] constant(1)
+  %s-start = ((f32[64,128]{1,0:T(8,128)}), f32[16,128]{1,0:T(8,128)S(3)}, s32[]{:S(2)}) slice-start(%p0), slice={[0:16], [0:128]}
+  %s-done = f32[16,128]{1,0:T(8,128)S(3)} slice-done(%s-start)
+  %copy = f32[8,128]{1,0:T(8,128)} copy(%p2)
+  ROOT %f = bf16[64,128]{1,0:T(8,128)(2,1)} fusion(%p0, %p1), kind=kLoop, calls=%fused
+}
+"""  # noqa: E501
+    assert aot.hbm_traffic(hlo) == (64 * 128 * 4 + 64 * 128 * 2) + 16 * 128 * 4 + 2 * 8 * 128 * 4
 
 
 def test_collective_parse_counts_async_pairs_once():
