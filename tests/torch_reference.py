@@ -346,15 +346,35 @@ def save_release_vit(path, *, patch_size=16, embed_dim=384, depth=2, num_heads=6
 # `python -m dino_jax.benchmark step` (ViT-S/16, out_dim 65536, 2x224 + 8x96 crops).
 
 
-def make_iteration(batch_size=8, local_crops=8, device="cpu", fp16=False):
-    """main_dino.py's iteration for ViT-S/16 on random crops, on `device`, in float32 or, with
-    `fp16`, its mixed-precision path (`--use_fp16 true`): a callable that runs the next one."""
+# The network and crop sizes of the timed iteration: ViT-S/16 with the reference's head, and the
+# sizes of the `:smoke` config variant (dino_jax/config.py `smoke`), for checking the plumbing.
+VIT_S16 = dict(
+    embed_dim=384, depth=12, num_heads=6, out_dim=65536, hidden_dim=2048, bottleneck_dim=256,
+    global_size=224, local_size=96,
+)  # fmt: skip
+SMOKE = dict(
+    embed_dim=64, depth=2, num_heads=4, out_dim=256, hidden_dim=256, bottleneck_dim=64,
+    global_size=32, local_size=16,
+)  # fmt: skip
+
+
+def make_iteration(batch_size=8, local_crops=8, device="cpu", fp16=False, shapes=VIT_S16):
+    """main_dino.py's iteration for ViT-S/16 (or `shapes`) on random crops, on `device`, in
+    float32 or, with `fp16`, its mixed-precision path (`--use_fp16 true`): a callable that runs
+    the next one."""
     import itertools
     import types
 
+    k = shapes["out_dim"]
+
     def model():
-        head = TorchDINOHead(384, 65536, False, True, 3, 2048, 256)
-        return TorchMultiCrop(TorchViT(16, 384, 12, 6, 224), head).to(device)
+        head = TorchDINOHead(
+            shapes["embed_dim"], k, False, True, 3, shapes["hidden_dim"], shapes["bottleneck_dim"]
+        )
+        vit = TorchViT(
+            16, shapes["embed_dim"], shapes["depth"], shapes["num_heads"], shapes["global_size"]
+        )
+        return TorchMultiCrop(vit, head).to(device)
 
     torch.backends.cudnn.benchmark = True  # as main_dino.py
     student, teacher = model(), model()
@@ -362,7 +382,7 @@ def make_iteration(batch_size=8, local_crops=8, device="cpu", fp16=False):
     for p in teacher.parameters():
         p.requires_grad = False
     ncrops = 2 + local_crops
-    dino_loss = TorchDINOLoss(65536, ncrops, 0.04, 0.04, 0, 100).to(device)
+    dino_loss = TorchDINOLoss(k, ncrops, 0.04, 0.04, 0, 100).to(device)
     optimizer = torch.optim.AdamW(get_params_groups(student))
     scaler = torch.amp.GradScaler(torch.device(device).type) if fp16 else None
     args = types.SimpleNamespace(
@@ -370,7 +390,7 @@ def make_iteration(batch_size=8, local_crops=8, device="cpu", fp16=False):
         warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
         clip_grad=3.0, freeze_last_layer=1,
     )  # fmt: skip
-    sizes = [224] * 2 + [96] * local_crops
+    sizes = [shapes["global_size"]] * 2 + [shapes["local_size"]] * local_crops
     crops = [torch.randn(batch_size, 3, s, s, device=device) for s in sizes]
     counter = itertools.count()
 
@@ -423,8 +443,57 @@ def time_beside_jax(steps=5, warmup=1, batch_size=8, local_crops=8):
     return float(np.median(times)), float(np.median(ours.times))
 
 
+def time_on_device(args):
+    """`args`' iteration timed on its device -> the figures `main` prints and writes as JSON.
+
+    The first warm-up iteration (or one more when there is none) runs under PyTorch's FLOP
+    counter (matmuls and convolutions, forward and backward), which slows it down; the timed
+    ones wait for the device before starting and before stopping the clock."""
+    import time
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cuda = args.device.startswith("cuda")
+    shapes = SMOKE if args.smoke else VIT_S16
+    iteration = make_iteration(args.batch_size, args.local_crops, args.device, args.fp16, shapes)
+    with FlopCounterMode(display=False) as counter:
+        iteration()
+    times = []
+    for i in range(max(args.warmup - 1, 0) + args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        iteration()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= args.warmup - 1:
+            times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    sizes = f"2x{shapes['global_size']}" + (
+        f" + {args.local_crops}x{shapes['local_size']}" if args.local_crops else ""
+    )
+    device = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "precision": "float16 autocast + GradScaler" if args.fp16 else "float32",
+        "model": f"vit/16 {shapes['embed_dim']}x{shapes['depth']}, K={shapes['out_dim']}",
+        "batch_size": args.batch_size,
+        "crops": sizes,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "step_s": step_s,
+        "images_per_s": args.batch_size / step_s,
+        "flops": float(counter.get_total_flops()),
+        "flops_source": "torch.utils.flop_counter",
+        # Like JAX's peak_bytes_in_use: tensors' bytes, not the allocator's cached blocks.
+        "peak_memory_bytes": float(torch.cuda.max_memory_allocated()) if cuda else None,
+    }
+
+
 def main(argv=None):
     import argparse
+    import json
 
     parser = argparse.ArgumentParser(
         description="Time main_dino.py's iteration (ViT-S/16, out_dim 65536) on random crops."
@@ -436,6 +505,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the `:smoke` config's sizes (64-wide, 2 blocks, K=256, 32/16 crops): a quick check",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
+    parser.add_argument(
         "--beside-jax",
         action="store_true",
         help="CPU: alternate with our jitted step in this process, and print both and the ratio",
@@ -443,6 +518,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: this PyTorch sees no CUDA device")
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     if args.beside_jax:
         from dino_jax.cpu import host_memory
 
@@ -456,15 +533,18 @@ def main(argv=None):
         print(f"dino_jax step: {ours_s:.3f} s per step, {args.batch_size / ours_s:.2f} images/s")
         print(f"dino_jax against the reference: {reference_s / ours_s:.3f}x")
         return
-    step_s = time_iterations(
-        args.batch_size, args.local_crops, args.steps, args.warmup, args.device, args.fp16
-    )
-    where = f"{torch.get_num_threads()} threads"
-    if args.device.startswith("cuda"):
-        where = torch.cuda.get_device_name()
-    precision = "float16 autocast" if args.fp16 else "float32"
-    print(f"reference iteration (PyTorch {torch.__version__}, {where}, {precision}):")
-    print(f"{step_s:.3f} s per step, {args.batch_size / step_s:.2f} images/s")
+    r = time_on_device(args)
+    print(f"reference iteration (PyTorch {r['torch']}, {r['device']}, {r['precision']}):")
+    print(f"{r['model']}, batch {r['batch_size']}, {r['crops']}")
+    print(f"{r['step_s']:.3f} s per step, {r['images_per_s']:.2f} images/s")
+    tflops = r["flops"] / r["step_s"] / 1e12
+    print(f"{r['flops'] / 1e9:.1f} GFLOP per step ({r['flops_source']}), {tflops:.3f} TFLOP/s")
+    if r["peak_memory_bytes"] is not None:
+        gib = r["peak_memory_bytes"] / 2**30
+        print(f"peak memory {gib:.2f} GiB (torch.cuda.max_memory_allocated)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
 
 
 if __name__ == "__main__":
