@@ -402,19 +402,6 @@ def make_iteration(batch_size=8, local_crops=8, device="cpu", fp16=False, shapes
     return iteration
 
 
-def time_iterations(batch_size=8, local_crops=8, steps=3, warmup=1, device="cpu", fp16=False):
-    """Median wall seconds of `make_iteration`'s iterations after `warmup` untimed ones."""
-    import time
-
-    iteration = make_iteration(batch_size, local_crops, device, fp16)
-    times = []
-    for _ in range(warmup + steps):
-        start = time.perf_counter()
-        iteration()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times[warmup:]))
-
-
 def time_beside_jax(steps=5, warmup=1, batch_size=8, local_crops=8):
     """(reference s, ours s): medians of the reference's iteration and our jitted step (the same
     ViT-S/16 shapes, float32, CPU) run in turn in this one process, so both see the same minutes.
