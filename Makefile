@@ -4,6 +4,9 @@ VENV ?= .venv
 # The CPU build of PyTorch; on a CUDA machine set TORCH_SPEC=torch to take the default build.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# libtpu and the CUDA plugin, for compiling TPU and GPU programs on this host (`benchmark compile`
+# and its tests), live in a venv of their own: in $(VENV) every JAX process would probe for them.
+AOT_VENV ?= .venv-aot
 # Test processes side by side: compilation is single-threaded, so two keep two cores busy
 # (26.6 -> 19.5 min on the 2-core CPU); each takes up to ~5 GiB.
 TEST_WORKERS ?= 2
@@ -16,18 +19,24 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python setup.py
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test,torch,tpu,gpu-compile]"
+	$(BIN)/pip install --quiet -e ".[test,torch]"
+	touch $@
+
+$(AOT_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(AOT_VENV)
+	$(AOT_VENV)/bin/pip install --quiet --upgrade pip
+	$(AOT_VENV)/bin/pip install --quiet -e ".[tpu,gpu-compile]"
 	touch $@
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m dino_jax.train --config configs/demo.py --workdir $${WORKDIR:-runs/demo}
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(AOT_VENV)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
+	DINO_JAX_AOT_PYTHON=$(AOT_VENV)/bin/python $(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(AOT_VENV) runs .pytest_cache

@@ -41,6 +41,7 @@ _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 _ANY_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
 _ARRAY_LAYOUT = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\](\{[^}]*\})?")
 _MEMORY_SPACE = re.compile(r"S\((\d+)\)")
+_WORKSPACE = re.compile(r", [su]8\[\d+\]\{0\}\)$")
 # Instructions that move no data themselves (async `-done` halves: counted at their `-start`).
 _NO_TRAFFIC = {
     "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
@@ -99,10 +100,12 @@ def hbm_traffic(hlo_text: str) -> int:
 
     Each top-level instruction counts its operands and results that its layouts place in HBM
     (memory space 0); a prefetch or eviction (`copy-start`, `slice-start`) counts the slice it
-    moves, once. XLA's "bytes accessed" counts every operand and result wherever it lies,
-    including on-chip memories that memory-space assignment stages data in (TPU v4's CMEM and
-    VMEM, spaces S(1..)), and the whole operand of a sliced prefetch: an upper bound of HBM
-    traffic, not an estimate of it.
+    moves, once; a library call's scratch workspace is left out. On TPUs, XLA's "bytes
+    accessed" counts every operand and result wherever it lies, including the on-chip memories
+    that memory-space assignment stages data in (v4's CMEM and VMEM, spaces S(1..)), and the
+    whole operand of a sliced prefetch: an upper bound of HBM traffic, not an estimate of it. On
+    GPUs XLA's generic analysis counts the cuBLAS and cuDNN calls as moving nothing; this counts
+    their operands and results.
     """
     computations: dict[str, list[re.Match]] = {}
     entry, current = "", None
@@ -123,6 +126,8 @@ def hbm_traffic(hlo_text: str) -> int:
             moved = _ARRAY_LAYOUT.search(shape[shape.index(")") + 1 :])
             total += sum(_hbm_and_onchip(moved.group(0)))
             continue
+        if opcode == "custom-call":  # (result, scratch): the workspace is no output
+            shape = _WORKSPACE.sub(")", shape)
         operands = re.findall(r"(%[\w.\-]+)", rest.split("), ")[0])
         total += _hbm_and_onchip(shape)[0]
         total += sum(_hbm_and_onchip(shapes.get(name, ""))[0] for name in operands)
