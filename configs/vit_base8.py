@@ -5,6 +5,14 @@
 
 ViT-B/16's settings (clip 0.3) with patch 8. `:smoke` shrinks it to a few CPU steps on the
 built-in data.
+
+Sized for a TPU v5p-32 (16 chips, 64 images per chip at batch 1024) with `remat="block"`:
+compiled there with 49% HBM headroom; a v4-32 with the same remat leaves 9% (BENCHMARKS.md).
+Launch (launch/README.md):
+
+    NAME=dino-vitb8 ZONE=us-east5-a TYPE=v5p-32 RUNTIME=v2-alpha-tpuv5 \\
+        CONFIG=configs/vit_base8.py WORKDIR=gs://BUCKET/dino/vitb8 \\
+        launch/tpu/run_with_restarts.sh --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 """
 
 from dino_jax.config import apply_variants, imagenet_config
@@ -15,4 +23,7 @@ def get_config(arg=None):
     c.arch, c.patch_size = "vit_base", 8
     c.clip_grad = 0.3
     c.batch_size = 1024
+    # 64 images of 785-token crops per chip need it even on a v5p: without it XLA asks 101 GB of
+    # temporaries of its 95.7. Recomputing the blocks adds about a sixth to the step's FLOPs.
+    c.remat = "block"
     return apply_variants(c, arg)

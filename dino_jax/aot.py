@@ -36,6 +36,9 @@ _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT )?%?[\w.\-]+ = (?P<shape>.+?) (?P<op>" + "|".join(COLLECTIVES) + r")(?:-done)?\(",
     re.MULTILINE,
 )
+_REDUCE_SCATTER_FUSION = re.compile(
+    r"^\s*(?:ROOT )?%?[\w.\-]+ = (?P<shape>.+?) fusion\(.*calls=%all-reduce-scatter[\w.\-]*"
+)
 _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 # Any instruction, and each array of its shape with its layout (where the memory space shows).
 _ANY_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
@@ -68,16 +71,32 @@ class CollectiveTotal:
 
 
 def collective_ops(hlo_text: str) -> list[CollectiveOp]:
-    """The collectives of post-optimisation HLO text (`compiled.as_text()`), in program order."""
+    """The collectives of post-optimisation HLO text (`compiled.as_text()`), in program order.
+
+    TPU compilers write a reduce-scatter as a fusion calling an `%all-reduce-scatter`
+    computation (an all-reduce and this device's slice of it, done as one): counted as one
+    reduce-scatter of the fusion's result, its body not counted again."""
     ops = []
-    for match in _INSTRUCTION.finditer(hlo_text):
-        arrays = tuple(
-            (dtype, tuple(int(d) for d in dims.split(",") if d))
-            for dtype, dims in _ARRAY.findall(match["shape"])
-            if dtype in DTYPE_BYTES
-        )
-        ops.append(CollectiveOp(match["op"], arrays))
+    inside_reduce_scatter = False
+    for line in hlo_text.splitlines():
+        if line.rstrip().endswith("{") and not line.startswith(" "):  # a computation's header
+            inside_reduce_scatter = line.startswith("%all-reduce-scatter")
+            continue
+        if inside_reduce_scatter:
+            continue
+        if match := _INSTRUCTION.match(line):
+            ops.append(CollectiveOp(match["op"], _arrays(match["shape"])))
+        elif match := _REDUCE_SCATTER_FUSION.match(line):
+            ops.append(CollectiveOp("reduce-scatter", _arrays(match["shape"])))
     return ops
+
+
+def _arrays(shape: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple(
+        (dtype, tuple(int(d) for d in dims.split(",") if d))
+        for dtype, dims in _ARRAY.findall(shape)
+        if dtype in DTYPE_BYTES
+    )
 
 
 def _hbm_and_onchip(shape: str) -> tuple[int, int]:
@@ -134,6 +153,39 @@ def hbm_traffic(hlo_text: str) -> int:
     return total
 
 
+def laid_out_bytes(dtype: str, dims: str, layout: str = "") -> int:
+    """Bytes of one array as its layout stores it: `{minor_to_major:T(a,b)...}` tiles its most
+    minor dimensions in memory order, padding each to a multiple of the tile's (TPU's (8,128):
+    a [.., 32, 3] image's 3 channels take 128 lanes). Sub-tiles within a tile pad nothing more."""
+    shape = [int(d) for d in dims.split(",") if d]
+    inner = (layout or "{}")[1:-1]
+    order, _, tiling = inner.partition(":")
+    minor_to_major = [int(d) for d in order.split(",") if d.strip().isdigit()]
+    if len(minor_to_major) == len(shape):
+        shape = [shape[d] for d in reversed(minor_to_major)]
+    tile = re.match(r"T\(([\d,]+)\)", tiling)
+    if tile and shape:
+        sizes = [int(t) for t in tile.group(1).split(",")]
+        for i, t in enumerate(reversed(sizes), start=1):
+            if i <= len(shape):
+                shape[-i] = -(-shape[-i] // t) * t
+    return int(DTYPE_BYTES[dtype] * math.prod(shape))
+
+
+def entry_parameter_bytes(hlo_text: str, prefix: str) -> int | None:
+    """Bytes, as laid out, of the entry parameters whose source name (`op_name` metadata:
+    "batch['global']", "state.student[...]") starts with `prefix`; None if none is named so."""
+    entry = hlo_text[hlo_text.find("\nENTRY") :]
+    total, found = 0, False
+    for line in entry.splitlines():
+        match = re.match(r"\s*%[\w.\-]+ = (\w+)\[([\d,]*)\](\{[^}]*\})? parameter\(", line)
+        name = re.search(r'op_name="([^"]*)"', line)
+        if match and name and name.group(1).startswith(prefix):
+            total += laid_out_bytes(*match.groups())
+            found = True
+    return total if found else None
+
+
 def collective_totals(ops: list[CollectiveOp]) -> dict[str, CollectiveTotal]:
     """Count and result bytes per kind, every kind present (zeros included)."""
     return {
@@ -157,7 +209,7 @@ class CompileReport:
     dtype: str
     compile_s: float
     argument_bytes: int  # state + this device's share of the batch
-    batch_bytes: int  # this device's share of the batch, unpadded (TPUs pad it to tiles)
+    batch_bytes: int  # this device's share of the batch as laid out (TPUs pad it to tiles)
     output_bytes: int
     temp_bytes: int
     alias_bytes: int  # outputs written into donated arguments (the state)
@@ -282,7 +334,8 @@ def compile_report(
         dtype=config.dtype,
         compile_s=compile_s,
         argument_bytes=memory.argument_size_in_bytes,
-        batch_bytes=sum(x.size * x.dtype.itemsize for x in batch.values()) // mesh.size,
+        batch_bytes=entry_parameter_bytes(hlo, "batch[")
+        or sum(x.size * x.dtype.itemsize for x in batch.values()) // mesh.size,
         output_bytes=memory.output_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes,
         alias_bytes=memory.alias_size_in_bytes,

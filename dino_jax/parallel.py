@@ -1,16 +1,20 @@
 """Processes and device mesh; sharding rules for parameters, optimizer state and batch;
 host-to-global arrays.
 
-Parameters (and everything shaped like them: teacher, Adam moments, center) are replicated over
-"data" and split over "fsdp" along their largest divisible axis; small tensors stay replicated,
-since splitting them saves little memory and costs a collective each. The batch axis is split over
-every mesh axis. One rule, by shape, keeps a parameter and its moments on the same devices.
+Parameters (and the teacher, Adam moments and center) are replicated over "data" and split over
+"fsdp" along the axis their layer leaves whole (FSDP_RULES); small tensors stay replicated, since
+splitting them saves little memory and costs a collective each. The batch axis is split over every
+mesh axis. The rule goes by the end of a tensor's key path, which a parameter shares with its
+teacher copy and its optimizer moments, so all of them live on the same devices. The step
+gathers the parameters for its forward passes (`gathered`) and reduce-scatters their gradients:
+FSDP as ZeRO describes it, with activations split by batch only.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 
 import jax
@@ -21,6 +25,17 @@ from jax.sharding import PartitionSpec as P
 FSDP = "fsdp"
 # Tensors with fewer elements than this are replicated rather than split over fsdp.
 MIN_FSDP_SIZE = 2**14
+# (regex searched in a tensor's key path, the axis to split over fsdp): the exceptions to the
+# default, the leading axis. A kernel's leading axis is its input (contracted) axis: splitting it
+# leaves whole each slice a layer takes of the output axis (qkv's q, k and v, the heads), which
+# would otherwise cut across the split and reshard at every slice; its shards are contiguous
+# rows, gathered by concatenation, with TPU's 128-lane minor axis unpadded.
+FSDP_RULES: tuple[tuple[str, int], ...] = (
+    # The head's [bottleneck, K] weight-normed kernel keeps whole columns: each column's norm is
+    # local, and XLA splits the logits over K (gathering the small [rows, bottleneck] input)
+    # rather than gathering the kernel, the largest tensor of a ViT-S run.
+    (r"last_layer/kernel_v$", -1),
+)
 
 
 def initialize_distributed(
@@ -79,23 +94,59 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def param_spec(shape: Sequence[int], fsdp_size: int) -> P:
-    """Split the largest axis divisible by the fsdp size; replicate small or indivisible tensors."""
+def param_spec(shape: Sequence[int], fsdp_size: int, path: str = "") -> P:
+    """The spec of a tensor of `shape` at key path `path` ("student/head/mlp_0/kernel"): split over
+    fsdp along the axis of the first FSDP_RULES pattern found in the path, else the leading axis,
+    or failing that (not divisible by the fsdp size) the next divisible one; replicated if small
+    or if no axis divides."""
     if fsdp_size == 1 or math.prod(shape) < MIN_FSDP_SIZE:
         return P()
-    divisible = [i for i, d in enumerate(shape) if d % fsdp_size == 0]
-    if not divisible:
+    first = next((axis for pattern, axis in FSDP_RULES if re.search(pattern, path)), 0)
+    first %= len(shape)
+    axes = [first, *(i for i in range(len(shape)) if i != first)]
+    axis = next((i for i in axes if shape[i] % fsdp_size == 0), None)
+    if axis is None:
         return P()
-    axis = max(divisible, key=lambda i: shape[i])
     spec = [None] * len(shape)
     spec[axis] = FSDP
     return P(*spec)
 
 
 def state_sharding(shapes, mesh: Mesh):
-    """NamedShardings for a pytree of arrays or ShapeDtypeStructs (e.g. from jax.eval_shape)."""
+    """NamedShardings for a pytree of arrays or ShapeDtypeStructs (e.g. a TrainState from
+    jax.eval_shape): each leaf's `param_spec` from its shape and key path. An optimizer moment's
+    path ends in its parameter's (`opt_state/.../mu/head/mlp_0/kernel`), so it gets its spec."""
     fsdp_size = mesh.shape.get(FSDP, 1)
-    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, fsdp_size)), shapes)
+
+    def sharding(path, x) -> NamedSharding:
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        return NamedSharding(mesh, param_spec(x.shape, fsdp_size, name))
+
+    return jax.tree_util.tree_map_with_path(sharding, shapes)
+
+
+def gathered(params, mesh: Mesh):
+    """`params` (split over fsdp) whole on every device, for a forward pass: the layers then
+    compute on batch-split activations, as data parallelism does, rather than following the
+    split of their weights. Their gradient goes back to the parameters' own split, so XLA sums
+    it with a reduce-scatter over fsdp, not an all-reduce of the whole."""
+    if mesh.shape.get(FSDP, 1) == 1:
+        return params
+    split = state_sharding(params, mesh)
+    whole = jax.tree.map(lambda _: replicated(mesh), params)
+
+    @jax.custom_vjp
+    def gather(tree):
+        return jax.lax.with_sharding_constraint(tree, whole)
+
+    def forward(tree):
+        return gather(tree), None
+
+    def backward(_, grads):
+        return (jax.lax.with_sharding_constraint(grads, split),)
+
+    gather.defvjp(forward, backward)
+    return gather(params)
 
 
 def to_global(local_batch, mesh: Mesh):

@@ -90,8 +90,11 @@ def train_step(
     config: ml_collections.ConfigDict,
     student: MultiCrop,
     teacher: MultiCrop,
+    gather: Callable = lambda params: params,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One DINO iteration (SPEC 3): schedules, forwards, loss, update, teacher and center EMAs."""
+    """One DINO iteration (main_dino.py: train_one_epoch): schedules, forwards, loss, update,
+    teacher and center EMAs. `gather` gives the forward passes their parameters whole
+    (parallel.gathered under fsdp)."""
     hp = hyperparams_at(config, state.step)
     if config.data.augment_on_device:
         batch = augment_on_device(config, state.step, batch)
@@ -99,7 +102,7 @@ def train_step(
     stats = state.batch_stats or {"student": {}, "teacher": {}}
 
     teacher_logits, teacher_updates = teacher.apply(
-        {"params": state.teacher, "batch_stats": stats["teacher"]},
+        {"params": gather(state.teacher), "batch_stats": stats["teacher"]},
         global_crops,
         train=True,
         mutable=["batch_stats"],
@@ -113,7 +116,7 @@ def train_step(
         for j in range(chunks):
             rng = drop_path_rng if chunks == 1 else jax.random.fold_in(drop_path_rng, j)
             student_logits, student_updates = student.apply(
-                {"params": params, "batch_stats": stats["student"]},
+                {"params": gather(params), "batch_stats": stats["student"]},
                 _chunk(global_crops, j, chunks, axis=0),
                 _chunk(local_crops, j, chunks, axis=0),
                 train=True,
@@ -193,6 +196,7 @@ def make_train_step(
         config=config,
         student=build_dino(config, layers=layers),
         teacher=build_dino(config, teacher=True, layers=layers),
+        gather=partial(parallel.gathered, mesh=mesh),
     )
     shardings = state_sharding(config, mesh)
     return jax.jit(

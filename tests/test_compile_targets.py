@@ -155,6 +155,19 @@ def test_fsdp_splits_the_state(fsdp_report):
     assert 0.95 < ratio < 1.15, f"{fsdp_report.state_bytes} B per device of {total} B: {ratio:.2f}"
 
 
+def test_fsdp_reduce_scatters_gradients_and_gathers_weights(fsdp_report):
+    """Each device receives its [D/4, 3D] rows of the qkv kernel's gradient from a reduce-scatter,
+    not the whole [D, 3D] from an all-reduce; weights are gathered for use, so no split makes
+    XLA reshard activations (collective-permutes, all-to-alls)."""
+    ops = aot.collective_ops(fsdp_report.hlo)
+    width = 128  # RECIPE's embed_dim
+    shard, whole = ("f32", (width // FSDP, 3 * width)), ("f32", (width, 3 * width))
+    assert [op for op in ops if op.kind == "reduce-scatter" and shard in op.arrays]
+    assert not [op for op in ops if op.kind == "all-reduce" and whole in op.arrays]
+    totals = aot.collective_totals(ops)
+    assert totals["collective-permute"].count == totals["all-to-all"].count == 0, totals
+
+
 def test_report_figures(fsdp_report):
     r = fsdp_report
     assert r.devices == targets.get_target(r.target).chips
@@ -216,6 +229,40 @@ def test_collective_parse_counts_async_pairs_once():
     assert totals["reduce-scatter"] == aot.CollectiveTotal(1, 32 * 128 * 4)
     assert totals["collective-permute"] == aot.CollectiveTotal(1, 10)
     assert totals["all-to-all"] == aot.CollectiveTotal(0, 0)
+
+
+def test_collective_parse_counts_tpu_reduce_scatter_fusions():
+    """TPU writes a reduce-scatter as a fusion calling an all-reduce and a slice: one
+    reduce-scatter of the fusion's result, the all-reduce inside not counted."""
+    hlo = """
+%all-reduce-scatter.1 (input.1: f32[128,512]) -> f32[32,512] {
+  %input.1 = f32[128,512]{1,0:T(8,128)S(3)} parameter(0)
+  %all-reduce.181 = f32[128,512]{1,0:T(8,128)} all-reduce(%input.1), to_apply=%add
+  ROOT %ds = f32[32,512]{1,0:T(8,128)S(3)} dynamic-slice(%all-reduce.181, %i, %j)
+}
+
+ENTRY %main (p: f32[128,512]) -> f32[32,512] {
+  %p = f32[128,512]{1,0:T(8,128)} parameter(0)
+  %ar = f32[7]{0:T(128)} all-reduce(%q), to_apply=%add
+  ROOT %fusion.3 = f32[32,512]{1,0:T(8,128)S(3)} fusion(%p), kind=kCustom, calls=%all-reduce-scatter.1
+}
+"""  # noqa: E501
+    totals = aot.collective_totals(aot.collective_ops(hlo))
+    assert totals["reduce-scatter"] == aot.CollectiveTotal(1, 32 * 512 * 4)
+    assert totals["all-reduce"] == aot.CollectiveTotal(1, 7 * 4)
+
+
+def test_laid_out_bytes_pad_the_tiled_dimensions():
+    """Layouts list dimensions minor to major; a tile pads the most minor ones in memory order.
+    Without a layout, the plain size."""
+    # {1,2,3,0}: memory order (major to minor) is dims 0, 3, 2, 1, [2, 3, 32, 32]; the last two
+    # padded to (8, 128) multiples.
+    assert aot.laid_out_bytes("f32", "2,32,32,3", "{1,2,3,0:T(8,128)}") == 2 * 3 * 32 * 128 * 4
+    # Channels minor: [2, 32, 32, 3] -> (32 rows, 3 -> 128 lanes).
+    assert aot.laid_out_bytes("f32", "2,32,32,3", "{3,2,1,0:T(8,128)}") == 2 * 32 * 32 * 128 * 4
+    assert aot.laid_out_bytes("f32", "384", "{0:T(512)}") == 512 * 4
+    assert aot.laid_out_bytes("bf16", "5,7", "{1,0:T(8,128)(2,1)}") == 8 * 128 * 2
+    assert aot.laid_out_bytes("u8", "5,7", "") == 35
 
 
 def test_unknown_target_names_the_choices():

@@ -2,7 +2,6 @@
 against the stock layers (values and gradients), which accelerators run."""
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -10,14 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_config
-from flax import linen as fnn
 from test_vit import assert_close, images
 from torch import nn as tnn
 
 from dino_jax import cpu, parallel, platform
 from dino_jax.cpu.layers import (
     QKV,
-    PatchEmbed,
     gelu,
     gradient_barrier,
     layer_norm,
@@ -143,46 +140,6 @@ def test_sum_rows_sums_all_leading_axes():
     got = sum_rows(jnp.float32(x))
     assert got.shape == (7,) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, x.sum((0, 1)), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_patch_embed_is_the_strided_conv_with_conv_parameters(dtype):
-    """nn.Conv's parameters (names, shapes, the kernel's initial values; torch's bias bound) and
-    the conv's numbers, forward and gradient."""
-    x = jnp.float32(np.random.default_rng(3).normal(size=(2, 32, 48, 3)))
-    embed = PatchEmbed(64, 16, dtype)
-    params = embed.init(jax.random.key(0), x)
-    conv = fnn.Conv(
-        64,
-        (16, 16),
-        strides=(16, 16),
-        padding="VALID",
-        dtype=dtype,
-        kernel_init=fnn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-    )
-    conv_params = conv.init(jax.random.key(0), x)
-    np.testing.assert_array_equal(params["params"]["kernel"], conv_params["params"]["kernel"])
-    assert params["params"]["bias"].shape == (64,)
-    assert float(jnp.max(jnp.abs(params["params"]["bias"]))) <= 1 / math.sqrt(768)
-
-    got = embed.apply(params, x)
-    assert got.shape == (2, 2, 3, 64) and got.dtype == jnp.float32
-    want = conv.apply(params, x)
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol)
-
-    kernel, bias = (np.float64(params["params"][k]) for k in ("kernel", "bias"))
-    patches = np.float64(x).reshape(2, 2, 16, 3, 16, 3).transpose(0, 1, 3, 2, 4, 5)
-    numpy_out = np.einsum("bijuvc,uvcd->bijd", patches, kernel) + bias
-    if dtype == jnp.float32:
-        np.testing.assert_allclose(got, numpy_out, rtol=1e-5, atol=1e-5)
-        cotangent = np.random.default_rng(4).normal(size=got.shape)
-        grad = jax.grad(lambda p: jnp.sum(embed.apply(p, x) * jnp.float32(cotangent)))(params)
-        want_kernel = np.einsum("bijuvc,bijd->uvcd", patches, cotangent)
-        np.testing.assert_allclose(grad["params"]["kernel"], want_kernel, rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(grad["params"]["bias"], cotangent.sum((0, 1, 2)), rtol=1e-5)
-
-
 
 
 def test_scaled_matmul_value_and_gradients_match_numpy():

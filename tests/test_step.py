@@ -60,16 +60,17 @@ def test_fsdp_splits_large_params_and_their_moments(tiny_config):
     config = tiny_config()
     mesh = parallel.make_mesh((("data", 4), ("fsdp", 2)))
     state = init_state(config, jax.random.key(0), mesh)
-    kernel = state.student["head"]["mlp_0"]["kernel"]  # 64 x 256: split on its larger axis
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    kernel = state.student["head"]["mlp_0"]["kernel"]  # 64 x 256: split on its input axis
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
     bias = state.student["head"]["mlp_0"]["bias"]
     assert bias.sharding.spec == jax.sharding.PartitionSpec()
-    specs = {
+    # Its moments, by path (last_layer/kernel_v has its shape but keeps whole columns).
+    specs = [
         leaf.sharding.spec
-        for leaf in jax.tree.leaves(state.opt_state)
-        if leaf.shape == kernel.shape
-    }
-    assert specs == {kernel.sharding.spec}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+        if jax.tree_util.keystr(path, simple=True, separator="/").endswith("head/mlp_0/kernel")
+    ]
+    assert specs == [kernel.sharding.spec] * 2  # Adam's mu and nu
 
 
 def test_step_follows_the_formulas(tiny_config):

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import linen as fnn
 from torch import nn as tnn
 from torch_reference import TorchViT
 
 from dino_jax import cpu
-from dino_jax.models.layers import STOCK, explicit_attention
+from dino_jax.models.layers import STOCK, PatchEmbed, explicit_attention
 from dino_jax.models.vit import (
     VisionTransformer,
     resize_pos_embed,
@@ -388,3 +389,47 @@ def test_cpu_attention_equals_dot_product_attention():
     weights = explicit_attention(q, k, v, scale)[1]
     assert weights.shape == (3, 4, 17, 17) and float(weights.min()) > 0
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_patch_embed_is_the_strided_conv_with_conv_parameters(dtype):
+    """nn.Conv's parameters (names, shapes, the kernel's initial values; torch's bias bound) and
+    the conv's numbers, forward and gradient; in bfloat16 too the kernel's gradient is float32."""
+    x = jnp.float32(np.random.default_rng(3).normal(size=(2, 32, 48, 3)))
+    embed = PatchEmbed(64, 16, dtype)
+    params = embed.init(jax.random.key(0), x)
+    conv = fnn.Conv(
+        64,
+        (16, 16),
+        strides=(16, 16),
+        padding="VALID",
+        dtype=dtype,
+        kernel_init=fnn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+    )
+    conv_params = conv.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(params["params"]["kernel"], conv_params["params"]["kernel"])
+    assert params["params"]["bias"].shape == (64,)
+    assert float(jnp.max(jnp.abs(params["params"]["bias"]))) <= 1 / math.sqrt(768)
+
+    got = embed.apply(params, x)
+    assert got.shape == (2, 2, 3, 64) and got.dtype == jnp.float32
+    want = conv.apply(params, x)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol)
+
+    kernel, bias = (np.float64(params["params"][k]) for k in ("kernel", "bias"))
+    patches = np.float64(x).reshape(2, 2, 16, 3, 16, 3).transpose(0, 1, 3, 2, 4, 5)
+    numpy_out = np.einsum("bijuvc,uvcd->bijd", patches, kernel) + bias
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(got, numpy_out, rtol=1e-5, atol=1e-5)
+        cotangent = np.random.default_rng(4).normal(size=got.shape)
+        grad = jax.grad(lambda p: jnp.sum(embed.apply(p, x) * jnp.float32(cotangent)))(params)
+        want_kernel = np.einsum("bijuvc,bijd->uvcd", patches, cotangent)
+        np.testing.assert_allclose(grad["params"]["kernel"], want_kernel, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(grad["params"]["bias"], cotangent.sum((0, 1, 2)), rtol=1e-5)
+    else:
+        grad = jax.grad(lambda p: jnp.sum(embed.apply(p, x)))(params)["params"]["kernel"]
+        assert grad.dtype == jnp.float32
+        rounded = np.float64(np.float32(jnp.bfloat16(patches)))  # the product's 16-bit inputs
+        want = np.broadcast_to(rounded.sum((0, 1, 2))[..., None], kernel.shape)
+        np.testing.assert_allclose(grad, want, rtol=1e-5)

@@ -18,11 +18,10 @@ import numpy as np
 
 from dino_jax.cpu import attention_kernel
 from dino_jax.models.layers import (
-    IN_CHANS,
     LN_EPS,
     Layers,
     normal_init,
-    uniform_init,
+    patch_embed,
 )
 
 
@@ -221,38 +220,6 @@ class QKV(nn.Module):
 
 def qkv(dim: int, num_heads: int, dtype: Any, name: str) -> QKV:
     return QKV(dim, num_heads, dtype, name=name)
-
-
-class PatchEmbed(nn.Module):
-    """`layers.patch_embed`'s parameters (nn.Conv's kernel [p, p, C, D], bias [D]) run as one
-    matmul of the flattened patches: XLA:CPU runs the strided conv at about half that speed. The
-    sums are the same products in the same (p, p, C) order. -> [B, H/p, W/p, D] float32."""
-
-    features: int
-    patch_size: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        p, (batch, height, width, chans) = self.patch_size, x.shape
-        kernel = self.param(
-            "kernel",
-            nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-            (p, p, chans, self.features),
-        )
-        bias = self.param("bias", uniform_init(1.0 / math.sqrt(IN_CHANS * p * p)), (self.features,))
-        grid = (batch, height // p, width // p)
-        patches = x.reshape(*grid[:2], p, grid[2], p, chans).transpose(0, 1, 3, 2, 4, 5)
-        patches = patches.reshape(*grid, p * p * chans).astype(self.dtype)
-        out = jnp.matmul(
-            patches, kernel.reshape(-1, self.features).astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        return out + bias
-
-
-def patch_embed(features: int, patch_size: int, dtype: Any, name: str | None = None) -> PatchEmbed:
-    return PatchEmbed(features, patch_size, dtype, name=name)
 
 
 @jax.custom_vjp

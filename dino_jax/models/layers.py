@@ -117,25 +117,35 @@ def qkv(dim: int, num_heads: int, dtype: Any, name: str) -> QKV:
     return QKV(3 * dim, dtype=dtype, num_heads=num_heads, name=name)
 
 
-def patch_embed(features: int, patch_size: int, dtype: Any, name: str | None = None) -> nn.Conv:
-    """The reference's stride-p conv of p x p patches, [B, H, W, C] -> [B, H/p, W/p, D] float32:
-    kernel [p, p, C, D] with torch Conv2d's default init (U(±1/sqrt(fan_in)), bias alike),
-    products accumulated in float32."""
-    fan_in = IN_CHANS * patch_size * patch_size
-    return nn.Conv(
-        features,
-        (patch_size, patch_size),
-        strides=(patch_size, patch_size),
-        padding="VALID",
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-        bias_init=uniform_init(1.0 / math.sqrt(fan_in)),
-        conv_general_dilated=partial(
-            jax.lax.conv_general_dilated, preferred_element_type=jnp.float32
-        ),
-        name=name,
-    )
+class PatchEmbed(nn.Module):
+    """The reference's PatchEmbed (vision_transformer.py), a stride-p conv of p x p patches, as
+    the one matmul it is: [B, H, W, C] -> [B, H/p, W/p, D] float32. nn.Conv's parameters (kernel
+    [p, p, C, D] with torch Conv2d's default init U(±1/sqrt(fan_in)), bias alike) and sums in
+    the same (p, p, C) order; the float32 kernel enters the product as `mixed_matmul` feeds it,
+    so its gradient and that gradient's all-reduce stay float32 (a conv needs equal dtypes, and
+    a cast's transpose would round the gradient to 16 bits)."""
+
+    features: int
+    patch_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p, (batch, height, width, chans) = self.patch_size, x.shape
+        kernel = self.param(
+            "kernel",
+            nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+            (p, p, chans, self.features),
+        )
+        bias = self.param("bias", uniform_init(1.0 / math.sqrt(IN_CHANS * p * p)), (self.features,))
+        grid = (batch, height // p, width // p)
+        patches = x.reshape(*grid[:2], p, grid[2], p, chans).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(*grid, p * p * chans).astype(self.dtype)
+        return mixed_matmul(patches, kernel.reshape(-1, self.features)) + bias
+
+
+def patch_embed(features: int, patch_size: int, dtype: Any, name: str | None = None) -> PatchEmbed:
+    return PatchEmbed(features, patch_size, dtype, name=name)
 
 
 def exact_gelu(x: jax.Array) -> jax.Array:
