@@ -1,6 +1,6 @@
 """FSDP: parameters split along the axis their layer leaves whole, their teacher copies and Adam
 moments alike, the state a quarter per device under fsdp 4, and the compiled CPU step free of
-collective-permutes. (The accelerator programs' reduce-scattered gradients: test_compile_targets.)"""
+collective-permutes. (The accelerators' reduce-scattered gradients: test_compile_targets.py.)"""
 
 from __future__ import annotations
 
