@@ -7,7 +7,9 @@ batch (the reference's is per GPU).
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -166,6 +168,31 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def unknown_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> list[str]:
+    """One message per `--config.KEY=...` of `argv` whose KEY the config lacks, naming the
+    nearest keys it has."""
+    known = _dotted_keys(config)
+    messages = []
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config.") :].partition("=")[0]
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(near)}?" if near else "see dino_jax/config.py"
+            messages.append(f"Unknown config key {key!r} in {arg!r}: {hint}")
+    return messages
+
+
+def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in config.items():
+        keys.append(prefix + name)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(_dotted_keys(value, f"{prefix}{name}."))
+    return keys
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:

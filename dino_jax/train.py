@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from dino_jax import parallel
 from dino_jax.checkpoint import Checkpointer, export_teacher
-from dino_jax.config import validate
+from dino_jax.config import load_config, unknown_overrides, validate
 from dino_jax.cpu import host_memory
 from dino_jax.data.pipeline import steps_per_epoch, train_dataset, train_source
 from dino_jax.eval.monitor import KnnMonitor
@@ -284,5 +284,22 @@ def main(argv: list[str]) -> None:
         print("final:", " ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, but an unknown `--config.KEY` ends in one line per key naming the
+    nearest known keys, not ml_collections' traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError):
+        spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+        if spec is None and "--config" in argv[:-1]:
+            spec = argv[argv.index("--config") + 1]
+        messages = unknown_overrides(load_config(spec), argv) if spec else []
+        if not messages:
+            raise
+        for message in messages:
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -71,6 +71,16 @@ def test_decoded_source_converts_modes_and_skips_bad_files(class_folder, caplog)
         np.testing.assert_array_equal(records[i]["image"], records[replacement]["image"])
     assert len(source.skipped) >= 3
     assert "h_corrupt.jpg" in caplog.text and "Skipped" in caplog.text
+    # A second epoch meets the same files again: counted once each, each path shown once.
+    distinct = len(source.skipped)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _ = [source[i] for i in range(len(source))]
+    assert len(source.skipped) == distinct
+    last = caplog.records[-1].getMessage()
+    assert f"Skipped {distinct} distinct unreadable file(s)" in last
+    shown = last.split("(first: ")[1].split(")")[0].split(", ")
+    assert len(shown) == len(set(shown)), last
     # 16-bit and CMYK decode to plausible RGB values, not garbage.
     sixteen = records[names.index("g.png")]["image"]
     assert np.all(sixteen == sixteen[0, 0, 0]) and 140 < sixteen[0, 0, 0] < 170  # 40000/65535

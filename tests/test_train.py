@@ -226,3 +226,29 @@ def test_knn_monitor_during_training_with_head_batchnorm(tmp_path):
     knn = [m["knn_top1"] for m in read_metrics(tmp_path) if "knn_top1" in m]
     assert len(knn) == 3  # at the start, at step 2, and after training (step 4)
     assert 0.0 <= final["knn_top1"] <= 100.0
+
+
+def test_unknown_config_key_is_one_line_with_the_nearest_keys(tmp_path):
+    code, out = cli(tmp_path, "--config.data.sourc=folder:x", "--config.epoch=3", "--config.zzzz=1")
+    assert code == 2, out
+    assert "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert lines == [
+        "error: Unknown config key 'data.sourc' in '--config.data.sourc=folder:x': "
+        "did you mean data.source or data.split?",
+        "error: Unknown config key 'epoch' in '--config.epoch=3': did you mean epochs or depth?",
+        "error: Unknown config key 'zzzz' in '--config.zzzz=1': see dino_jax/config.py",
+    ], out
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unprepared_tfds_dataset_names_tfds_build(tmp_path):
+    """An empty data_dir: tfds finds no prepared splits. One line naming the command and the key."""
+    code, out = cli(
+        tmp_path / "run", "--config.data.source=tfds:mnist", f"--config.data.data_dir={tmp_path}"
+    )
+    assert code == 1, out
+    assert "Traceback" not in out, out
+    (line,) = [line for line in out.splitlines() if " ERROR " in line]
+    assert "tfds:mnist split 'train' is not prepared as ArrayRecord" in line
+    assert "`tfds build mnist --file_format=array_record`" in line and "data.data_dir" in line

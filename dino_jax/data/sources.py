@@ -94,11 +94,15 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> Sequence:
         )
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(f"tfds:{name} is not a tfds dataset name ({e}).") from e
-    except (AssertionError, FileNotFoundError) as e:
+    except (AssertionError, FileNotFoundError, KeyError, NotImplementedError) as e:
+        # Not built, built without that split (tfds: "splits is empty"), or built as TFRecord,
+        # which has no random access.
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FileNotFoundError(
-            f"tfds:{name} split {split!r} is not prepared under data_dir={data_dir!r}: build it "
-            f"with `tfds build {name} --file_format=array_record` (ImageNet needs its manual "
-            f"download) and point data.data_dir at it. ({e})"
+            f"tfds:{name} split {split!r} is not prepared as ArrayRecord under "
+            f"data_dir={data_dir!r}: build it with `tfds build {name} "
+            f"--file_format=array_record` (ImageNet needs its manual download) and point "
+            f"data.data_dir at it. ({first_line})"
         ) from e
 
 
@@ -126,14 +130,15 @@ class DecodedSource:
     """Records as `{"image": uint8 [H, W, 3], "label": int32}`; unreadable images are skipped.
 
     A file that cannot be decoded is replaced by the next readable one, so indices stay dense and
-    batches keep their size and order whatever the number of workers. Each process counts what it
-    skipped and logs the count with the first paths.
+    batches keep their size and order whatever the number of workers. Each process counts the
+    distinct files it skipped (a file comes round again every epoch) and logs them with the first
+    paths.
     """
 
     def __init__(self, source: Sequence, min_side: int | None = None):
         self.source = source
         self.min_side = min_side
-        self.skipped: list[str] = []
+        self.skipped: dict[str, int] = {}  # path -> times skipped, in the order first seen
 
     def __len__(self) -> int:
         return len(self.source)
@@ -147,7 +152,8 @@ class DecodedSource:
                 self._count_skip(record, index + attempt, e)
         raise RuntimeError(
             f"{MAX_CONSECUTIVE_FAILURES} unreadable images in a row from index {index} of "
-            f"{self.source!r}: the data looks broken (first: {self.skipped[:REPORTED_PATHS]})."
+            f"{self.source!r}: the data looks broken "
+            f"(first: {list(self.skipped)[:REPORTED_PATHS]})."
         )
 
     def _decode(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -160,11 +166,14 @@ class DecodedSource:
         return out
 
     def _count_skip(self, record: dict[str, Any], index: int, error: Exception) -> None:
-        self.skipped.append(str(record.get("path", f"index {index}")))
+        path = str(record.get("path", f"index {index}"))
+        self.skipped[path] = self.skipped.get(path, 0) + 1
         log.warning(
-            "Skipped %d unreadable image(s) so far (first: %s); latest: %s",
+            "Skipped %d distinct unreadable file(s) so far, %d time(s) in all (first: %s); "
+            "latest: %s",
             len(self.skipped),
-            ", ".join(self.skipped[:REPORTED_PATHS]),
+            sum(self.skipped.values()),
+            ", ".join(list(self.skipped)[:REPORTED_PATHS]),
             error,
         )
 
