@@ -17,7 +17,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python setup.py
+# The package with its runtime dependencies only: all that the demo runs on.
+$(VENV)/.installed-runtime: $(BIN)/python setup.py
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# Everything: PyTorch (the reference's checkpoints and its step, in the tests) and the test tools.
+# Made after the runtime stamp, so that `make demo` after `make test` has nothing to install.
+$(VENV)/.installed: $(VENV)/.installed-runtime
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test,torch]"
 	touch $@
@@ -28,7 +35,7 @@ $(AOT_VENV)/.installed: setup.py
 	$(AOT_VENV)/bin/pip install --quiet -e ".[tpu,gpu-compile]"
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-runtime
 	$(BIN)/python -m dino_jax.train --config configs/demo.py --workdir $${WORKDIR:-runs/demo}
 
 test: $(VENV)/.installed $(AOT_VENV)/.installed

@@ -1,6 +1,8 @@
 """Benchmarks of dino_jax, one sub-command each; figures go to BENCHMARKS.md.
 
     python -m dino_jax.benchmark data [--images 200] [--local-crops 10] [--seed 0] [--repeats 5]
+    python -m dino_jax.benchmark data --config configs/custom.py \\
+        --config.data.source=folder:/data/pets [--images 200] [--seed 0] [--repeats 5]
     python -m dino_jax.benchmark step --config configs/vit_small16.py --config.batch_size=8 \\
         [--config configs/other.py ...] [--steps 5] [--warmup 1] [--interleave]
     python -m dino_jax.benchmark compile --config configs/vit_small16.py --target v4-32 \\
@@ -20,6 +22,9 @@ Run TPU targets one process at a time (libtpu), e.g. under `flock /tmp/libtpu.lo
 (`dino_jax.data.augment`) against the baseline, a plain PIL implementation of the reference's
 torchvision transforms, on synthetic photo-like JPEGs of ImageNet's typical size; and the
 host's share alone when `data.augment_on_device` moves the photometric ops into the step.
+With `--config`, the training pipeline of that config instead (its source and split, crop sizes,
+local crops and `augment_on_device`), on a seeded sample of --images of its source read into
+memory: what one core decodes and crops per second of your data, to size `data.num_workers`.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from dino_jax import aot, parallel, targets
 from dino_jax.config import load_config
 from dino_jax.cpu import attention_kernel, host_memory
 from dino_jax.data import augment
+from dino_jax.data import pipeline as data_pipeline
+from dino_jax.data.sources import DecodedSource
 from dino_jax.step import init_state, make_train_step
 
 # ImageNet's most common shapes (H, W).
@@ -165,24 +172,62 @@ def ours_decode_multicrop(
 
 def _images_per_second(
     pipeline: Callable[..., dict[str, np.ndarray]],
-    files: list[bytes],
+    items: list,
     cfg: augment.MultiCropConfig,
     seed: int,
     label: str,
 ) -> tuple[float, float]:
-    """One pass over `files` -> (images per wall-clock second, images per CPU second)."""
+    """One pass over `items` -> (images per wall-clock second, images per CPU second)."""
     rng = np.random.default_rng(seed)
     wall, cpu = time.perf_counter(), time.process_time()
-    for data in tqdm(files, desc=label, leave=False):
-        pipeline(data, rng, cfg)
+    for item in tqdm(items, desc=label, leave=False):
+        pipeline(item, rng, cfg)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return len(files) / wall, len(files) / cpu
+    return len(items) / wall, len(items) / cpu
 
 
-def run_data(args: argparse.Namespace) -> None:
+def _time_pipelines(
+    pipelines: dict[str, Callable[..., dict[str, np.ndarray]]],
+    items: list,
+    cfg: augment.MultiCropConfig,
+    args: argparse.Namespace,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median (wall, CPU) images/s of each pipeline over `args.repeats` passes, interleaved."""
+    for pipeline in pipelines.values():  # warm-up: imports, caches, page faults
+        pipeline(items[0], np.random.default_rng(0), cfg)
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in pipelines}
+    for repeat in tqdm(range(args.repeats), desc="repeats"):
+        for name, pipeline in pipelines.items():  # interleaved, so load from others hits both
+            rates[name].append(
+                _images_per_second(pipeline, items, cfg, args.seed + repeat, f"{name} #{repeat}")
+            )
+    wall = {name: statistics.median(r[0] for r in runs) for name, runs in rates.items()}
+    cpu = {name: statistics.median(r[1] for r in runs) for name, runs in rates.items()}
+    return wall, cpu
+
+
+def _print_rates(wall: dict[str, float], cpu: dict[str, float]) -> None:
+    print("| pipeline | images/s (wall) | images/s per CPU-second | ms/image |")
+    print("|---|---:|---:|---:|")
+    for name in wall:
+        print(f"| {name} | {wall[name]:.1f} | {cpu[name]:.1f} | {1000 / wall[name]:.2f} |")
+
+
+def _print_speed_up(wall: dict[str, float], cpu: dict[str, float], ours: str) -> None:
+    ratio = wall[ours] / wall["PIL baseline"]
+    cpu_ratio = cpu[ours] / cpu["PIL baseline"]
+    print(f"\nspeed-up {ours} / PIL baseline: {ratio:.2f}x (wall), {cpu_ratio:.2f}x (CPU time)")
+
+
+def run_data(args: argparse.Namespace, config_args: list[str]) -> None:
     # One thread: the figure is per core, and a loader runs one such process per core.
     cv2.setNumThreads(1)
-    cfg = augment.MultiCropConfig(local_crops_number=args.local_crops)
+    if config_args:
+        run_data_config(args, config_args)
+        return
+    cfg = augment.MultiCropConfig(
+        local_crops_number=10 if args.local_crops is None else args.local_crops
+    )
     files = synthetic_jpegs(args.images, args.seed)
     kb = statistics.mean(len(f) for f in files) / 1024
     pipelines = {
@@ -190,28 +235,96 @@ def run_data(args: argparse.Namespace) -> None:
         "dino_jax": ours_decode_multicrop,
         "dino_jax, augment_on_device (host half)": host_half_decode_multicrop,
     }
-    for pipeline in pipelines.values():  # warm-up: imports, caches, page faults
-        pipeline(files[0], np.random.default_rng(0), cfg)
-    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in pipelines}
-    for repeat in tqdm(range(args.repeats), desc="repeats"):
-        for name, pipeline in pipelines.items():  # interleaved, so load from others hits both
-            rates[name].append(
-                _images_per_second(pipeline, files, cfg, args.seed + repeat, f"{name} #{repeat}")
-            )
-    wall = {name: statistics.median(r[0] for r in runs) for name, runs in rates.items()}
-    cpu = {name: statistics.median(r[1] for r in runs) for name, runs in rates.items()}
+    wall, cpu = _time_pipelines(pipelines, files, cfg, args)
     crops = f"2x{cfg.global_size} + {cfg.local_crops_number}x{cfg.local_size}"
     print(
         f"\n{args.images} JPEGs (mean {kb:.0f} KB, ~500x375, quality 90), decode + {crops}, "
         f"1 process, median of {args.repeats} repeats\n"
     )
-    print("| pipeline | images/s (wall) | images/s per CPU-second | ms/image |")
-    print("|---|---:|---:|---:|")
-    for name in pipelines:
-        print(f"| {name} | {wall[name]:.1f} | {cpu[name]:.1f} | {1000 / wall[name]:.2f} |")
-    ratio = wall["dino_jax"] / wall["PIL baseline"]
-    cpu_ratio = cpu["dino_jax"] / cpu["PIL baseline"]
-    print(f"\nspeed-up dino_jax / PIL baseline: {ratio:.2f}x (wall), {cpu_ratio:.2f}x (CPU time)")
+    _print_rates(wall, cpu)
+    _print_speed_up(wall, cpu, "dino_jax")
+
+
+def sample_records(source, n: int, seed: int) -> list[dict[str, Any]]:
+    """`n` records of `source` at seeded random indices (all of them when it has no more), read
+    into memory so that the timing is of decoding and cropping, not of the disk."""
+    count = len(source)
+    if count == 0:
+        raise ValueError(f"{source!r} holds no images")
+    rng = np.random.default_rng(seed)
+    indices = np.arange(count) if count <= n else rng.choice(count, n, replace=False)
+    return [source[int(i)] for i in sorted(indices)]
+
+
+def _decodes(image) -> bool:
+    try:
+        augment.decode_image(bytes(image))
+    except augment.ImageDecodeError:
+        return False
+    return True
+
+
+def _image_size(image) -> tuple[int, int]:
+    """(width, height) of encoded bytes (from the header) or of a decoded [H, W, 3] array."""
+    if isinstance(image, bytes | np.bytes_):
+        with Image.open(io.BytesIO(bytes(image))) as opened:
+            return opened.size
+    return int(image.shape[1]), int(image.shape[0])
+
+
+def run_data_config(args: argparse.Namespace, config_args: list[str]) -> None:
+    """The training pipeline of one config (`data.pipeline.train_dataset`'s source, decode and
+    multi-crop) on a sample of its own source; the PIL baseline on the same files."""
+    if args.local_crops is not None:
+        raise ValueError("--local-crops: with --config, set --config.local_crops_number instead")
+    configs = parse_configs(config_args)
+    if len(configs) > 1:
+        raise ValueError("benchmark data measures one --config at a time")
+    [(label, config)] = configs
+    data = config.data
+    cfg = data_pipeline.multicrop_config(config)
+    train = data_pipeline.train_source(config)
+    records = sample_records(train.source, args.images, args.seed)
+    encoded = all(isinstance(r["image"], bytes | np.bytes_) for r in records)
+    unreadable = 0
+    if encoded:
+        # Training skips unreadable files; the baseline would stop at them.
+        readable = [r for r in records if _decodes(r["image"])]
+        if not readable:
+            raise ValueError(f"none of the {len(records)} sampled files of {train!r} decodes")
+        unreadable, records = len(records) - len(readable), readable
+    # The training decode (JPEGs at reduced scale down to the global crop), on records in memory.
+    decoded = DecodedSource(records, min_side=train.min_side)
+    transform = data_pipeline.MultiCrop(cfg, on_device=data.augment_on_device)
+    ours = "dino_jax, augment_on_device (host half)" if data.augment_on_device else "dino_jax"
+    pipelines = {ours: lambda index, rng, cfg: transform.random_map(decoded[index], rng)}
+    if encoded:
+
+        def baseline(index, rng, cfg):
+            return baseline_decode_multicrop(bytes(records[index]["image"]), rng, cfg)
+
+        pipelines = {"PIL baseline": baseline, **pipelines}
+    items = list(range(len(records)))
+    wall, cpu = _time_pipelines(pipelines, items, cfg, args)
+    sizes = sorted((_image_size(r["image"]) for r in records), key=lambda wh: wh[0] * wh[1])
+    width, height = sizes[len(sizes) // 2]
+    kind = (
+        f"mean {statistics.mean(len(r['image']) for r in records) / 1024:.0f} KB"
+        + (f", {unreadable} unreadable left out" if unreadable else "")
+        if encoded
+        else "decoded arrays"
+    )
+    print(
+        f"\n{len(records)} images of {data.source} (split {data.split!r}: {len(train)} images; "
+        f"{kind}, median {width}x{height}), decode + {_crops(config)}, 1 process, median of "
+        f"{args.repeats} repeats"
+    )
+    print(f"config: {label}\nsource: {train!r}\n")
+    _print_rates(wall, cpu)
+    if encoded:
+        _print_speed_up(wall, cpu, ours)
+    else:
+        print(f"\nPIL baseline skipped: {data.source} gives decoded images, no files to decode.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,13 +655,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dino_jax.benchmark", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser(
-        "data", help="input pipeline: decode + multi-crop, images/s per core"
+        "data",
+        help="input pipeline: decode + multi-crop, images/s per core",
+        description="Generated JPEGs, or with --config RECIPE [--config.key=value ...] that "
+        "config's training pipeline on its own source.",
     )
-    data.add_argument("--images", type=int, default=200, help="synthetic JPEGs per pass")
-    data.add_argument("--local-crops", type=int, default=10, help="local crops per image")
+    data.add_argument(
+        "--images", type=int, default=200, help="generated JPEGs, or images of the --config source"
+    )
+    data.add_argument(
+        "--local-crops", type=int, default=None, help="local crops per image (default 10)"
+    )
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--repeats", type=int, default=5, help="passes per pipeline (median)")
-    data.set_defaults(run=lambda args, rest: run_data(args))
+    data.set_defaults(run=run_data)
     step = commands.add_parser(
         "step",
         help="the jitted train step on random data: time, FLOPs, MFU, memory",
@@ -570,7 +690,7 @@ def main(argv: list[str] | None = None) -> None:
     compile_.add_argument("--target", required=True, choices=list(targets.TARGETS))
     compile_.set_defaults(run=run_compile)
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("step", "compile"):
+    if rest and args.command not in ("data", "step", "compile"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.run(args, rest)
 

@@ -78,12 +78,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_threads = 4  # threads per process preparing batches (OpenCV and PIL free the GIL)
     c.data.prefetch_batches = 4  # batches prepared ahead, per process
     c.data.eval_split = "val"
+    # The k-NN monitor's queries: "" takes data.source, read with data.eval_split. A folder:ROOT
+    # holding train/ and val/ has its splits there; a folder without them is one split, so its
+    # queries need a source of their own (the monitor refuses queries that sit in its memory).
+    c.data.eval_source = ""
     c.data.eval_resize_size = 256
     c.data.eval_crop_size = 224
     # Checkpoints, logs and the k-NN monitor.
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
     c.checkpoint.keep = 3
+    # Weights a NEW run starts from (step 0, fresh optimizer): an official .pth (full training
+    # checkpoint or backbone), a dino_jax export or workdir. A checkpoint in --workdir wins.
+    c.init_checkpoint = ""
     # Where compiled programs persist (relative: under the workdir; "": nowhere), so that a rerun
     # after preemption loads its programs instead of compiling them again.
     c.compilation_cache_dir = "compilation_cache"
@@ -91,8 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.every_steps = 10  # metrics to metrics.jsonl and TensorBoard
     c.eval = ml_collections.ConfigDict()
     c.eval.knn_every_steps = 0  # 0: k-NN of the teacher only before and after training; -1: never
+    # Seeded, class-balanced samples of the whole split (data.sources.sample_indices).
     c.eval.knn_train_examples = 10000  # labelled examples of data.split as the k-NN memory
-    c.eval.knn_val_examples = 2000  # examples of data.eval_split to classify
+    c.eval.knn_val_examples = 2000  # examples of data.eval_split (of data.eval_source) to classify
     c.eval.knn_k = 20
     c.eval.batch_size = 256
     # Devices: mesh axes (name, size); -1 takes the remaining devices.
@@ -135,6 +143,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         c.embed_dim, c.depth, c.num_heads = 64, 2, 4
     c.out_dim, c.head_hidden_dim, c.head_bottleneck_dim = 256, 256, 64
     c.data.source, c.data.split, c.data.eval_split = "synthetic:shapes", "train", "val"
+    c.data.eval_source = ""
     c.data.global_crop_size, c.data.local_crop_size = 2 * c.patch_size, c.patch_size
     c.data.eval_resize_size, c.data.eval_crop_size = 2 * c.patch_size + 8, 2 * c.patch_size
     c.data.num_workers = 0

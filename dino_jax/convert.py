@@ -17,7 +17,7 @@ import argparse
 import math
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,10 @@ VIT_DEPTH = 12
 IGNORED_BUFFERS = ("num_batches_tracked",)
 # weight_g of a norm_last_layer=True head is fixed at 1; allow float rounding of a saved 1.
 WEIGHT_G_ATOL = 1e-6
+# Keys under which a one-network file may keep its state dict (utils.py: load_pretrained_weights's
+# checkpoint_key "teacher", and the usual wrappers).
+WRAPPER_KEYS = ("teacher", "student", "state_dict", "model")
+NETWORKS = ("student", "teacher")
 
 StateDict = dict[str, np.ndarray]
 
@@ -162,7 +166,24 @@ def backbone_state_dict(obj: Any, which: str = "teacher") -> StateDict:
             "A backbone-only release file holds one network (the teacher); which='student' "
             "needs a full training checkpoint."
         )
-    return to_numpy(obj)
+    return _unwrapped_backbone(obj)
+
+
+def _unwrapped_backbone(obj: dict) -> StateDict:
+    """A one-network file's backbone, read as utils.py: load_pretrained_weights reads it: the
+    state dict under a wrapper key, without 'module.' and 'backbone.' prefixes; head keys are
+    dropped (the reference loads with strict=False, which ignores them)."""
+    key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+    state = {k.removeprefix("module."): v for k, v in (obj if key is None else obj[key]).items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k[:9] == "backbone."}
+    others = sorted(k for k, v in state.items() if not hasattr(v, "detach"))
+    if others:
+        raise ValueError(
+            f"Not a state dict of tensors: {others[:5]} are not tensors (a wrapper other than "
+            f"{', '.join(WRAPPER_KEYS)}?)."
+        )
+    return to_numpy(state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,8 +322,10 @@ def from_state_dict(
     """A torch state dict -> float32 Flax variables shaped like `abstract` (see `match_keys`,
     whose ValueError lists whatever does not fit)."""
     paths = match_keys(state, abstract, key_of, what)
+    # Always a copy: student and teacher may be read from one state dict, and must not share
+    # buffers (the train step donates the state).
     flat = {
-        path: np.ascontiguousarray(to_flax_layout(path[-1], state[key]), np.float32)
+        path: np.array(to_flax_layout(path[-1], state[key]), np.float32, order="C")
         for key, path in paths.items()
     }
     return _nest(flat)
@@ -417,7 +440,6 @@ def import_full_checkpoint(
     """
     from dino_jax import step as dino_step
     from dino_jax.config import steps_per_epoch
-    from dino_jax.optim import init_hyperparams, make_optimizer
 
     checkpoint = torch_load(path)
     if not is_full_checkpoint(checkpoint):
@@ -425,39 +447,194 @@ def import_full_checkpoint(
             f"{path} is not a full training checkpoint (no 'student' and 'teacher'): a "
             "backbone-only file cannot resume training; load it with dino_jax.load_pretrained."
         )
-    center = _center(checkpoint, config, path)
+    center = _center(checkpoint)
+    if center is None:
+        raise ValueError(f"{path} has no dino_loss.center: not a DINO training checkpoint.")
+    center = _checked_center(center, (1, config.out_dim), config, f"dino_loss.center of {path}")
     abstract = jax.eval_shape(lambda key: dino_step.init_state(config, key), jax.random.key(0))
-    networks = {
-        which: _network_variables(checkpoint, which, abstract, config, path)
-        for which in ("student", "teacher")
+    networks = {w: split_network(network_state_dict(checkpoint, w)) for w in NETWORKS}
+    step = int(checkpoint["epoch"]) * steps_per_epoch(config)
+    return _state_with(abstract, networks, center, step, config, path, mesh)
+
+
+def init_state_from(
+    source: str | epath.PathLike, config: ml_collections.ConfigDict, rng, mesh=None
+):
+    """(TrainState, what was taken) to start a NEW run from trained weights (the training
+    command's `config.init_checkpoint`): step 0, a fresh optimizer state, and from `source`
+
+    - an official full training checkpoint (main_dino.py: train_dino's checkpoint.pth): its
+      student, teacher, BatchNorm statistics and center;
+    - a one-network .pth (a release file, or a state dict under 'teacher'/'state_dict'): its
+      backbone for both student and teacher;
+    - a dino_jax training workdir: the student, teacher and center of its latest checkpoint;
+    - a dino_jax export: its teacher for both student and teacher.
+    What the source lacks (a head, the center) is as `step.init_state(config, rng, mesh)` makes
+    it. A source of another model is refused with a one-line ValueError naming what differs.
+    """
+    from dino_jax import step as dino_step
+
+    path = epath.Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"init_checkpoint: no .pth file, dino_jax export or workdir at {path}."
+        )
+    found = _dino_jax_source(path) if path.is_dir() else _torch_source(path)
+    # Shapes first, so that a wrong file fails before the model is initialised.
+    abstract = jax.eval_shape(lambda key: dino_step.init_state(config, key), rng)
+    backbone = found.networks["student"][0]
+    _check_backbone_fits(backbone, abstract.student["backbone"], config, found.num_heads, path)
+    center = found.center
+    if center is not None:
+        center = _checked_center(center, (config.out_dim,), config, f"The center of {path}")
+    for which, (backbone, head) in found.networks.items():
+        _network_variables(backbone, head, which, abstract, config, path)
+    fresh = dino_step.init_state(config, rng, mesh)
+    state = _state_with(fresh, found.networks, center, 0, config, path, mesh)
+    return state, found.what
+
+
+class _Source(NamedTuple):
+    """Weights to start from: {network: (backbone, head or None)} reference-layout state
+    dicts, the center (or None), the backbone's attention heads where known, and a description."""
+
+    networks: dict[str, tuple[StateDict, StateDict | None]]
+    center: np.ndarray | None
+    num_heads: int | None
+    what: str
+
+
+def _torch_source(path: epath.Path) -> _Source:
+    obj = torch_load(path)
+    if is_full_checkpoint(obj):
+        networks = {w: split_network(network_state_dict(obj, w)) for w in NETWORKS}
+        center = _center(obj)
+        center = None if center is None else center.reshape(-1)
+        what = "the student, teacher and center of a full training checkpoint"
+        if center is None:
+            what = "the student and teacher of a full training checkpoint (no center: zeros)"
+    else:
+        backbone = backbone_state_dict(obj)
+        networks = {w: (backbone, None) for w in NETWORKS}
+        center, what = None, "its backbone for student and teacher (fresh head, zero center)"
+    width = networks["student"][0].get("cls_token", np.zeros((0,))).shape[-1]
+    # The reference's ViTs of each width have a fixed number of heads (vision_transformer.py).
+    heads = VIT_WIDTHS[width][1] if width in VIT_WIDTHS else None
+    return _Source(networks, center, heads, what)
+
+
+def _dino_jax_source(path: epath.Path) -> _Source:
+    from dino_jax import checkpoint, hub
+
+    if (path / "checkpoints").exists():
+        names = ("student", "teacher", "center", "batch_stats")
+        saved, arrays = hub.latest_checkpoint_arrays(path / "checkpoints", names)
+        stats = arrays.get("batch_stats") or {}
+        variables = {w: (arrays[w], stats.get(w, {})) for w in NETWORKS}
+        center = np.asarray(arrays["center"])
+        what = "the student, teacher and center of its latest checkpoint"
+    elif (export := hub.export_of(path)) is not None:
+        saved, params, stats = checkpoint.load_exported(export)
+        variables = {w: (params, stats) for w in NETWORKS}
+        center, what = None, "its exported teacher for student and teacher (zero center)"
+    else:
+        raise ValueError(
+            f"init_checkpoint {path} is neither a .pth file, a dino_jax export (config.json + "
+            "variables/) nor a training workdir (checkpoints/ or export/)."
+        )
+    # Through the reference layout, so that every source is checked and reported alike.
+    networks = {}
+    for which, (params, batch_stats) in variables.items():
+        both = {"params": params, "batch_stats": batch_stats or {}}
+        backbone = to_state_dict(_split_variables(both, "backbone"), backbone_key)
+        head = None
+        if "head" in params:  # an export of `convert import` holds a backbone only
+            head = head_to_state_dict(_split_variables(both, "head"), saved)
+        networks[which] = (backbone, head)
+    heads = getattr(hub.backbone_of(saved), "num_heads", None)
+    return _Source(networks, center, heads, what)
+
+
+def _vit_geometry(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """What a backbone's reference-layout shapes say of its model."""
+    if not {"cls_token", "pos_embed", "patch_embed.proj.weight"} <= set(shapes):
+        return {"arch": "resnet50" if "conv1.weight" in shapes else "not a ViT"}
+    patch = shapes["patch_embed.proj.weight"][-1]
+    return {
+        "arch": "ViT",
+        "embed_dim": shapes["cls_token"][-1],
+        "depth": len({key.split(".")[1] for key in shapes if key.startswith("blocks.")}),
+        "patch_size": patch,
+        "img_size": math.isqrt(shapes["pos_embed"][1] - 1) * patch,
     }
-    student = networks["student"]["params"]
+
+
+def _check_backbone_fits(state: StateDict, abstract: dict, config, num_heads, source) -> None:
+    """One line naming what differs (arch, width, depth, patch, grid, heads) between the
+    backbone in `source` and the config's, before `match_keys` lists keys and shapes."""
+    from dino_jax.hub import backbone_of
+
+    model = {backbone_key(p): torch_shape(p[-1], leaf.shape) for p, leaf in _flat(abstract).items()}
+    got = _vit_geometry({key: tuple(value.shape) for key, value in state.items()})
+    want = _vit_geometry(model)
+    model_heads = getattr(backbone_of(config), "num_heads", None)
+    # Heads do not show in the shapes: a wrong count would load and compute something else.
+    if got["arch"] == want["arch"] == "ViT" and num_heads and model_heads:
+        got["num_heads"], want["num_heads"] = num_heads, model_heads
+    diffs = [key for key in want if got.get(key) != want[key]]
+    if got["arch"] == "not a ViT":
+        return  # match_keys lists its keys
+    if got["arch"] != want["arch"]:
+        diffs = ["arch"]  # the rest does not compare
+    if diffs:
+        raise ValueError(
+            f"init_checkpoint {source} has "
+            + ", ".join(f"{key} {got[key]}" for key in diffs)
+            + f"; the config (arch {config.arch}) builds "
+            + ", ".join(f"{key} {want[key]}" for key in diffs)
+            + ". Set arch, patch_size, img_size and embed_dim/depth/num_heads to the file's."
+        )
+
+
+def _state_with(base, networks: dict, center, step: int, config, source, mesh):
+    """`base` (a TrainState, or its eval_shape when `networks` holds every part) with the parts
+    in `networks` ({network: (backbone, head or None)} reference state dicts, checked against
+    base's shapes) and `center` (None: base's), a fresh optimizer state and `step`."""
+    from dino_jax import step as dino_step
+    from dino_jax.optim import init_hyperparams, make_optimizer
+
+    params, stats = {}, {}
+    for which, (backbone, head) in networks.items():
+        loaded = _network_variables(backbone, head, which, base, config, source)
+        params[which] = {**getattr(base, which), **loaded["params"]}
+        if base.batch_stats:
+            stats[which] = {**base.batch_stats[which], **loaded["batch_stats"]}
     state = dino_step.TrainState(
-        step=jnp.asarray(int(checkpoint["epoch"]) * steps_per_epoch(config), jnp.int32),
-        student=student,
-        teacher=networks["teacher"]["params"],
-        center=center,
-        opt_state=make_optimizer(config, init_hyperparams()).init(student),
-        batch_stats=(
-            {w: networks[w]["batch_stats"] for w in networks} if abstract.batch_stats else {}
-        ),
+        step=jnp.asarray(step, jnp.int32),
+        student=params["student"],
+        teacher=params["teacher"],
+        center=base.center if center is None else center,
+        opt_state=make_optimizer(config, init_hyperparams()).init(params["student"]),
+        batch_stats=stats,
     )
     if mesh is not None:
         return jax.device_put(state, dino_step.state_sharding(config, mesh))
     return jax.tree.map(jnp.asarray, state)
 
 
-def _network_variables(checkpoint: dict, which: str, abstract, config, path) -> dict:
-    """{"params", "batch_stats"} of the MultiCrop network `which`, checked against `abstract`."""
-    backbone, head = split_network(network_state_dict(checkpoint, which))
+def _network_variables(backbone, head, which: str, abstract, config, source) -> dict:
+    """{"params", "batch_stats"} of the given parts (a head may be None) of the MultiCrop
+    network `which`, checked against `abstract`."""
     params = getattr(abstract, which)
     stats = abstract.batch_stats.get(which, {}) if abstract.batch_stats else {}
     parts = {}
     for part, state in (("backbone", backbone), ("head", head)):
+        if state is None:
+            continue
         part_abstract = {"params": params[part]}
         if stats.get(part):
             part_abstract["batch_stats"] = stats[part]
-        what = f"{which} {part} in {path}"
+        what = f"{which} {part} in {source}"
         if part == "backbone":
             parts[part] = from_state_dict(state, part_abstract, backbone_key, what)
         else:
@@ -468,17 +645,20 @@ def _network_variables(checkpoint: dict, which: str, abstract, config, path) -> 
     }
 
 
-def _center(checkpoint: dict, config, path) -> np.ndarray:
+def _center(checkpoint: dict) -> np.ndarray | None:
+    """dino_loss.center of a reference checkpoint (main_dino.py: train_dino saves the DINOLoss
+    state dict), [1, out_dim]; None when absent."""
     center = checkpoint.get("dino_loss", {}).get("center")
-    if center is None:
-        raise ValueError(f"{path} has no dino_loss.center: not a DINO training checkpoint.")
-    center = center.detach().float().numpy()
-    if center.shape != (1, config.out_dim):
+    return None if center is None else center.detach().float().numpy()
+
+
+def _checked_center(center: np.ndarray, shape: tuple, config, what: str) -> np.ndarray:
+    if tuple(center.shape) != shape:
         raise ValueError(
-            f"dino_loss.center of {path} has shape {tuple(center.shape)}, the config's "
-            f"out_dim={config.out_dim} needs (1, {config.out_dim})."
+            f"{what} has shape {tuple(center.shape)}, the config's out_dim={config.out_dim} "
+            f"needs {shape}."
         )
-    return center.reshape(-1)
+    return np.asarray(center, np.float32).reshape(-1)
 
 
 def export_backbone(source, path: str | epath.PathLike) -> dict:

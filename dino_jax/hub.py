@@ -82,9 +82,7 @@ def _load_dino_jax(path: epath.Path, which: str):
     """(config, params, batch_stats) of the network `which` in an export dir or a workdir."""
     from dino_jax import checkpoint
 
-    export = path if (path / "config.json").exists() and (path / "variables").exists() else None
-    if export is None and (path / "export" / "variables").exists():
-        export = path / "export"
+    export = export_of(path)
     if export is not None and which == "teacher":
         return checkpoint.load_exported(export)
     if (path / "checkpoints").exists():
@@ -100,11 +98,25 @@ def _load_dino_jax(path: epath.Path, which: str):
     )
 
 
+def export_of(path: epath.Path) -> epath.Path | None:
+    """The export directory that `path` is or holds (`<workdir>/export`), or None."""
+    if (path / "config.json").exists() and (path / "variables").exists():
+        return path
+    return path / "export" if (path / "export" / "variables").exists() else None
+
+
 def _load_latest_checkpoint(directory: epath.Path, which: str):
     """(config, params, batch_stats) of one network in the newest complete checkpoint, as NumPy.
 
     Reads only that network's arrays (not the optimizer state), on any device count.
     """
+    config, restored = latest_checkpoint_arrays(directory, (which, "batch_stats"))
+    return config, restored[which], (restored.get("batch_stats") or {}).get(which, {})
+
+
+def latest_checkpoint_arrays(directory: epath.Path, names: tuple[str, ...]):
+    """(config, {name: tree}) of the TrainState fields `names` in the newest complete checkpoint
+    under `directory` (a workdir's checkpoints/), as NumPy, on any device count."""
     import orbax.checkpoint as ocp
 
     steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
@@ -114,7 +126,7 @@ def _load_latest_checkpoint(directory: epath.Path, which: str):
     config = ml_collections.ConfigDict(json.loads((step_dir / "config" / "metadata").read_text()))
     with ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
-        wanted = {which: tree[which], "batch_stats": tree.get("batch_stats", {})}
+        wanted = {name: tree.get(name, {}) for name in names}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
         restored = checkpointer.restore(
             step_dir / "state",
@@ -122,7 +134,7 @@ def _load_latest_checkpoint(directory: epath.Path, which: str):
                 item=wanted, restore_args=restore_args, partial_restore=True
             ),
         )
-    return config, restored[which], (restored.get("batch_stats") or {}).get(which, {})
+    return config, restored
 
 
 def _check_requested(config, arch: str | None, patch_size: int | None, path) -> None:

@@ -24,7 +24,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from dino_jax import parallel
+from dino_jax import convert, parallel
 from dino_jax.checkpoint import Checkpointer, export_teacher
 from dino_jax.config import load_config, unknown_overrides, validate
 from dino_jax.cpu import host_memory
@@ -104,6 +104,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if config.steps_per_epoch <= 0:
         config.steps_per_epoch = steps_per_epoch(config, len(source))
     mesh = parallel.make_mesh(config.mesh)
+    # Built first, so that a monitor refusing its data (unlabelled, or queries that sit in the
+    # memory) stops the run before anything is written.
+    monitor = KnnMonitor(config, mesh) if config.eval.knn_every_steps >= 0 else None
     ckpt = Checkpointer(
         workdir, save_every=config.checkpoint.every_steps, keep=config.checkpoint.keep
     )
@@ -117,7 +120,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             enabled = jax.process_index() == 0
             with MetricWriter(workdir, enabled=enabled, resume_step=resumed) as writer:
                 writer.write_hparams(config)
-                return _loop(config, workdir, mesh, state, data, ckpt, writer)
+                return _loop(config, workdir, mesh, state, data, ckpt, writer, monitor)
     finally:
         ckpt.close()  # waits for saves in flight: even after an error the last one is complete
         if data is not None:
@@ -161,10 +164,9 @@ def compilation_cache(workdir: str, cache_dir: str):
         jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", previous_key)
 
 
-def _loop(config, workdir, mesh, state, data, ckpt, writer) -> dict[str, float]:
+def _loop(config, workdir, mesh, state, data, ckpt, writer, monitor) -> dict[str, float]:
     """Steps from `state.step` to the end (or a stop signal), then the final save and export."""
     start, total_steps = int(state.step), config.epochs * config.steps_per_epoch
-    monitor = KnnMonitor(config, mesh) if config.eval.knn_every_steps >= 0 else None
     if monitor and start == 0:
         top1 = monitor(state.teacher, _teacher_stats(state))
         log.info("k-NN top-1 of the teacher at initialisation: %.1f%%", top1)
@@ -213,10 +215,20 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer) -> dict[str, float]:
 
 
 def _initial_state(config, mesh, ckpt: Checkpointer, data):
-    """The latest checkpoint's state (and data position), or a fresh state."""
+    """The latest checkpoint's state (and data position), else the weights of
+    `config.init_checkpoint` or a fresh state, at step 0."""
     step = ckpt.latest_step()
+    rng = jax.random.key(config.seed)
+    if step is None and config.init_checkpoint:
+        # What utils.py: restart_from_checkpoint restores, less the optimizer, epoch and fp16
+        # scaler: a new run with its own schedules.
+        state, what = convert.init_state_from(config.init_checkpoint, config, rng, mesh)
+        log.info("Starting at step 0 from %s: %s", config.init_checkpoint, what)
+        return state
     if step is None:
-        return init_state(config, jax.random.key(config.seed), mesh)
+        return init_state(config, rng, mesh)
+    if config.init_checkpoint:
+        log.info("init_checkpoint=%s ignored: the workdir has a checkpoint", config.init_checkpoint)
     log.info("Resuming from the checkpoint of step %d", step)
     return ckpt.restore(step, abstract_state(config, mesh), data)
 

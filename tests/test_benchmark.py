@@ -1,10 +1,14 @@
-"""`benchmark step`: FLOPs from XLA's cost analysis, peak FLOP/s, config overrides, the table."""
+"""`benchmark step`: FLOPs from XLA's cost analysis, peak FLOP/s, config overrides, the table;
+`benchmark data` on generated JPEGs and on a config's own source."""
 
+import re
 import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from PIL import Image
 
 from dino_jax import benchmark
 
@@ -126,3 +130,69 @@ def test_interleaving_alternates_the_steps(tiny_config, monkeypatch):
     configs = [tiny_config(seed=seed, cpu_tuning=False) for seed in (1, 2)]
     reports = benchmark.benchmark_steps(configs, 2, 1)
     assert order == [1, 2, 1, 2, 1, 2] and len(reports) == 2
+
+
+def data_rows(out: str) -> dict[str, tuple[float, float, float]]:
+    """`benchmark data`'s table: pipeline -> (images/s wall, images/s per CPU-second, ms/image)."""
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 4 and cells[0] != "pipeline":
+            rows[cells[0]] = tuple(float(c) for c in cells[1:])
+    return rows
+
+
+def check_rates(rows):
+    for wall, cpu, ms in rows.values():
+        assert wall > 0 and cpu > 0
+        assert ms == pytest.approx(1000 / wall, rel=0.01, abs=0.01)
+
+
+def test_data_command_on_generated_jpegs(capsys):
+    benchmark.main(["data", "--images", "2", "--local-crops", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "2 JPEGs (mean" in out and "decode + 2x224 + 1x96" in out
+    rows = data_rows(out)
+    assert list(rows) == ["PIL baseline", "dino_jax", "dino_jax, augment_on_device (host half)"]
+    check_rates(rows)
+    assert "speed-up dino_jax / PIL baseline" in out
+
+
+def test_data_command_on_a_configs_image_folder(tmp_path, capsys):
+    """Runs the configured pipeline on the folder's own JPEGs (72x56, unlike the generated
+    500x375 ones): all 5 readable ones of its 6 files, whatever --images asks, with the baseline
+    on the same files."""
+    rng = np.random.default_rng(0)
+    for name, count in (("cat", 3), ("dog", 2)):
+        folder = tmp_path / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (56, 72, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    (tmp_path / "train" / "dog" / "broken.jpg").write_bytes(b"not a JPEG")
+    source = f"folder:{tmp_path}"
+    config = ["--config", "configs/custom.py:smoke", f"--config.data.source={source}"]
+    benchmark.main(["data", *config, "--images", "50", "--repeats", "1"])
+    out = capsys.readouterr().out
+    header = re.search(r"^(\d+) images of (\S+) \(split 'train': (\d+) images; (.*)$", out, re.M)
+    assert header, out
+    assert (header[1], header[2], header[3]) == ("5", source, "6")
+    assert "1 unreadable left out, median 72x56" in header[4]
+    assert "decode + 2x32 + 2x16" in header[4]
+    assert f"config: configs/custom.py:smoke data.source={source}" in out
+    assert str(tmp_path) in next(line for line in out.splitlines() if line.startswith("source:"))
+    rows = data_rows(out)
+    # custom.py augments on the device: the host's half is what the loader does.
+    assert list(rows) == ["PIL baseline", "dino_jax, augment_on_device (host half)"]
+    check_rates(rows)
+    assert "speed-up dino_jax, augment_on_device (host half) / PIL baseline" in out
+
+
+def test_data_command_skips_the_baseline_without_files(capsys):
+    benchmark.main(["data", "--config", "configs/demo.py:smoke", "--images", "3", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"^3 images of synthetic:shapes .*decoded arrays", out, re.M), out
+    assert list(data_rows(out)) == ["dino_jax"]
+    assert "PIL baseline skipped" in out
+    with pytest.raises(ValueError, match="local_crops_number"):
+        benchmark.main(["data", "--config", "configs/demo.py:smoke", "--local-crops", "2"])

@@ -235,9 +235,9 @@ def random_batch(config, seed=0):
     }
 
 
-def reference_step(config, checkpoint, batch):
-    """One iteration of the reference from `checkpoint`, in float64 -> (loss, student, teacher,
-    center)."""
+def reference_step(config, checkpoint, batch, epoch=EPOCH):
+    """One iteration of the reference from `checkpoint` at the start of `epoch`, in float64 ->
+    (loss, student, teacher, center, student gradients)."""
     student, teacher = torch_network(config, 0).double(), torch_network(config, 0).double()
     student.load_state_dict(
         {k.removeprefix("module."): v for k, v in checkpoint["student"].items()}
@@ -259,8 +259,8 @@ def reference_step(config, checkpoint, batch):
         for group, n in (("global", 2), ("local", config.local_crops_number))
         for i in range(n)
     ]
-    it = EPOCH * config.steps_per_epoch
-    loss = train_iteration(student, teacher, dino_loss, optimizer, crops, it, EPOCH, config)
+    it = epoch * config.steps_per_epoch
+    loss = train_iteration(student, teacher, dino_loss, optimizer, crops, it, epoch, config)
     grads = {k: p.grad.numpy() for k, p in student.named_parameters() if p.grad is not None}
     return loss, student.state_dict(), teacher.state_dict(), dino_loss.center[0].numpy(), grads
 

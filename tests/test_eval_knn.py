@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from dino_jax.data.pipeline import MEAN, STD, resize_center_crop
+from dino_jax.data.sources import sample_indices
 from dino_jax.data.synthetic import ShapesSource
 from dino_jax.eval import knn
 from dino_jax.hub import load_pretrained
@@ -87,13 +88,15 @@ def test_k_larger_than_the_memory_is_clamped():
 
 
 def direct_features(export_dir, split, count):
-    """The teacher's cls features of the first `count` scenes: resize 40, centre crop 32."""
+    """The teacher's cls features of the `count` scenes the command samples (class-balanced, see
+    test_sources): resize 40, centre crop 32."""
     model, variables = load_pretrained(export_dir)
-    images = np.stack(
-        [resize_center_crop(ShapesSource(split)[i]["image"], 40, 32, 3) for i in range(count)]
-    )
+    source = ShapesSource(split)
+    picked = sample_indices(source, count)
+    assert len(picked) == count and picked.max() >= count  # not the first `count`
+    images = np.stack([resize_center_crop(source[i]["image"], 40, 32, 3) for i in picked])
     x = (images / 255.0 - np.asarray(MEAN)) / np.asarray(STD)
-    labels = np.array([ShapesSource(split)[i]["label"] for i in range(count)])
+    labels = np.array([source[i]["label"] for i in picked])
     return np.asarray(jax.jit(model.apply)(variables, x.astype(np.float32))), labels
 
 
@@ -139,3 +142,14 @@ def test_bad_input_is_named(export_dir, tmp_path):
     Image.new("RGB", (40, 40)).save(flat / "a.png")
     with pytest.raises(ValueError, match="no labels"):
         run(f"--checkpoint={export_dir}", f"--val=folder:{flat}")
+
+
+def test_a_folder_without_splits_is_refused_as_its_own_test_set(export_dir, tmp_path):
+    for name, colour in (("a", "red"), ("b", "blue")):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (40, 40), colour).save(tmp_path / name / "0.png")
+    args = knn.parse_args(
+        [f"--checkpoint={export_dir}", f"--train=folder:{tmp_path}", "--batch_size=8"]
+    )
+    with pytest.raises(ValueError, match=r"would be training images.*no train/ and val/ sub-"):
+        knn.evaluate(args)

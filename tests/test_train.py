@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dino_jax import train as train_lib
-from dino_jax.config import load_config
+from dino_jax.config import load_config, validate
 from dino_jax.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,6 +25,7 @@ RECIPES = [
     "vit_base16.py",
     "vit_base8.py",
     "resnet50.py",
+    "custom.py",
 ]
 
 
@@ -88,6 +89,16 @@ def test_every_recipe_runs_in_smoke_form(tmp_path, recipe):
     config.epochs, config.steps_per_epoch = 1, 2
     final = train_lib.train(config, str(tmp_path))
     assert np.isfinite(final["loss"])
+
+
+@pytest.mark.parametrize("variant", ["", ":1gpu"])
+def test_custom_recipe_loads_without_its_folder(variant):
+    """configs/custom.py names a placeholder folder, read only when training starts."""
+    config = load_config(f"{REPO / 'configs' / 'custom.py'}{variant}")
+    kind, _, folder = config.data.source.partition(":")
+    assert kind == "folder" and not Path(folder).exists()
+    assert (config.data.split, config.data.eval_split) == ("train", "val")
+    validate(config, num_devices=8)
 
 
 def test_relative_workdir_and_signal_handlers_given_back(tmp_path, monkeypatch):

@@ -5,11 +5,15 @@ split)` returns a random-access source of records `{"image": encoded bytes or ui
 "label": int}`.
 `DecodedSource` turns those into RGB arrays in the workers, skipping (and counting) unreadable
 files so that one bad JPEG never stops a run.
+`sample_indices` picks the seeded, class-balanced examples that every evaluation uses when it
+takes N examples of a split; `shared_examples` tells whether two sources may hold the same example
+(a k-NN query must never sit in the memory).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +21,7 @@ import numpy as np
 from etils import epath
 
 from dino_jax.data.augment import decode_image
-from dino_jax.data.synthetic import ShapesSource
+from dino_jax.data.synthetic import ShapesSource, SyntheticSource
 from dino_jax.data.textures import TexturesSource
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -26,6 +30,16 @@ NO_LABEL = -1
 MAX_CONSECUTIVE_FAILURES = 100
 # How many failing paths a warning names.
 REPORTED_PATHS = 5
+# A folder holding train/ and one of the others is a tree of splits (ImageFolder's ROOT/train and
+# ROOT/val, as the reference's --data_path): the split names the sub-folder.
+SPLIT_FOLDERS = ("train", "val", "validation", "test")
+# Evaluation subsets are the same in every run, whatever the training seed.
+SUBSET_SEED = 0
+# Sources whose labels cost a record read each (tfds, synthetic:shapes) are sampled from a
+# uniform random pool of this many times the examples wanted: see `sample_indices`.
+LABEL_POOL_FACTOR = 4
+# Records read per call when reading labels.
+LABEL_CHUNK = 1024
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +47,35 @@ log = logging.getLogger(__name__)
 class FolderSource:
     """Images under a directory: class sub-folders give labels (sorted names), a flat folder none.
 
-    Works for local paths and gs:// (etils.epath). Files are read, not decoded, here.
+    A directory holding `train/` and `val/` (or `validation/`, `test/`) is a tree of splits:
+    `split` names the sub-folder to read. Any other directory is one split, whatever `split`
+    (then `self.split` is None). Works for local paths and gs:// (etils.epath). Files are read,
+    not decoded, here.
     """
 
-    def __init__(self, root: str):
-        self.root = epath.Path(root)
-        if not self.root.is_dir():
+    def __init__(self, root: str, split: str | None = None):
+        top = epath.Path(root)
+        if not top.is_dir():
             raise FileNotFoundError(f"folder:{root} does not exist or is not a directory.")
+        splits = split_folders(top)
+        self.split = split if splits and split is not None else None
+        self.root = top / split if self.split else top
+        if self.split and split not in splits:
+            raise FileNotFoundError(
+                f"folder:{root} is split into {', '.join(s + '/' for s in splits)} but has no "
+                f"{split}/: set data.split / data.eval_split (--train_split / --val_split in the "
+                "evaluation commands) to one of them."
+            )
         self.paths = sorted(_image_files(self.root))
         if not self.paths:
             raise ValueError(
                 f"folder:{root} holds no images ({', '.join(IMAGE_SUFFIXES)}): point it at the "
                 "directory that contains the images or their class sub-folders."
             )
-        self.class_names = sorted({p.parent.name for p in self.paths if p.parent != self.root})
+        names = {p.parent.name for p in self.paths if p.parent != self.root}
+        if self.split:  # one label per class in every split, even if a split lacks a class
+            names |= {d.name for s in splits for d in (top / s).iterdir() if d.is_dir()}
+        self.class_names = sorted(names)
         if self.class_names and any(p.parent == self.root for p in self.paths):
             log.warning("folder:%s mixes images at its top level with class folders", root)
         self._label = {name: i for i, name in enumerate(self.class_names)}
@@ -54,12 +83,16 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _label_of(self, path: epath.Path) -> int:
+        return self._label.get(path.parent.name, NO_LABEL) if path.parent != self.root else NO_LABEL
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
-        label = (
-            self._label.get(path.parent.name, NO_LABEL) if path.parent != self.root else NO_LABEL
-        )
-        return {"image": path.read_bytes(), "label": label, "path": str(path)}
+        return {"image": path.read_bytes(), "label": self._label_of(path), "path": str(path)}
+
+    def labels(self) -> np.ndarray:
+        """Every image's label, from its path alone (no file is read)."""
+        return np.array([self._label_of(p) for p in self.paths], np.int64)
 
     @property
     def num_classes(self) -> int:
@@ -67,6 +100,12 @@ class FolderSource:
 
     def __repr__(self) -> str:
         return f"FolderSource({str(self.root)!r}, {len(self)} images)"
+
+
+def split_folders(root: epath.Path) -> list[str]:
+    """The split sub-folders of `root` if it is a tree of splits (train/ and another), else []."""
+    found = [name for name in SPLIT_FOLDERS if (root / name).is_dir()]
+    return found if "train" in found and len(found) > 1 else []
 
 
 def _image_files(root: epath.Path):
@@ -117,7 +156,7 @@ def make_source(spec: str, split: str = "train", data_dir: str | None = None):
     if kind == "tfds" and arg:
         return tfds_source(arg, split, data_dir)
     if kind == "folder" and arg:
-        return FolderSource(arg)
+        return FolderSource(arg, split)
     if kind == "synthetic" and arg in SYNTHETIC:
         return SYNTHETIC[arg](split=split)
     raise ValueError(
@@ -179,3 +218,142 @@ class DecodedSource:
 
     def __repr__(self) -> str:
         return f"DecodedSource({self.source!r})"
+
+
+class Subset:
+    """The examples `indices` of `source`, in that order: a random-access view for grain."""
+
+    def __init__(self, source: Sequence, indices: Sequence[int]):
+        self.source = source
+        self.indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.source[int(self.indices[index])]
+
+    def __repr__(self) -> str:
+        return f"Subset({self.source!r}, {len(self)} examples)"
+
+
+def balanced_indices(labels: Sequence[int], n: int, seed: int = SUBSET_SEED) -> np.ndarray:
+    """Positions (ascending) of `n` items of `labels`, class-balanced: round-robin over the
+    classes, each class's items taken in a seeded random order, the classes of every round in a
+    seeded order too (so that no class always gets the remainder). Per-class counts differ by at
+    most 1 while every class has items left; a class that runs out leaves its turns to the others.
+    The same `labels`, `n` and `seed` give the same positions.
+    """
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes, cls = np.unique(labels, return_inverse=True)
+    cls = cls.reshape(-1)
+    # Each class's items in a seeded order: group a random permutation by class, stably.
+    order = rng.permutation(len(labels))
+    grouped = order[np.argsort(cls[order], kind="stable")]
+    starts = np.searchsorted(cls[grouped], np.arange(len(classes)))
+    rank = np.empty(len(labels), np.int64)  # an item's turn within its class
+    rank[grouped] = np.arange(len(labels)) - starts[cls[grouped]]
+    turn = rng.permutation(len(classes))  # the classes' order within a round
+    return np.sort(np.lexsort((turn[cls], rank))[: max(n, 0)])
+
+
+def read_labels(source: Sequence, indices: Sequence[int]) -> np.ndarray:
+    """The labels of `source[indices]` (NO_LABEL where none): from the source's own `labels()`
+    when it has one (a folder's paths, synthetic:textures), else from its records, read in
+    chunks (`__getitems__` where the source has it, as tfds data sources do)."""
+    raw = source.source if isinstance(source, DecodedSource) else source
+    indices = np.asarray(indices, np.int64)
+    if callable(getattr(raw, "labels", None)):
+        return np.asarray(raw.labels(), np.int64)[indices]
+    get_many = getattr(raw, "__getitems__", None)
+    labels = []
+    for start in range(0, len(indices), LABEL_CHUNK):
+        chunk = [int(i) for i in indices[start : start + LABEL_CHUNK]]
+        records = get_many(chunk) if get_many else [raw[i] for i in chunk]
+        labels.extend(int(record.get("label", NO_LABEL)) for record in records)
+    return np.asarray(labels, np.int64)
+
+
+def sample_indices(source: Sequence, n: int, seed: int = SUBSET_SEED) -> np.ndarray:
+    """Indices (ascending) of a seeded, class-balanced sample of `n` examples of the whole
+    `source` (all of them when n <= 0 or n >= len): see `balanced_indices`.
+
+    Labels come from `read_labels`. Where they are cheap (`labels()`: folders, textures) or the
+    split is at most LABEL_POOL_FACTOR * n examples, every label is read, and the sample is exactly
+    balanced. Otherwise (a large tfds split, synthetic:shapes) reading every record would cost a
+    pass over the images (ImageNet's train split: ~140 GB), so only the labels of a seeded uniform
+    random pool of LABEL_POOL_FACTOR * n examples of the whole split are read, and the sample is
+    balanced within that pool: exactly balanced unless a class has fewer than n / C examples in
+    the pool (for ImageNet's 1000 classes and n = 10,000: 40 expected per class, 10 needed).
+    """
+    size = len(source)
+    if n <= 0 or n >= size:
+        return np.arange(size)
+    raw = source.source if isinstance(source, DecodedSource) else source
+    if callable(getattr(raw, "labels", None)) or size <= LABEL_POOL_FACTOR * n:
+        pool = np.arange(size)
+    else:
+        rng = np.random.default_rng(seed)
+        pool = np.sort(rng.choice(size, LABEL_POOL_FACTOR * n, replace=False))
+    return pool[balanced_indices(read_labels(source, pool), n, seed)]
+
+
+def balanced_subset(source: Sequence, n: int, seed: int = SUBSET_SEED) -> Sequence:
+    """`source` itself when n <= 0 or n >= len(source), else its `sample_indices` subset."""
+    if n <= 0 or n >= len(source):
+        return source
+    return Subset(source, sample_indices(source, n, seed))
+
+
+def shared_examples(a: Sequence, b: Sequence) -> str | None:
+    """Why sources `a` and `b` (as make_source builds them, possibly decoded) may hold the same
+    example, or None if they cannot: folders by their files' real paths, synthetic data by
+    (dataset, split, seed), tfds splits by the records of the shards they read. Sources of other
+    kinds are taken to share examples only when they are the same object."""
+    a = a.source if isinstance(a, DecodedSource) else a
+    b = b.source if isinstance(b, DecodedSource) else b
+    if isinstance(a, FolderSource) and isinstance(b, FolderSource):
+        common = _real_paths(a) & _real_paths(b)
+        if not common:
+            return None
+        single = [str(s.root) for s in (a, b) if s.split is None]
+        why = f"{len(common)} image file(s) are in both ({sorted(common)[0]}, ...)"
+        if single:
+            why += (
+                f"; {single[0]} has no train/ and val/ sub-folders, so it is one split "
+                "whatever the split named"
+            )
+        return why
+    if isinstance(a, SyntheticSource) and isinstance(b, SyntheticSource):
+        same = (a.name, a.split, a.seed) == (b.name, b.split, b.seed)
+        return f"both are the {a.split!r} split of {a.name}" if same else None
+    shards_a, shards_b = _tfds_shards(a), _tfds_shards(b)
+    if shards_a is not None and shards_b is not None:
+        for file, start, end in shards_a:
+            for other, other_start, other_end in shards_b:
+                if file == other and start < other_end and other_start < end:
+                    return f"both read records of {os.path.basename(file)}"
+        return None
+    return "they are the same source" if a is b else None
+
+
+def _real_paths(source: FolderSource) -> set[str]:
+    """The source's file paths with its root resolved (symlinks, `..`, relative paths)."""
+    root = str(source.root)
+    real = root if "://" in root else os.path.realpath(root)
+    return {real + str(path)[len(root) :] for path in source.paths}
+
+
+def _tfds_shards(source) -> list[tuple[str, int, int]] | None:
+    """(file, first, end) record ranges a tfds data source reads, or None for other sources."""
+    info, split = getattr(source, "dataset_info", None), getattr(source, "split", None)
+    if info is None or split is None:
+        return None
+    try:
+        instructions = info.splits[split].file_instructions
+    except (KeyError, ValueError, AttributeError):
+        return None
+    return [(f.filename, f.skip, f.skip + f.take) for f in instructions]

@@ -117,3 +117,9 @@ class TexturesSource(SyntheticSource):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return render_texture(self._rng(index), self.image_size)
+
+    def labels(self) -> np.ndarray:
+        """Every example's label without drawing its image: `render_texture` draws it first."""
+        return np.array(
+            [self._rng(i).integers(len(CLASS_NAMES)) for i in range(len(self))], np.int64
+        )

@@ -2,8 +2,9 @@
 of the evaluation data, labelled sources and their features, and the JSON of results.
 
 A data source is named as in training (`synthetic:textures`, `synthetic:shapes`, `folder:PATH`,
-`tfds:NAME`) and a split separately (`train`, `val`, `validation`...); a folder has no splits (the
-name is unused).
+`tfds:NAME`) and a split separately (`train`, `val`, `validation`...); a folder holding `train/`
+and `val/` has its splits there, any other folder is one split (the name is unused). N examples
+of a split are a seeded, class-balanced sample of the whole split (data.sources.sample_indices).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from jax.sharding import Mesh
 from dino_jax import parallel
 from dino_jax.config import base_config
 from dino_jax.data.pipeline import eval_dataset
-from dino_jax.data.sources import DecodedSource, make_source
+from dino_jax.data.sources import DecodedSource, balanced_subset, make_source, shared_examples
 from dino_jax.eval.features import extract_features
 from dino_jax.hub import load_pretrained
 
@@ -51,8 +52,12 @@ def add_data_args(parser: argparse.ArgumentParser, resize: int = 256, crop: int 
     parser.add_argument("--val", default=None, help="Source of the test images (default: --train).")
     parser.add_argument("--val_split", default="val", help="Split of --val (ImageNet: validation).")
     parser.add_argument("--data_dir", default="", help="tfds data_dir of tfds: sources.")
-    parser.add_argument("--train_examples", type=int, default=0, help="Use the first N (0: all).")
-    parser.add_argument("--val_examples", type=int, default=0, help="Use the first N (0: all).")
+    parser.add_argument(
+        "--train_examples", type=int, default=0, help="A class-balanced sample of N (0: all)."
+    )
+    parser.add_argument(
+        "--val_examples", type=int, default=0, help="A class-balanced sample of N (0: all)."
+    )
     parser.add_argument("--resize", type=int, default=resize, help="Shorter side before the crop.")
     parser.add_argument("--crop", type=int, default=crop, help="Centre crop (evaluation images).")
     parser.add_argument("--batch_size", type=int, default=256, help="Global batch (all devices).")
@@ -126,8 +131,19 @@ def labelled_source(spec: str, split: str, data_dir: str = "") -> DecodedSource:
 
 
 def num_examples(source, limit: int) -> int:
-    """How many examples of `source` are used: all, or the first `limit` when limit > 0."""
+    """How many examples of `source` are used: all, or `limit` when limit > 0."""
     return len(source) if limit <= 0 else min(limit, len(source))
+
+
+def check_disjoint(train: tuple[str, str, DecodedSource], val: tuple[str, str, DecodedSource]):
+    """Refuses test images that are also training images: (spec, split, source) of each."""
+    why = shared_examples(train[2], val[2])
+    if why is not None:
+        raise ValueError(
+            f"The test images ({val[0]}, split {val[1]!r}) would be training images "
+            f"({train[0]}, split {train[1]!r}): {why}. Pass held-out images with --val (e.g. "
+            "--train folder:ROOT/train --val folder:ROOT/val), or another --val_split."
+        )
 
 
 def labelled_features(
@@ -142,11 +158,12 @@ def labelled_features(
     mesh: Mesh,
     desc: str,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(features [N, D], labels [N]) of the first `limit` (0: all) images, resized and cropped."""
-    size = num_examples(source, limit)
-    data = eval_dataset(config, split, batch_size, source, limit=size)
+    """(features [N, D], labels [N]) of a class-balanced sample of `limit` images (0: all),
+    resized and cropped."""
+    source = balanced_subset(source, limit)
+    data = eval_dataset(config, split, batch_size, source)
     return extract_features(
-        model, variables, data, mesh, num_batches=math.ceil(size / batch_size), desc=desc
+        model, variables, data, mesh, num_batches=math.ceil(len(source) / batch_size), desc=desc
     )
 
 

@@ -132,6 +132,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         name: cli.labelled_source(spec, split, args.data_dir)
         for name, (spec, split, _) in sets.items()
     }
+    cli.check_disjoint(
+        (args.train, args.train_split, sources["train"]), (val, args.val_split, sources["val"])
+    )
     model, variables = cli.load_backbone(args.checkpoint, mesh, args.arch, args.patch_size)
     features = {}
     for name, (spec, split, limit) in sets.items():

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from dino_jax import hub, parallel
 from dino_jax.data.pipeline import labelled_train_dataset
+from dino_jax.data.sources import balanced_subset
 from dino_jax.eval import cli
 from dino_jax.models import VisionTransformer
 
@@ -254,10 +255,9 @@ def num_labels(source, labels: np.ndarray) -> int:
     return int(labels.max()) + 1
 
 
-def validation_features(args, features: ProbeFeatures, variables: dict, mesh: Mesh):
+def validation_features(args, features: ProbeFeatures, variables: dict, mesh: Mesh, source):
     """(features [N, F], labels [N]) of the resized, centre-cropped validation images."""
     spec = args.val or args.train
-    source = cli.labelled_source(spec, args.val_split, args.data_dir)
     config = cli.data_config(spec, args.data_dir, args.resize, args.crop, args.num_workers)
     return cli.labelled_features(
         features,
@@ -273,12 +273,13 @@ def validation_features(args, features: ProbeFeatures, variables: dict, mesh: Me
 
 
 def training_stream(args, source) -> tuple[Iterator[dict[str, np.ndarray]], int]:
-    """(endless cropped and flipped training batches, number of training images)."""
+    """(endless cropped and flipped training batches, number of training images): all of
+    `source`, or a class-balanced sample of --train_examples."""
     config = cli.data_config(args.train, args.data_dir, args.resize, args.crop, args.num_workers)
     config.seed = args.seed
-    size = cli.num_examples(source, args.train_examples)
-    data = labelled_train_dataset(config, source, args.batch_size, args.crop, limit=size)
-    return iter(data), size
+    source = balanced_subset(source, args.train_examples)
+    data = labelled_train_dataset(config, source, args.batch_size, args.crop)
+    return iter(data), len(source)
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -286,10 +287,15 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, np.nda
     mesh = parallel.make_mesh((("data", -1),))
     cli.check_batch_size(args.batch_size, mesh)
     train_source = cli.labelled_source(args.train, args.train_split, args.data_dir)
+    val_spec = args.val or args.train
+    val_source = cli.labelled_source(val_spec, args.val_split, args.data_dir)
+    cli.check_disjoint(
+        (args.train, args.train_split, train_source), (val_spec, args.val_split, val_source)
+    )
     model, variables = cli.load_backbone(args.checkpoint, mesh, args.arch, args.patch_size)
     n_last = args.n_last_blocks or (1 if args.avgpool else N_LAST_BLOCKS)
     features = ProbeFeatures(model, n_last, args.avgpool)
-    val = validation_features(args, features, variables, mesh)
+    val = validation_features(args, features, variables, mesh, val_source)
     batches, size = training_stream(args, train_source)
     labels = args.num_labels or num_labels(train_source, val[1])
     schedule = Schedule(
