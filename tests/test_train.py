@@ -246,7 +246,7 @@ def test_unknown_config_key_is_one_line_with_the_nearest_keys(tmp_path):
     lines = [line for line in out.splitlines() if line.startswith("error: ")]
     assert lines == [
         "error: Unknown config key 'data.sourc' in '--config.data.sourc=folder:x': "
-        "did you mean data.source or data.split?",
+        "did you mean data.source or data.eval_source or data.split?",
         "error: Unknown config key 'epoch' in '--config.epoch=3': did you mean epochs or depth?",
         "error: Unknown config key 'zzzz' in '--config.zzzz=1': see dino_jax/config.py",
     ], out
