@@ -258,7 +258,7 @@ class CompileReport:
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, Any]:
     """The global batch as ShapeDtypeStructs split over the mesh: the crops of
-    `benchmark.random_batch` (uint8 when the step augments on device, else float32)."""
+    `step_benchmark.random_batch` (uint8 when the step augments on device, else float32)."""
     b, g, l = config.batch_size, config.data.global_crop_size, config.data.local_crop_size
     shapes = {"global": (b, 2, g, g, 3)}
     if config.local_crops_number:

@@ -54,8 +54,8 @@ def _array_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
 
     Replica-parallel saving has each copy of a replicated array write a slice of it, which pays
     across the hosts of a TPU pod. Each slice is an op compiled on the spot: on CPU that costs
-    more than it saves (the first save of ResNet-50 on 8 CPU devices: 20.3 s -> 2.9 s), and on GPU
-    clusters the compilations can stall a save past its barrier (google/orbax#2934). orbax turns
+    more than it saves (one compilation per array shape on the first save), and on GPU clusters
+    the compilations can stall a save past its barrier (google/orbax#2934). orbax turns
     it off for GPUs itself, but only when JAX_PLATFORMS names them.
 
     Unlike orbax's global registry, the array handler keeps no array-metadata store: orbax reads

@@ -13,16 +13,16 @@ from collections.abc import Sequence
 
 import ml_collections
 
-VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
-ARCHS = (*VIT_ARCHS, "resnet50")
+from dino_jax.models import ARCHS, REMATS, VIT_ARCHS
+
 OPTIMIZERS = ("adamw", "sgd", "lars")
 DTYPES = ("float32", "bfloat16")
-REMATS = ("none", "block", "dots_saveable")
 PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The reference's defaults (SPEC 3): ViT-S/16, 100 epochs, AdamW, 2 global + 8 local crops."""
+    """The reference's defaults (main_dino.py: get_args_parser): ViT-S/16, 100 epochs, AdamW, 2
+    global + 8 local crops."""
     c = ml_collections.ConfigDict()
     # Model.
     c.arch = "vit_small"
@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.local_crop_size = 96
     c.data.blur_sigma = (0.1, 2.0)  # Gaussian blur range in output pixels; scale it with the crops
     # True: the host only crops, resizes and flips (uint8); colour jitter, grayscale, blur,
-    # solarize and normalisation run inside the train step (data/device_augment.py).
+    # solarize and normalisation run inside the train step (device_augment.py).
     c.data.augment_on_device = False
     c.data.num_workers = 0  # grain worker processes (0: decode and augment in the main process)
     c.data.num_threads = 4  # threads per process preparing batches (OpenCV and PIL free the GIL)
@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     # The student's forward and backward as this many independent sub-batches of images (every
     # chunks-th image, so each device keeps its own): the same loss and gradient, with drop-path
     # masks drawn per chunk. XLA:CPU runs each operation on one core and overlaps independent
-    # ones, so 2 keeps a 2-core CPU busier (~7% faster for ViT-S/16); leave 1 on accelerators.
+    # ones, so 2 keeps a 2-core CPU busier; leave 1 on accelerators.
     c.student_chunks = 1
     return c
 
@@ -202,6 +202,12 @@ def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[st
         if isinstance(value, ml_collections.ConfigDict):
             keys.extend(_dotted_keys(value, f"{prefix}{name}."))
     return keys
+
+
+def crops_summary(config: ml_collections.ConfigDict) -> str:
+    """The multi-crop of `config` in words, e.g. "2x224 + 10x96"."""
+    g, l, n = config.data.global_crop_size, config.data.local_crop_size, config.local_crops_number
+    return f"2x{g}" + (f" + {n}x{l}" if n else "")
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:

@@ -16,7 +16,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
+
+from dino_jax import checkpoint
+from dino_jax.models import VisionTransformer, backbone_of
+from dino_jax.state_dict import check_requested, load_torch_backbone
 
 # ImageNet normalisation of the reference's transforms, for uint8 input.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -47,27 +52,11 @@ def load_pretrained(
     if not path.exists():
         raise FileNotFoundError(f"No checkpoint, export or workdir at {path}.")
     if not path.is_dir():
-        from dino_jax import convert
-
-        model, variables, _ = convert.load_torch_backbone(path, arch, patch_size, which)
+        model, variables, _ = load_torch_backbone(path, arch, patch_size, which)
         return model, variables
     config, params, batch_stats = _load_dino_jax(path, which)
-    _check_requested(config, arch, patch_size, path)
+    check_requested(config, arch, patch_size, path)
     return backbone_of(config), _backbone_variables(params, batch_stats)
-
-
-def backbone_of(config: ml_collections.ConfigDict):
-    """The float32, stochastic-depth-free backbone module that `config` trains."""
-    from dino_jax.models import build_backbone
-
-    return build_backbone(
-        config.arch,
-        patch_size=config.patch_size,
-        img_size=config.img_size,
-        embed_dim=config.embed_dim,
-        depth=config.depth,
-        num_heads=config.num_heads,
-    )
 
 
 def _backbone_variables(params: dict, batch_stats: dict) -> dict:
@@ -80,8 +69,6 @@ def _backbone_variables(params: dict, batch_stats: dict) -> dict:
 
 def _load_dino_jax(path: epath.Path, which: str):
     """(config, params, batch_stats) of the network `which` in an export dir or a workdir."""
-    from dino_jax import checkpoint
-
     export = export_of(path)
     if export is not None and which == "teacher":
         return checkpoint.load_exported(export)
@@ -117,8 +104,6 @@ def _load_latest_checkpoint(directory: epath.Path, which: str):
 def latest_checkpoint_arrays(directory: epath.Path, names: tuple[str, ...]):
     """(config, {name: tree}) of the TrainState fields `names` in the newest complete checkpoint
     under `directory` (a workdir's checkpoints/), as NumPy, on any device count."""
-    import orbax.checkpoint as ocp
-
     steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
     if not steps:
         raise ValueError(f"{directory} holds no complete checkpoint yet.")
@@ -135,17 +120,6 @@ def latest_checkpoint_arrays(directory: epath.Path, names: tuple[str, ...]):
             ),
         )
     return config, restored
-
-
-def _check_requested(config, arch: str | None, patch_size: int | None, path) -> None:
-    """Refuse an explicit arch / patch_size that the checkpoint does not hold."""
-    if arch is not None and arch != config.arch:
-        raise ValueError(f"{path} holds arch={config.arch!r}, not the requested arch={arch!r}.")
-    if patch_size is not None and config.arch != "resnet50" and patch_size != config.patch_size:
-        raise ValueError(
-            f"{path} holds patch_size={config.patch_size}, not the requested "
-            f"patch_size={patch_size}."
-        )
 
 
 def prepare_images(images) -> jax.Array:
@@ -186,8 +160,6 @@ def intermediate_layers(model, variables: dict, images, n: int = 1) -> list[jax.
 
 
 def _require_vit(model, what: str) -> None:
-    from dino_jax.models import VisionTransformer
-
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{what} needs a Vision Transformer, got {type(model).__name__}")
 

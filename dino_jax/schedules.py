@@ -73,7 +73,8 @@ class Hyperparams(NamedTuple):
 
 
 def hyperparams_at(config: ml_collections.ConfigDict, step: jax.Array) -> Hyperparams:
-    """All schedules of `config` at global iteration `step` (SPEC 3)."""
+    """All schedules of `config` at global iteration `step` (main_dino.py: train_dino builds them
+    with utils.py: cosine_scheduler)."""
     niter = steps_per_epoch(config)
     epoch = step // niter
     lr = cosine_scheduler(

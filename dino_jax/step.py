@@ -13,10 +13,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from dino_jax import device_augment, parallel, platform
 from dino_jax import loss as dino
-from dino_jax import parallel, platform
+from dino_jax.augment_laws import MultiCropConfig
 from dino_jax.config import steps_per_epoch, validate
-from dino_jax.data import augment, device_augment
 from dino_jax.models import MultiCrop, build_dino
 from dino_jax.optim import init_hyperparams, make_optimizer
 from dino_jax.schedules import hyperparams_at
@@ -171,8 +171,8 @@ def _chunk(x: jax.Array | None, j: int, chunks: int, axis: int) -> jax.Array | N
 def augment_on_device(config: ml_collections.ConfigDict, step: jax.Array, batch: Batch) -> Batch:
     """uint8 crops -> the photometric half of the multi-crop, from this step's own key."""
     key = jax.random.fold_in(jax.random.key(config.seed + 1), step)  # not drop path's stream
-    crops = augment.MultiCropConfig(blur_sigma=tuple(config.data.blur_sigma))
-    return device_augment.augment_batch(key, batch, crops)
+    laws = MultiCropConfig(blur_sigma=tuple(config.data.blur_sigma))
+    return device_augment.augment_batch(key, batch, laws)
 
 
 def _batch_stats(state: TrainState, student_updates: dict, teacher_updates: dict):

@@ -24,11 +24,11 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from dino_jax import convert, parallel
+from dino_jax import interop, parallel
 from dino_jax.checkpoint import Checkpointer, export_teacher
 from dino_jax.config import load_config, unknown_overrides, validate
 from dino_jax.cpu import host_memory
-from dino_jax.data.pipeline import steps_per_epoch, train_dataset, train_source
+from dino_jax.data.pipeline import batches_per_epoch, train_dataset, train_source
 from dino_jax.eval.monitor import KnnMonitor
 from dino_jax.metrics import MetricWriter
 from dino_jax.step import abstract_state, init_state, make_train_step
@@ -102,7 +102,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         flags.FLAGS.mark_as_parsed()
     source = train_source(config)
     if config.steps_per_epoch <= 0:
-        config.steps_per_epoch = steps_per_epoch(config, len(source))
+        config.steps_per_epoch = batches_per_epoch(config, len(source))
     mesh = parallel.make_mesh(config.mesh)
     # Built first, so that a monitor refusing its data (unlabelled, or queries that sit in the
     # memory) stops the run before anything is written.
@@ -222,7 +222,7 @@ def _initial_state(config, mesh, ckpt: Checkpointer, data):
     if step is None and config.init_checkpoint:
         # What utils.py: restart_from_checkpoint restores, less the optimizer, epoch and fp16
         # scaler: a new run with its own schedules.
-        state, what = convert.init_state_from(config.init_checkpoint, config, rng, mesh)
+        state, what = interop.init_state_from(config.init_checkpoint, config, rng, mesh)
         log.info("Starting at step 0 from %s: %s", config.init_checkpoint, what)
         return state
     if step is None:
@@ -246,7 +246,7 @@ def _compile(config, mesh, state):
 
 def _global_shapes(config) -> dict[str, jax.ShapeDtypeStruct]:
     b, g, l = config.batch_size, config.data.global_crop_size, config.data.local_crop_size
-    dtype = np.uint8 if config.data.augment_on_device else np.float32  # see data/device_augment
+    dtype = np.uint8 if config.data.augment_on_device else np.float32  # see device_augment.py
     shapes = {"global": jax.ShapeDtypeStruct((b, 2, g, g, 3), dtype)}
     if config.local_crops_number:
         n = config.local_crops_number

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from scipy import stats
 
-from dino_jax.benchmark import baseline_render_crop, synthetic_photo
+from dino_jax.augment_laws import MultiCropConfig
 from dino_jax.data import augment
+from dino_jax.input_benchmark import baseline_render_crop, synthetic_photo
 
 P_MIN = 1e-3  # seeds are fixed, so statistical tests are deterministic; this is their margin
 
@@ -84,7 +85,7 @@ def test_crop_boxes_follow_torchvision(shape, scale):
 @pytest.fixture(scope="module")
 def many_params():
     """3000 images' worth of crop parameters: 2 global + 8 local each."""
-    cfg = augment.MultiCropConfig(local_crops_number=8)
+    cfg = MultiCropConfig(local_crops_number=8)
     rng = np.random.default_rng(0)
     return [augment.sample_multicrop_params(rng, 375, 500, cfg) for _ in range(3000)]
 
@@ -92,7 +93,7 @@ def many_params():
 def test_multicrop_params_layout(many_params):
     for params in many_params[:10]:
         assert [p.size for p in params] == [224, 224] + [96] * 8
-    cfg = augment.MultiCropConfig(local_crops_number=0)
+    cfg = MultiCropConfig(local_crops_number=0)
     assert len(augment.sample_multicrop_params(np.random.default_rng(0), 40, 50, cfg)) == 2
 
 
@@ -242,7 +243,7 @@ def test_resized_crop_matches_pil_bicubic(photo, box, size):
 
 def test_render_crop_matches_pil_pipeline(photo):
     """Every op together, in the sampled order, against the baseline's PIL transcription."""
-    cfg = augment.MultiCropConfig(global_size=96, local_size=48, local_crops_number=4)
+    cfg = MultiCropConfig(global_size=96, local_size=48, local_crops_number=4)
     mean, std = np.asarray(cfg.mean, np.float32), np.asarray(cfg.std, np.float32)
     rng = np.random.default_rng(0)
     for _ in range(10):
@@ -259,7 +260,7 @@ def test_render_crop_matches_pil_pipeline(photo):
 
 @pytest.mark.parametrize("n_local", [0, 2])
 def test_multicrop_shapes(photo, n_local):
-    cfg = augment.MultiCropConfig(local_crops_number=n_local)
+    cfg = MultiCropConfig(local_crops_number=n_local)
     for image in (photo, Image.fromarray(photo)):
         crops = augment.multicrop(image, np.random.default_rng(0), cfg)
         assert crops["global"].shape == (2, 224, 224, 3) and crops["global"].dtype == np.float32
@@ -268,7 +269,7 @@ def test_multicrop_shapes(photo, n_local):
 
 
 def test_multicrop_is_deterministic_given_the_rng(photo):
-    cfg = augment.MultiCropConfig(local_crops_number=2)
+    cfg = MultiCropConfig(local_crops_number=2)
     a = augment.multicrop(photo, np.random.default_rng(7), cfg)
     b = augment.multicrop(photo, np.random.default_rng(7), cfg)
     np.testing.assert_array_equal(a["local"], b["local"])
@@ -276,7 +277,7 @@ def test_multicrop_is_deterministic_given_the_rng(photo):
 
 @pytest.mark.parametrize("value", [0, 37, 128, 255])
 def test_normalisation_of_a_constant_image(value):
-    cfg = augment.MultiCropConfig()
+    cfg = MultiCropConfig()
     image = np.full((50, 60, 3), value, np.uint8)
     expected = (value / 255 - np.asarray(cfg.mean)) / np.asarray(cfg.std)
     params = augment.CropParams(size=32, box=(5, 5, 40, 50))  # no jitter, blur, solarize
@@ -293,16 +294,14 @@ def test_normalisation_of_a_constant_image(value):
 
 def test_image_smaller_than_the_crops():
     image = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
-    crops = augment.multicrop(image, np.random.default_rng(0), augment.MultiCropConfig())
+    crops = augment.multicrop(image, np.random.default_rng(0), MultiCropConfig())
     assert crops["global"].shape == (2, 224, 224, 3) and crops["local"].shape == (8, 96, 96, 3)
     assert np.isfinite(crops["global"]).all()
 
 
 def test_multicrop_rejects_non_rgb_arrays():
     with pytest.raises(ValueError, match="uint8"):
-        augment.multicrop(
-            np.zeros((8, 8), np.uint8), np.random.default_rng(0), augment.MultiCropConfig()
-        )
+        augment.multicrop(np.zeros((8, 8), np.uint8), np.random.default_rng(0), MultiCropConfig())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +423,7 @@ def test_decode_rejects_undecodable_bytes_quickly(photo, case):
 
 def test_blur_sigma_range_follows_the_config():
     """Smaller crops take a proportionally smaller blur: sigma is drawn from cfg.blur_sigma."""
-    cfg = augment.MultiCropConfig(global_size=64, local_size=32, blur_sigma=(0.1, 0.6))
+    cfg = MultiCropConfig(global_size=64, local_size=32, blur_sigma=(0.1, 0.6))
     rng = np.random.default_rng(0)
     sigmas = [
         p.blur_sigma for _ in range(300) for p in augment.sample_multicrop_params(rng, 80, 90, cfg)

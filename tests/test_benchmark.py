@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_jax import benchmark
+from dino_jax import benchmark, step_benchmark
 
 
 def test_step_flops_of_a_matmul_are_2mnk():
     m, k, n = 64, 48, 80
     compiled = jax.jit(jnp.matmul).lower(jnp.ones((m, k)), jnp.ones((k, n))).compile()
-    assert benchmark.step_flops(compiled, num_devices=1) == 2 * m * k * n
-    assert benchmark.step_flops(compiled, num_devices=8) == 8 * 2 * m * k * n
+    assert step_benchmark.step_flops(compiled, num_devices=1) == 2 * m * k * n
+    assert step_benchmark.step_flops(compiled, num_devices=8) == 8 * 2 * m * k * n
 
 
 @pytest.mark.parametrize(
@@ -34,27 +34,27 @@ def test_step_flops_of_a_matmul_are_2mnk():
 )
 def test_peak_flops_table(kind, dtype, peak):
     device = types.SimpleNamespace(platform="gpu", device_kind=kind)
-    got, source = benchmark.device_peak_flops(device, dtype)
+    got, source = step_benchmark.device_peak_flops(device, dtype)
     assert got == peak and source.endswith("data sheet")
-    assert benchmark.mesh_peak_flops([device] * 4, dtype)[0] == 4 * peak
+    assert step_benchmark.mesh_peak_flops([device] * 4, dtype)[0] == 4 * peak
 
 
 def test_unknown_accelerator_fails_clearly():
     device = types.SimpleNamespace(platform="gpu", device_kind="Quantum Widget 9000")
     with pytest.raises(ValueError, match=r"Quantum Widget 9000.*PEAK_FLOPS"):
-        benchmark.device_peak_flops(device, "bfloat16")
+        step_benchmark.device_peak_flops(device, "bfloat16")
 
 
 def test_cpu_peak_is_measured_once_for_the_host():
-    benchmark.measured_matmul_peak.cache_clear()
-    peak, source = benchmark.device_peak_flops(jax.devices()[0], "float32")
+    step_benchmark.measured_matmul_peak.cache_clear()
+    peak, source = step_benchmark.device_peak_flops(jax.devices()[0], "float32")
     assert source == "measured matmul"
     assert 1e9 < peak < 1e14  # between a slow laptop core and more than any CPU socket
     # Several CPU "devices" share the host's cores: the peak is the host's, not a multiple.
-    total, _ = benchmark.mesh_peak_flops(jax.devices(), "float32")
+    total, _ = step_benchmark.mesh_peak_flops(jax.devices(), "float32")
     assert total < 3 * peak
     # Measured once per process: every config of one run is reported against the same peak.
-    assert benchmark.device_peak_flops(jax.devices()[0], "float32")[0] == peak
+    assert step_benchmark.device_peak_flops(jax.devices()[0], "float32")[0] == peak
 
 
 def test_config_overrides():
@@ -71,8 +71,15 @@ def test_config_overrides():
     assert config.batch_size == 8 and config.dtype == "float32"
     assert config.data.local_crop_size == 64 and tuple(config.local_crops_scale) == (0.1, 0.3)
     assert label.startswith("configs/vit_small16.py batch_size=8")
-    with pytest.raises(ValueError, match="no key 'bath_size'"):
+    with pytest.raises(ValueError, match=r"Unknown config key 'bath_size'.*did you mean"):
         benchmark.parse_configs(["--config", "configs/vit_small16.py", "--config.bath_size=8"])
+    # Values are parsed as their field's type, as the training command parses them.
+    with pytest.raises(ValueError, match="batch_size=eight"):
+        benchmark.parse_configs(["--config", "configs/vit_small16.py", "--config.batch_size=eight"])
+    [(_, config)] = benchmark.parse_configs(
+        ["--config", "configs/vit_small16.py", "--config.data.source=123"]
+    )
+    assert config.data.source == "123"
     with pytest.raises(ValueError, match="before any --config"):
         benchmark.parse_configs(["--config.batch_size=8"])
 
@@ -95,7 +102,7 @@ def test_step_command_prints_the_table(capsys):
 
 def test_benchmark_step_report_is_consistent(tiny_config):
     config = tiny_config(steps_per_epoch=0)
-    report = benchmark.benchmark_step(config, steps=2, warmup=1)
+    report = step_benchmark.benchmark_step(config, steps=2, warmup=1)
     assert config.steps_per_epoch > 0
     assert report.flops_per_s == pytest.approx(report.flops / report.step_s)
     assert report.mfu == pytest.approx(report.flops_per_s / report.peak_flops)
@@ -119,16 +126,16 @@ def test_interleaved_configs_each_get_their_steps(capsys):
 
 def test_interleaving_alternates_the_steps(tiny_config, monkeypatch):
     order = []
-    run = benchmark.PreparedStep.run
+    run = step_benchmark.PreparedStep.run
 
     def logged(self, timed):
         order.append(self.config.seed)
         run(self, timed)
 
-    monkeypatch.setattr(benchmark.PreparedStep, "run", logged)
+    monkeypatch.setattr(step_benchmark.PreparedStep, "run", logged)
     # Without the CPU kernel each step is also the program its FLOPs are counted on: no recompile.
     configs = [tiny_config(seed=seed, cpu_tuning=False) for seed in (1, 2)]
-    reports = benchmark.benchmark_steps(configs, 2, 1)
+    reports = step_benchmark.benchmark_steps(configs, 2, 1)
     assert order == [1, 2, 1, 2, 1, 2] and len(reports) == 2
 
 

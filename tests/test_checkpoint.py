@@ -201,7 +201,7 @@ def test_a_save_killed_before_its_commit_leaves_the_previous_checkpoint(tmp_path
 
 def test_saving_compiles_nothing(tmp_path, sharded):
     """On CPU every array is saved whole by its first copy: orbax's replica-parallel saving would
-    compile a slice program per array shape (20 s for ResNet-50's first save on 8 devices)."""
+    compile a slice program per array shape."""
     config, _, fresh = sharded
     compiled = []
 

@@ -23,8 +23,9 @@ from torch_reference import (
     train_iteration,
 )
 
-from dino_jax import convert, hub, parallel
+from dino_jax import convert, hub, interop, parallel, state_dict
 from dino_jax.checkpoint import export_teacher
+from dino_jax.models import backbone_of
 from dino_jax.step import init_state, make_train_step
 
 RTOL = 1e-5
@@ -69,21 +70,21 @@ def release_vit(tmp_path_factory):
 def test_infers_the_released_vits(arch, patch, dim, heads, params):
     with torch.device("meta"):
         state = shapes_only(TorchViT(patch, dim, 12, heads, img_size=224))
-    config = convert.infer_backbone_config(state)
+    config = state_dict.infer_backbone_config(state)
     assert (config.arch, config.patch_size, config.img_size, config.depth) == (arch, patch, 224, 0)
-    model = hub.backbone_of(config)
+    model = backbone_of(config)
     assert (model.embed_dim, model.depth, model.num_heads) == (dim, 12, heads)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
-    paths = convert.match_keys(state, abstract, convert.backbone_key, arch)
+    paths = state_dict.match_keys(state, abstract, state_dict.backbone_key, arch)
     assert set(paths) == set(state)
-    if params is not None:  # SPEC 1's counts
+    if params is not None:  # the released backbones' parameter counts
         assert sum(v.size for v in state.values()) == params
 
 
 def test_infers_depth_and_grid():
     with torch.device("meta"):
         state = shapes_only(TorchViT(8, 192, 3, 3, img_size=96))
-    config = convert.infer_backbone_config(state)
+    config = state_dict.infer_backbone_config(state)
     assert (config.arch, config.patch_size, config.img_size, config.depth) == ("vit_tiny", 8, 96, 3)
 
 
@@ -92,11 +93,11 @@ def test_infers_resnet50_with_running_stats():
         torch_model = TorchResNet50()
     state = shapes_only(torch_model)
     assert "layer1.0.bn1.num_batches_tracked" in state and "fc.weight" not in state
-    config = convert.infer_backbone_config(state)
+    config = state_dict.infer_backbone_config(state)
     assert config.arch == "resnet50"
-    model = hub.backbone_of(config)
+    model = backbone_of(config)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-    paths = convert.match_keys(state, abstract, convert.backbone_key, "resnet50")
+    paths = state_dict.match_keys(state, abstract, state_dict.backbone_key, "resnet50")
     assert {p[0] for p in paths.values()} == {"params", "batch_stats"}
     n_params = sum(p.numel() for p in torch_model.parameters())
     assert n_params == 23_508_032
@@ -106,7 +107,7 @@ def test_unknown_width_is_refused():
     with torch.device("meta"):
         state = shapes_only(TorchViT(16, 96, 1, 3, img_size=224))
     with pytest.raises(ValueError, match="width 96 is none of the reference's ViTs"):
-        convert.infer_backbone_config(state)
+        state_dict.infer_backbone_config(state)
 
 
 def test_requested_arch_and_patch_must_agree(release_vit):
@@ -123,7 +124,7 @@ def test_export_round_trips_a_release_file(release_vit, tmp_path):
     path, _ = release_vit
     original = torch.load(path, weights_only=True)
     _, variables = hub.load_pretrained(path)
-    exported = convert.backbone_to_torch(variables)
+    exported = state_dict.backbone_to_torch(variables)
     assert set(exported) == set(original)
     for key, tensor in original.items():
         assert torch.equal(exported[key], tensor), key
@@ -140,7 +141,7 @@ def test_export_of_a_run_loads_strictly_and_computes_the_same(tiny_config, tmp_p
     config = tiny_config()
     state = init_state(config, jax.random.key(1))
     export_teacher(tmp_path / "export", state, config)
-    exported = convert.export_backbone(tmp_path, tmp_path / "teacher.pth")  # the workdir
+    exported = interop.export_backbone(tmp_path, tmp_path / "teacher.pth")  # the workdir
     twin = TorchViT(config.patch_size, config.embed_dim, config.depth, config.num_heads, 32)
     twin.load_state_dict(torch.load(tmp_path / "teacher.pth", weights_only=True), strict=True)
     assert set(exported) == set(twin.state_dict())
@@ -175,7 +176,7 @@ def test_resnet50_release_file(tmp_path):
     with torch.no_grad():
         want = twin(torch.from_numpy(images.transpose(0, 3, 1, 2)).double()).numpy()
     assert_close(hub.extract_features(model, variables, images), want)
-    exported = convert.backbone_to_torch(variables)
+    exported = state_dict.backbone_to_torch(variables)
     TorchResNet50().load_state_dict(exported, strict=True)
     for key, tensor in twin.float().state_dict().items():
         if not key.endswith("num_batches_tracked"):
@@ -303,7 +304,7 @@ def test_full_checkpoint_continues_like_the_reference(tiny_config, tmp_path, ove
     checkpoint = full_checkpoint(config)
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
     mesh = parallel.make_mesh((("data", 8),))
-    state = convert.import_full_checkpoint(tmp_path / "checkpoint.pth", config, mesh)
+    state = interop.import_full_checkpoint(tmp_path / "checkpoint.pth", config, mesh)
     assert int(state.step) == EPOCH * config.steps_per_epoch
     batch = random_batch(config)
     state, metrics = make_train_step(config, mesh)(state, parallel.to_global(batch, mesh))
@@ -316,7 +317,7 @@ def test_full_checkpoint_continues_like_the_reference(tiny_config, tmp_path, ove
     stats = state.batch_stats or {"student": {}, "teacher": {}}
     for which, want in (("student", student), ("teacher", teacher)):
         variables = {"params": getattr(state, which), "batch_stats": stats[which]}
-        got = convert.network_to_torch(variables, config)
+        got = state_dict.network_to_torch(variables, config)
         assert set(got) == set(want)
         for key, tensor in want.items():
             if key.endswith("num_batches_tracked"):
@@ -336,7 +337,7 @@ def test_full_checkpoint_errors_list_every_bad_key(tiny_config, tmp_path):
     student["module.backbone.pos_embed"] = torch.zeros(1, 5, config.embed_dim)
     torch.save(checkpoint, tmp_path / "bad.pth")
     with pytest.raises(ValueError) as error:
-        convert.import_full_checkpoint(tmp_path / "bad.pth", config)
+        interop.import_full_checkpoint(tmp_path / "bad.pth", config)
     message = str(error.value)
     assert "student backbone" in message
     assert "unknown keys (1): blocks.0.attn.extra.weight" in message
@@ -348,8 +349,8 @@ def test_trained_weight_g_needs_norm_last_layer_false(tiny_config, tmp_path):
     checkpoint = full_checkpoint(tiny_config(norm_last_layer=False))
     torch.save(checkpoint, tmp_path / "trained_g.pth")
     with pytest.raises(ValueError, match=r"Set config\.norm_last_layer=False"):
-        convert.import_full_checkpoint(tmp_path / "trained_g.pth", tiny_config())
-    state = convert.import_full_checkpoint(
+        interop.import_full_checkpoint(tmp_path / "trained_g.pth", tiny_config())
+    state = interop.import_full_checkpoint(
         tmp_path / "trained_g.pth", tiny_config(norm_last_layer=False)
     )
     want = checkpoint["teacher"]["head.last_layer.weight_g"].numpy().T
@@ -358,20 +359,20 @@ def test_trained_weight_g_needs_norm_last_layer_false(tiny_config, tmp_path):
 
 def test_full_checkpoint_mismatches(tiny_config, tmp_path, release_vit):
     with pytest.raises(ValueError, match="not a full training checkpoint"):
-        convert.import_full_checkpoint(release_vit[0], tiny_config())
+        interop.import_full_checkpoint(release_vit[0], tiny_config())
     checkpoint = full_checkpoint(tiny_config())
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
     with pytest.raises(ValueError, match=r"center .* has shape \(1, 256\).*out_dim=512"):
-        convert.import_full_checkpoint(tmp_path / "checkpoint.pth", tiny_config(out_dim=512))
+        interop.import_full_checkpoint(tmp_path / "checkpoint.pth", tiny_config(out_dim=512))
     with pytest.raises(ValueError, match=r"missing keys \(12\): blocks\.2\.attn"):
-        convert.import_full_checkpoint(tmp_path / "checkpoint.pth", tiny_config(depth=3))
+        interop.import_full_checkpoint(tmp_path / "checkpoint.pth", tiny_config(depth=3))
 
 
 def test_checkpoint_config_reads_the_model_keys(tiny_config, tmp_path):
     overrides = {"embed_dim": 384, "num_heads": 6, "depth": 1, "use_bn_in_head": True}
     config = tiny_config(norm_last_layer=False, head_hidden_dim=128, **overrides)
     torch.save(full_checkpoint(config), tmp_path / "checkpoint.pth")
-    got = convert.checkpoint_config(tmp_path / "checkpoint.pth")
+    got = interop.checkpoint_config(tmp_path / "checkpoint.pth")
     for key in (
         "arch",
         "patch_size",

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dino_jax.benchmark import synthetic_photo
-from dino_jax.data import augment, device_augment
+from dino_jax import augment_laws, device_augment
+from dino_jax.data import augment
 from dino_jax.data.pipeline import train_dataset
+from dino_jax.input_benchmark import synthetic_photo
 
-CFG = augment.MultiCropConfig(local_crops_number=8)
+CFG = augment_laws.MultiCropConfig(local_crops_number=8)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def assert_rate(events, p, what):
 
 
 # ---------------------------------------------------------------------------------------------
-# The laws (SPEC 4), against the reference's numbers.
+# The laws, against the reference's numbers (main_dino.py: DataAugmentationDINO).
 
 
 def test_event_rates(laws):
@@ -75,9 +76,9 @@ def test_jitter_order_is_a_uniform_permutation(laws):
 
 def test_same_laws_as_the_host():
     """The host's sampler and the device's map the same uniforms to the same draws."""
-    u = np.random.default_rng(3).random((10, augment.UNIFORMS_PER_CROP))
-    host = augment.crop_laws(u, CFG.blur_sigma, np)
-    device = augment.crop_laws(jnp.asarray(u, jnp.float32), CFG.blur_sigma, jnp)
+    u = np.random.default_rng(3).random((10, augment_laws.UNIFORMS_PER_CROP))
+    host = augment_laws.crop_laws(u, CFG.blur_sigma, np)
+    device = augment_laws.crop_laws(jnp.asarray(u, jnp.float32), CFG.blur_sigma, jnp)
     for key, value in host.items():
         np.testing.assert_allclose(np.asarray(device[key]), value, rtol=1e-6, err_msg=key)
 
@@ -167,7 +168,7 @@ def test_augment_batch_shapes():
 
 
 def test_host_half_crops_and_flips_in_uint8(photo):
-    cfg = augment.MultiCropConfig(global_size=32, local_size=16, local_crops_number=2)
+    cfg = augment_laws.MultiCropConfig(global_size=32, local_size=16, local_crops_number=2)
     crops = augment.multicrop_uint8(photo, np.random.default_rng(6), cfg)
     assert crops["global"].shape == (2, 32, 32, 3) and crops["global"].dtype == np.uint8
     assert crops["local"].shape == (2, 16, 16, 3)

@@ -16,14 +16,16 @@ from dino_jax.data.pipeline import MEAN, STD, resize_center_crop
 from dino_jax.data.sources import sample_indices
 from dino_jax.data.synthetic import ShapesSource
 from dino_jax.eval import knn
+from dino_jax.eval.knn_classifier import knn_classify
 from dino_jax.hub import load_pretrained
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def numpy_knn(train, train_labels, test, test_labels, k, t, num_classes):
-    """SPEC 5 on the full similarity matrix: top-k cosine neighbours vote exp(sim / T); classes
-    ranked by their summed votes (equal sums: the lower class first); top-5 over min(5, k)."""
+    """eval_knn.py: knn_classifier on the full similarity matrix: top-k cosine neighbours vote
+    exp(sim / T); classes ranked by their summed votes (equal sums: the lower class first); top-5
+    over min(5, k)."""
     train = train / np.linalg.norm(train, axis=1, keepdims=True)
     test = test / np.linalg.norm(test, axis=1, keepdims=True)
     top1 = top5 = 0
@@ -49,10 +51,10 @@ def test_one_close_neighbour_outvotes_two_far_ones_at_t_007():
     train = at_angles(0.1, 0.5, -0.5)
     labels = np.array([0, 1, 1])
     query, target = at_angles(0.0), np.array([0])
-    assert knn.knn_classify(train, labels, query, target, ks=(3,))[3][0] == 100.0
-    assert knn.knn_classify(train, labels, query, target, ks=(3,), temperature=1.0)[3][0] == 0.0
+    assert knn_classify(train, labels, query, target, ks=(3,))[3][0] == 100.0
+    assert knn_classify(train, labels, query, target, ks=(3,), temperature=1.0)[3][0] == 0.0
     # k = 1 sees only the closest one.
-    assert knn.knn_classify(train, labels, query, target, ks=(1,), temperature=1.0)[1][0] == 100.0
+    assert knn_classify(train, labels, query, target, ks=(1,), temperature=1.0)[1][0] == 100.0
 
 
 def test_top5_misses_the_sixth_class():
@@ -60,9 +62,9 @@ def test_top5_misses_the_sixth_class():
     train = at_angles(*np.linspace(0.1, 0.7, 7))
     labels = np.arange(7)
     query = at_angles(0.0)
-    result = knn.knn_classify(train, labels, query, np.array([6]), ks=(7,))
+    result = knn_classify(train, labels, query, np.array([6]), ks=(7,))
     assert result[7] == (0.0, 0.0)
-    result = knn.knn_classify(train, labels, query, np.array([4]), ks=(7,))
+    result = knn_classify(train, labels, query, np.array([4]), ks=(7,))
     assert result[7] == (0.0, 100.0)
 
 
@@ -75,7 +77,7 @@ def test_hand_made_set_equals_numpy_for_several_k(temperature):
     test_labels = rng.integers(0, 7, 40)
     test = centers[test_labels] + rng.normal(scale=0.8, size=(40, 5))
     ks = (1, 3, 10, 20, 28)
-    got = knn.knn_classify(train, train_labels, test, test_labels, ks, temperature, test_chunk=7)
+    got = knn_classify(train, train_labels, test, test_labels, ks, temperature, test_chunk=7)
     for k in ks:
         want = numpy_knn(train, train_labels, test, test_labels, k, temperature, 7)
         np.testing.assert_allclose(got[k], want, atol=1e-9, err_msg=f"k={k}")
@@ -83,7 +85,7 @@ def test_hand_made_set_equals_numpy_for_several_k(temperature):
 
 def test_k_larger_than_the_memory_is_clamped():
     train, labels = at_angles(0.0, 1.0), np.array([0, 1])
-    result = knn.knn_classify(train, labels, at_angles(0.1), np.array([0]), ks=(20,))
+    result = knn_classify(train, labels, at_angles(0.1), np.array([0]), ks=(20,))
     assert result == {2: (100.0, 100.0)}
 
 

@@ -19,7 +19,7 @@ from test_convert import (
 from test_train import REPO, cli, losses_by_step
 from torch_reference import TorchViT, randomize_, save_release_vit
 
-from dino_jax import convert, parallel
+from dino_jax import parallel, state_dict
 from dino_jax import train as train_lib
 from dino_jax.checkpoint import Checkpointer, export_teacher
 from dino_jax.config import load_config
@@ -58,7 +58,7 @@ def test_full_checkpoint_starts_at_step_0_like_the_reference(tiny_config, tmp_pa
     assert lr == pytest.approx(config.lr * config.batch_size / 256, rel=1e-6)
     assert_close(state.center, center)
     for which, want in (("student", student), ("teacher", teacher)):
-        got = convert.network_to_torch({"params": getattr(state, which)}, config)
+        got = state_dict.network_to_torch({"params": getattr(state, which)}, config)
         assert set(got) == set(want)
         for key, tensor in want.items():
             got_value, want_value = got[key].numpy(), tensor.numpy()
@@ -91,7 +91,7 @@ def test_backbone_file_gives_student_and_teacher_its_backbone(tiny_config, tmp_p
     assert_fresh_optimizer(state)
     state = jax.device_get(state)
     for which in ("student", "teacher"):
-        got = convert.backbone_to_torch({"params": getattr(state, which)["backbone"]})
+        got = state_dict.backbone_to_torch({"params": getattr(state, which)["backbone"]})
         assert set(got) == set(backbone)
         for key, tensor in backbone.items():
             assert torch.equal(got[key], tensor), (which, key)

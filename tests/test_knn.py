@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from dino_jax.eval.knn import knn_classify, nearest_neighbours
+from dino_jax.eval.knn_classifier import knn_classify, nearest_neighbours
 
 
 def reference_knn(train, train_labels, test, test_labels, k, t, num_classes):
-    """The reference's vote on the full similarity matrix, written from SPEC 5."""
+    """The reference's vote (eval_knn.py: knn_classifier) on the full similarity matrix."""
     train = train / np.linalg.norm(train, axis=1, keepdims=True)
     test = test / np.linalg.norm(test, axis=1, keepdims=True)
     sim = test @ train.T

@@ -15,7 +15,7 @@ import pytest
 from dino_jax import parallel
 from dino_jax.config import base_config
 from dino_jax.data.pipeline import MEAN, STD, labelled_train_dataset
-from dino_jax.eval import linear
+from dino_jax.eval import probe
 from dino_jax.models import VisionTransformer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ def layer_norm(x, params):
 
 def test_features_are_the_last_four_cls_tokens_after_the_final_norm(vit):
     model, variables, images = vit
-    got = np.asarray(linear.ProbeFeatures(model, 4).apply(variables, images))
+    got = np.asarray(probe.ProbeFeatures(model, 4).apply(variables, images))
     norm = jax.tree.map(np.asarray, variables["params"]["norm"])
     outputs = block_outputs(model, variables, images)
     want = np.concatenate([layer_norm(h, norm)[:, 0] for h in outputs[-4:]], axis=-1)
@@ -68,7 +68,7 @@ def test_features_are_the_last_four_cls_tokens_after_the_final_norm(vit):
 
 def test_avgpool_features_interleave_cls_and_patch_mean_like_the_reference(vit):
     model, variables, images = vit
-    got = np.asarray(linear.ProbeFeatures(model, 1, avgpool=True).apply(variables, images))
+    got = np.asarray(probe.ProbeFeatures(model, 1, avgpool=True).apply(variables, images))
     norm = jax.tree.map(np.asarray, variables["params"]["norm"])
     last = layer_norm(block_outputs(model, variables, images)[-1], norm)
     # torch.cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), -1).reshape(B, -1): c0, m0, c1, m1, ...
@@ -79,13 +79,13 @@ def test_avgpool_features_interleave_cls_and_patch_mean_like_the_reference(vit):
 
 def test_feature_settings_outside_the_model_are_refused(vit):
     with pytest.raises(ValueError, match=r"n_last_blocks=6 .* depth 5"):
-        linear.ProbeFeatures(vit[0], 6)
+        probe.ProbeFeatures(vit[0], 6)
     with pytest.raises(ValueError, match="n_last_blocks=1 with avgpool"):
-        linear.ProbeFeatures(vit[0], 4, avgpool=True)
+        probe.ProbeFeatures(vit[0], 4, avgpool=True)
 
 
 def test_classifier_starts_at_n_0_001_with_zero_bias():
-    params = linear.init_classifier(jax.random.key(0), 512, 1000)
+    params = probe.init_classifier(jax.random.key(0), 512, 1000)
     kernel, bias = np.asarray(params["kernel"]), np.asarray(params["bias"])
     assert kernel.shape == (512, 1000) and bias.shape == (1000,)
     assert abs(kernel.mean()) < 3 * 0.01 / math.sqrt(kernel.size)
@@ -132,8 +132,8 @@ def test_sgd_momentum_steps_on_the_per_epoch_cosine_match_numpy(mesh):
     lrs = [base, base, base * 0.5 * (1 + math.cos(math.pi / 3))]
     want_w, want_b = numpy_sgd_run(params, batches, lrs)
 
-    optimizer = linear.make_optimizer(0.8, 16, epochs=3, steps_per_epoch=2)
-    step = linear.make_train_step(Identity(), optimizer, mesh)
+    optimizer = probe.make_optimizer(0.8, 16, epochs=3, steps_per_epoch=2)
+    step = probe.make_train_step(Identity(), optimizer, mesh)
     state = jax.tree.map(np.copy, params)
     opt_state = optimizer.init(state)
     for x, y in batches:
@@ -147,10 +147,10 @@ def test_accuracy_counts_top1_and_top5():
     params = {"kernel": np.eye(6, dtype=np.float32), "bias": np.zeros(6, np.float32)}
     features = np.array([[6, 5, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6]], np.float32)
     # Row 0 ranks class 0 first and class 5 last; row 1 the reverse.
-    assert linear.accuracy(params, features, np.array([0, 1])) == {"top1": 50.0, "top5": 100.0}
-    assert linear.accuracy(params, features, np.array([5, 0])) == {"top1": 0.0, "top5": 0.0}
+    assert probe.accuracy(params, features, np.array([0, 1])) == {"top1": 50.0, "top5": 100.0}
+    assert probe.accuracy(params, features, np.array([5, 0])) == {"top1": 0.0, "top5": 0.0}
     few = {"kernel": np.eye(3, dtype=np.float32), "bias": np.zeros(3, np.float32)}
-    assert linear.accuracy(few, features[:, :3], np.array([0, 2]))["top5"] is None
+    assert probe.accuracy(few, features[:, :3], np.array([0, 2]))["top5"] is None
 
 
 def test_a_separable_toy_set_is_learnt(mesh):
@@ -167,8 +167,8 @@ def test_a_separable_toy_set_is_learnt(mesh):
             yield {"image": x, "label": y.astype(np.int32)}
 
     val = draw(200)
-    schedule = linear.Schedule(epochs=4, steps_per_epoch=10, batch_size=32, lr=0.2)
-    params, history = linear.train_classifier(
+    schedule = probe.Schedule(epochs=4, steps_per_epoch=10, batch_size=32, lr=0.2)
+    params, history = probe.train_classifier(
         Identity(), {}, stream(), schedule, num_labels=4, mesh=mesh, val=val
     )
     assert params["kernel"].shape == (16, 4)
@@ -208,5 +208,5 @@ def test_command_trains_and_saves_the_classifier(export_dir, tmp_path):
     assert results["val"]["examples"] == 24 and len(results["history"]) == 2
     assert 0.0 <= results["top1"] <= results["top5"] <= 100.0
     assert f"Linear probe on 24 images: top-1 {results['top1']:.2f}%" in proc.stdout
-    params = linear.load_classifier(str(tmp_path / "classifier.npz"))
+    params = probe.load_classifier(str(tmp_path / "classifier.npz"))
     assert params["kernel"].shape == (128, 10) and params["bias"].shape == (10,)

@@ -1,4 +1,5 @@
-"""The DINO loss, center update and collapse monitors against NumPy written from SPEC 2."""
+"""The DINO loss, center update and collapse monitors against a NumPy transcription of
+main_dino.py: DINOLoss."""
 
 import jax
 import jax.numpy as jnp

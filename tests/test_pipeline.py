@@ -7,7 +7,12 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from dino_jax.data.pipeline import eval_dataset, resize_center_crop, steps_per_epoch, train_dataset
+from dino_jax.data.pipeline import (
+    batches_per_epoch,
+    eval_dataset,
+    resize_center_crop,
+    train_dataset,
+)
 
 
 def in_memory_source(n, seed=0):
@@ -84,7 +89,7 @@ def test_processes_get_disjoint_slices_of_the_same_global_batches(config):
 
 def test_each_epoch_is_a_new_permutation_without_the_remainder(config):
     source = in_memory_source(10)  # 2 batches of 4 per epoch; 2 examples dropped each epoch
-    assert steps_per_epoch(config, len(source)) == 2
+    assert batches_per_epoch(config, len(source)) == 2
     batches = take(train_dataset(config, source, process_index=0, process_count=1), 4)
     epochs = [np.concatenate([b["label"] for b in batches[i : i + 2]]) for i in (0, 2)]
     for labels in epochs:

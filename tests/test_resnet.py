@@ -120,7 +120,7 @@ def torch_resnet_from_flax(variables) -> TorchResNet50:
 def variables():
     """Random ResNet-50 variables with every BatchNorm param and running statistic non-trivial.
 
-    Drawn with NumPy into `eval_shape`'s tree: compiling the real init costs ~10 s on CPU.
+    Drawn with NumPy into `eval_shape`'s tree: compiling the real init is slow on CPU.
     Residual-branch scales (bn3) are kept small, as in a trained ResNet: with scale ~1 on every
     branch, train-mode BatchNorm over this tiny batch amplifies float32 rounding until torch's
     own float32 and float64 outputs differ by ~3e-4, too much to test parity at 1e-5.

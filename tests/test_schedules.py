@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from torch_reference import cosine_scheduler as reference_cosine_scheduler  # written from SPEC 3
+from torch_reference import cosine_scheduler as reference_cosine_scheduler  # utils.py's
 
 from dino_jax.config import base_config
 from dino_jax.schedules import cosine_scheduler, hyperparams_at, teacher_temp_schedule

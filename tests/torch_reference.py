@@ -408,12 +408,12 @@ def time_beside_jax(steps=5, warmup=1, batch_size=8, local_crops=8):
     A second's pause after each lets the other's idle threads go to sleep first."""
     import time
 
-    from dino_jax import benchmark
+    from dino_jax import step_benchmark
     from dino_jax.config import load_config
 
     config = load_config("configs/vit_small16.py")
     config.batch_size, config.local_crops_number, config.dtype = batch_size, local_crops, "float32"
-    ours = benchmark.prepare_step(config)
+    ours = step_benchmark.prepare_step(config)
     reference = make_iteration(batch_size, local_crops)
     times = []
     for i in range(warmup + steps):

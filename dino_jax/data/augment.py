@@ -1,4 +1,5 @@
-"""DINO's multi-crop augmentation (SPEC 4): random parameters apart from the pixels they move.
+"""DINO's multi-crop augmentation (main_dino.py: DataAugmentationDINO): random parameters apart
+from the pixels they move.
 
 Two halves:
 - `sample_multicrop_params` draws everything random about an image's 2 global + N local crops from
@@ -33,37 +34,20 @@ import cv2
 import numpy as np
 from PIL import Image
 
-# The reference's constants (main_dino.py, DataAugmentationDINO; torchvision's defaults).
+from dino_jax.augment_laws import (
+    JITTER_OPS,
+    SOLARIZE_THRESHOLD,
+    UNIFORMS_PER_CROP,
+    MultiCropConfig,
+    crop_laws,
+)
+
+# torchvision's RandomResizedCrop defaults (main_dino.py: DataAugmentationDINO keeps them).
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_TRIES = 10
-FLIP_P = 0.5
-JITTER_P = 0.8
-BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
-GRAYSCALE_P = 0.2
-BLUR_SIGMA = (0.1, 2.0)
-# Blur and solarize probabilities of global crop 1, global crop 2 and every local crop.
-GLOBAL_1_BLUR_P, GLOBAL_2_BLUR_P, LOCAL_BLUR_P = 1.0, 0.1, 0.5
-GLOBAL_2_SOLARIZE_P = 0.2
-SOLARIZE_THRESHOLD = 128
-JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 # Transparent pixels are composited onto white, what an image viewer shows. The reference's
 # `convert("RGB")` keeps whatever colour the encoder left under alpha 0 (often black, or noise).
 ALPHA_BACKGROUND = (255, 255, 255)
-
-
-@dataclasses.dataclass(frozen=True)
-class MultiCropConfig:
-    """Sizes, scale ranges and normalisation of the multi-crop (the reference's defaults)."""
-
-    global_size: int = 224
-    local_size: int = 96
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    local_crops_number: int = 8
-    # Gaussian blur sigma range, in output pixels (the reference's for 224/96 px crops).
-    blur_sigma: tuple[float, float] = BLUR_SIGMA
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,39 +126,6 @@ def sample_crop_boxes(
     top = np.where(found, (u_position[:, 0] * (height - h + 1)).astype(np.int64), (height - h) // 2)
     left = np.where(found, (u_position[:, 1] * (width - w + 1)).astype(np.int64), (width - w) // 2)
     return np.stack([top, left, h, w], axis=1)
-
-
-UNIFORMS_PER_CROP = 14  # one draw for all of a crop's events, factors and orders
-
-
-def crop_laws(u, blur_sigma: tuple[float, float], xp) -> dict:
-    """The random events and factors of an image's crops from uniforms u [..., n, 14].
-
-    The crop axis (-2) holds global crop 1, global crop 2, then the local crops. `xp` is numpy
-    or jax.numpy: the host pipeline and the on-device augmentation draw by the same laws.
-    Returns booleans `flip`, `jitter`, `grayscale`, `blur`, `solarize` [..., n], `blur_sigma`
-    [..., n], `factors` [..., n, 4] (brightness, contrast, saturation, hue) and `jitter_order`
-    [..., n, 4] (a permutation of indices into JITTER_OPS).
-    """
-    n = u.shape[-2]
-    crop = xp.arange(n)
-    blur_p = xp.where(
-        crop == 0, GLOBAL_1_BLUR_P, xp.where(crop == 1, GLOBAL_2_BLUR_P, LOCAL_BLUR_P)
-    )
-    low_sigma, high_sigma = blur_sigma
-    low = xp.asarray([1 - BRIGHTNESS, 1 - CONTRAST, 1 - SATURATION, -HUE])
-    high = xp.asarray([1 + BRIGHTNESS, 1 + CONTRAST, 1 + SATURATION, HUE])
-    return {
-        "flip": u[..., 0] < FLIP_P,
-        "jitter": u[..., 1] < JITTER_P,
-        "grayscale": u[..., 2] < GRAYSCALE_P,
-        "blur": u[..., 3] < blur_p,
-        "solarize": (u[..., 4] < GLOBAL_2_SOLARIZE_P) & (crop == 1),
-        "blur_sigma": low_sigma + (high_sigma - low_sigma) * u[..., 5],
-        "factors": low + (high - low) * u[..., 6:10],
-        # The ranks of 4 i.i.d. uniforms are a uniform permutation, like torch.randperm(4).
-        "jitter_order": xp.argsort(u[..., 10:14], axis=-1),
-    }
 
 
 def sample_multicrop_params(

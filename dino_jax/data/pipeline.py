@@ -19,10 +19,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from dino_jax.augment_laws import FLIP_P, MultiCropConfig
 from dino_jax.data.augment import (
-    FLIP_P,
     CropParams,
-    MultiCropConfig,
     multicrop,
     multicrop_uint8,
     render_crop,
@@ -35,7 +34,7 @@ STD = (0.229, 0.224, 0.225)
 
 
 def multicrop_config(config: ml_collections.ConfigDict) -> MultiCropConfig:
-    """The augmentation settings of a run config (SPEC 4)."""
+    """The augmentation settings of a run config (main_dino.py: DataAugmentationDINO)."""
     return MultiCropConfig(
         global_size=config.data.global_crop_size,
         local_size=config.data.local_crop_size,
@@ -46,7 +45,7 @@ def multicrop_config(config: ml_collections.ConfigDict) -> MultiCropConfig:
     )
 
 
-class MultiCrop(grain.transforms.RandomMap):
+class MultiCropTransform(grain.transforms.RandomMap):
     """Record -> {"global": f32 [2, G, G, 3], "local": f32 [n, L, L, 3], "label": i32} using the
     element's own RNG; with `on_device`, uint8 crops that the train step augments further."""
 
@@ -84,7 +83,7 @@ def train_source(config: ml_collections.ConfigDict) -> DecodedSource:
     return DecodedSource(source, min_side=config.data.global_crop_size)
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
+def batches_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
     """Full global batches in one pass over the data (the reference drops the remainder)."""
     steps = num_examples // config.batch_size
     if steps == 0:
@@ -111,13 +110,13 @@ def train_dataset(
     process_index, process_count = _process_slice(process_index, process_count)
     local_batch = _local_batch_size(config.batch_size, process_count)
     source = train_source(config) if source is None else source
-    epoch_size = steps_per_epoch(config, len(source)) * config.batch_size
+    epoch_size = batches_per_epoch(config, len(source)) * config.batch_size
     ds = (
         grain.MapDataset.source(source)
         .seed(config.seed)
         .shuffle()[:epoch_size]
         .repeat()  # reseeds, hence reshuffles, every epoch
-        .random_map(MultiCrop(multicrop_config(config), config.data.augment_on_device))
+        .random_map(MultiCropTransform(multicrop_config(config), config.data.augment_on_device))
         .batch(local_batch, drop_remainder=True)[process_index::process_count]
     )
     return _to_iter(ds, config)

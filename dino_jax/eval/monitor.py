@@ -18,7 +18,7 @@ from dino_jax.data.sources import (
     shared_examples,
 )
 from dino_jax.eval.features import extract_features
-from dino_jax.eval.knn import knn_classify
+from dino_jax.eval.knn_classifier import knn_classify
 from dino_jax.models import build_dino
 
 log = logging.getLogger(__name__)

@@ -5,19 +5,22 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from dino_jax.config import ARCHS, VIT_ARCHS
 from dino_jax.models.dino import MultiCrop
 from dino_jax.models.head import DINOHead
 from dino_jax.models.layers import STOCK, Layers
 from dino_jax.models.resnet import ResNet, resnet50
-from dino_jax.models.vit import VisionTransformer, vit_base, vit_small, vit_tiny
+from dino_jax.models.vit import REMATS, VisionTransformer, vit_base, vit_small, vit_tiny
 
 __all__ = [
+    "ARCHS",
+    "REMATS",
+    "VIT_ARCHS",
     "DINOHead",
     "Layers",
     "MultiCrop",
     "ResNet",
     "VisionTransformer",
+    "backbone_of",
     "build_backbone",
     "build_dino",
     "resnet50",
@@ -27,6 +30,8 @@ __all__ = [
 ]
 
 _VITS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+VIT_ARCHS = tuple(_VITS)
+ARCHS = (*VIT_ARCHS, "resnet50")
 
 
 def build_backbone(
@@ -58,6 +63,18 @@ def build_backbone(
     if arch == "resnet50":
         return resnet50(dtype=dtype)
     raise ValueError(f"Unknown arch={arch!r}; choose one of {', '.join(ARCHS)}.")
+
+
+def backbone_of(config: ml_collections.ConfigDict):
+    """The float32, stochastic-depth-free backbone module that `config` trains."""
+    return build_backbone(
+        config.arch,
+        patch_size=config.patch_size,
+        img_size=config.img_size,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+    )
 
 
 def build_dino(

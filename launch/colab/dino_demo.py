@@ -269,7 +269,7 @@ print(f"k-NN (k=20) of the trained teacher: top-1 {top['top1']:.1f}%, top-5 {top
 # %%
 import urllib.request
 
-from dino_jax import convert
+from dino_jax import interop, state_dict
 
 RELEASE_URL = (
     "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"
@@ -295,7 +295,7 @@ if release.exists():
     print(f"Jaccard of the mean map's mask: {scores[:, -1].mean():.3f}")
 else:
     ours = WORKDIR / "teacher.pth"
-    state = convert.export_backbone(WORKDIR, ours)
+    state = interop.export_backbone(WORKDIR, ours)
     print(
         f"{ours}: {len(state)} tensors in the reference's layout, e.g.",
         {key: tuple(state[key].shape) for key in list(state)[:3]},
@@ -304,8 +304,8 @@ else:
     # 768); a file of another width, like the demo's 128, loads into the model it came from.
     probe = np.zeros((1, model.patch_size, model.patch_size, 3), np.float32)
     abstract = jax.eval_shape(model.init, jax.random.key(0), probe)  # the shapes it must fill
-    file_state = convert.backbone_state_dict(convert.torch_load(ours))
-    reloaded = convert.from_state_dict(file_state, abstract, convert.backbone_key, str(ours))
+    file_state = state_dict.backbone_state_dict(state_dict.torch_load(ours))
+    reloaded = state_dict.from_state_dict(file_state, abstract, state_dict.backbone_key, str(ours))
     difference = np.abs(
         dino_jax.extract_features(model, reloaded, images)
         - dino_jax.extract_features(model, variables, images)

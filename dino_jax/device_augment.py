@@ -1,11 +1,12 @@
 """DINO's photometric augmentation inside the jitted step (`config.data.augment_on_device`).
 
-The host decodes, crops, resizes and flips in uint8 (`augment.multicrop_uint8`); the step then
-draws, from its own RNG and by the host's laws (`augment.crop_laws`): colour jitter with p 0.8
-(brightness, contrast, saturation, hue in a random order), grayscale p 0.2, Gaussian blur (p 1,
-0.1, 0.5 for global crop 1, global crop 2, local crops), solarize (p 0.2, global crop 2), and
-normalises. Pixels stay integer levels in float32, rounded after each op as the host's uint8 ops
-round, so the two paths agree to about a level (tests/test_device_augment.py states the bounds).
+The host decodes, crops, resizes and flips in uint8 (`data.augment.multicrop_uint8`); the step
+then draws, from its own RNG and by the host's laws (`augment_laws.crop_laws`): colour jitter
+with p 0.8 (brightness, contrast, saturation, hue in a random order), grayscale p 0.2, Gaussian
+blur (p 1, 0.1, 0.5 for global crop 1, global crop 2, local crops), solarize (p 0.2, global
+crop 2), and normalises. Pixels stay integer levels in float32, rounded after each op as the
+host's uint8 ops round, so the two paths agree to about a level (tests/test_device_augment.py
+states the bounds).
 Every op is computed for every crop and selected per crop: branch-free, one program for any draw.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dino_jax.data import augment
+from dino_jax.augment_laws import SOLARIZE_THRESHOLD, UNIFORMS_PER_CROP, MultiCropConfig, crop_laws
 
 
 def gray(x: jax.Array) -> jax.Array:
@@ -106,13 +107,13 @@ def gaussian_blur(x: jax.Array, sigma: jax.Array, max_sigma: float) -> jax.Array
 
 
 def solarize(x: jax.Array) -> jax.Array:
-    return jnp.where(x >= augment.SOLARIZE_THRESHOLD, 255.0 - x, x)
+    return jnp.where(x >= SOLARIZE_THRESHOLD, 255.0 - x, x)
 
 
 _JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # JITTER_OPS order
 
 
-def photometric(x: jax.Array, laws: dict, cfg: augment.MultiCropConfig) -> jax.Array:
+def photometric(x: jax.Array, laws: dict, cfg: MultiCropConfig) -> jax.Array:
     """uint8 crops [M, S, S, 3] and their laws (each [M, ...]) -> normalised float32."""
 
     def where(flag: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
@@ -130,13 +131,13 @@ def photometric(x: jax.Array, laws: dict, cfg: augment.MultiCropConfig) -> jax.A
     return (x / 255.0 - mean) / std
 
 
-def sample_laws(key: jax.Array, batch: int, n_crops: int, cfg: augment.MultiCropConfig) -> dict:
+def sample_laws(key: jax.Array, batch: int, n_crops: int, cfg: MultiCropConfig) -> dict:
     """The host's laws drawn on device: each entry [batch, n_crops, ...]."""
-    u = jax.random.uniform(key, (batch, n_crops, augment.UNIFORMS_PER_CROP))
-    return augment.crop_laws(u, cfg.blur_sigma, jnp)
+    u = jax.random.uniform(key, (batch, n_crops, UNIFORMS_PER_CROP))
+    return crop_laws(u, cfg.blur_sigma, jnp)
 
 
-def augment_batch(key: jax.Array, batch: dict, cfg: augment.MultiCropConfig) -> dict:
+def augment_batch(key: jax.Array, batch: dict, cfg: MultiCropConfig) -> dict:
     """{"global": uint8 [B, 2, G, G, 3], "local": uint8 [B, n, L, L, 3] (optional)} -> the same
     crops photometrically augmented and normalised, float32."""
     groups = {name: batch[name] for name in ("global", "local") if name in batch}

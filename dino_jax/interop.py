@@ -1,0 +1,296 @@
+"""Whole training states from trained weights: a reference training checkpoint resumed as a
+TrainState, a new run started from any checkpoint or export, and a teacher backbone written back
+as a reference .pth.
+
+The names and layouts of the weights are state_dict.py's; this module assembles them into the
+TrainState of step.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from dino_jax import checkpoint, hub
+from dino_jax import step as dino_step
+from dino_jax.config import steps_per_epoch
+from dino_jax.models import backbone_of
+from dino_jax.optim import init_hyperparams, make_optimizer
+from dino_jax.state_dict import (
+    NETWORKS,
+    VIT_WIDTHS,
+    StateDict,
+    backbone_key,
+    backbone_state_dict,
+    backbone_to_torch,
+    flat_tree,
+    from_state_dict,
+    head_from_state_dict,
+    head_to_state_dict,
+    infer_backbone_config,
+    infer_head_config,
+    is_full_checkpoint,
+    network_state_dict,
+    split_network,
+    split_variables,
+    to_state_dict,
+    torch_load,
+    torch_shape,
+)
+
+
+def checkpoint_config(path: str | epath.PathLike) -> ml_collections.ConfigDict:
+    """base_config() with the model keys of a .pth read off its tensors: arch, patch_size,
+    img_size and depth; for a full checkpoint also out_dim, head_*, use_bn_in_head and
+    norm_last_layer (False when the student's weight_g is not all ones). Set the data and batch
+    keys, then `import_full_checkpoint(path, config)`."""
+    obj = torch_load(path)
+    config = infer_backbone_config(backbone_state_dict(obj))
+    if is_full_checkpoint(obj):
+        infer_head_config(split_network(network_state_dict(obj, "student"))[1], config)
+    return config
+
+
+def import_full_checkpoint(
+    path: str | epath.PathLike, config: ml_collections.ConfigDict, mesh=None
+):
+    """A reference training checkpoint as a TrainState, to continue training in JAX.
+
+    Student, teacher, their BatchNorm statistics and the center are imported; `step` is the
+    checkpoint's epoch (the next one to run) times `config.steps_per_epoch`; the optimizer state
+    is fresh (Adam moments restart from 0). `config` must describe the same model (arch,
+    patch_size, size overrides, out_dim, head_*, use_bn_in_head, norm_last_layer): every
+    unknown or missing key and every mismatched shape is listed in the ValueError otherwise.
+    With a mesh, the state is placed with the shardings of `step.state_sharding`.
+    """
+    checkpoint = torch_load(path)
+    if not is_full_checkpoint(checkpoint):
+        raise ValueError(
+            f"{path} is not a full training checkpoint (no 'student' and 'teacher'): a "
+            "backbone-only file cannot resume training; load it with dino_jax.load_pretrained."
+        )
+    center = _center(checkpoint)
+    if center is None:
+        raise ValueError(f"{path} has no dino_loss.center: not a DINO training checkpoint.")
+    center = _checked_center(center, (1, config.out_dim), config, f"dino_loss.center of {path}")
+    abstract = jax.eval_shape(lambda key: dino_step.init_state(config, key), jax.random.key(0))
+    networks = {w: split_network(network_state_dict(checkpoint, w)) for w in NETWORKS}
+    step = int(checkpoint["epoch"]) * steps_per_epoch(config)
+    return _state_with(abstract, networks, center, step, config, path, mesh)
+
+
+def init_state_from(
+    source: str | epath.PathLike, config: ml_collections.ConfigDict, rng, mesh=None
+):
+    """(TrainState, what was taken) to start a NEW run from trained weights (the training
+    command's `config.init_checkpoint`): step 0, a fresh optimizer state, and from `source`
+
+    - an official full training checkpoint (main_dino.py: train_dino's checkpoint.pth): its
+      student, teacher, BatchNorm statistics and center;
+    - a one-network .pth (a release file, or a state dict under 'teacher'/'state_dict'): its
+      backbone for both student and teacher;
+    - a dino_jax training workdir: the student, teacher and center of its latest checkpoint;
+    - a dino_jax export: its teacher for both student and teacher.
+    What the source lacks (a head, the center) is as `step.init_state(config, rng, mesh)` makes
+    it. A source of another model is refused with a one-line ValueError naming what differs.
+    """
+    path = epath.Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"init_checkpoint: no .pth file, dino_jax export or workdir at {path}."
+        )
+    found = _dino_jax_source(path) if path.is_dir() else _torch_source(path)
+    # Shapes first, so that a wrong file fails before the model is initialised.
+    abstract = jax.eval_shape(lambda key: dino_step.init_state(config, key), rng)
+    backbone = found.networks["student"][0]
+    _check_backbone_fits(backbone, abstract.student["backbone"], config, found.num_heads, path)
+    center = found.center
+    if center is not None:
+        center = _checked_center(center, (config.out_dim,), config, f"The center of {path}")
+    for which, (backbone, head) in found.networks.items():
+        _network_variables(backbone, head, which, abstract, config, path)
+    fresh = dino_step.init_state(config, rng, mesh)
+    state = _state_with(fresh, found.networks, center, 0, config, path, mesh)
+    return state, found.what
+
+
+class _Source(NamedTuple):
+    """Weights to start from: {network: (backbone, head or None)} reference-layout state
+    dicts, the center (or None), the backbone's attention heads where known, and a description."""
+
+    networks: dict[str, tuple[StateDict, StateDict | None]]
+    center: np.ndarray | None
+    num_heads: int | None
+    what: str
+
+
+def _torch_source(path: epath.Path) -> _Source:
+    obj = torch_load(path)
+    if is_full_checkpoint(obj):
+        networks = {w: split_network(network_state_dict(obj, w)) for w in NETWORKS}
+        center = _center(obj)
+        center = None if center is None else center.reshape(-1)
+        what = "the student, teacher and center of a full training checkpoint"
+        if center is None:
+            what = "the student and teacher of a full training checkpoint (no center: zeros)"
+    else:
+        backbone = backbone_state_dict(obj)
+        networks = {w: (backbone, None) for w in NETWORKS}
+        center, what = None, "its backbone for student and teacher (fresh head, zero center)"
+    width = networks["student"][0].get("cls_token", np.zeros((0,))).shape[-1]
+    # The reference's ViTs of each width have a fixed number of heads (vision_transformer.py).
+    heads = VIT_WIDTHS[width][1] if width in VIT_WIDTHS else None
+    return _Source(networks, center, heads, what)
+
+
+def _dino_jax_source(path: epath.Path) -> _Source:
+    if (path / "checkpoints").exists():
+        names = ("student", "teacher", "center", "batch_stats")
+        saved, arrays = hub.latest_checkpoint_arrays(path / "checkpoints", names)
+        stats = arrays.get("batch_stats") or {}
+        variables = {w: (arrays[w], stats.get(w, {})) for w in NETWORKS}
+        center = np.asarray(arrays["center"])
+        what = "the student, teacher and center of its latest checkpoint"
+    elif (export := hub.export_of(path)) is not None:
+        saved, params, stats = checkpoint.load_exported(export)
+        variables = {w: (params, stats) for w in NETWORKS}
+        center, what = None, "its exported teacher for student and teacher (zero center)"
+    else:
+        raise ValueError(
+            f"init_checkpoint {path} is neither a .pth file, a dino_jax export (config.json + "
+            "variables/) nor a training workdir (checkpoints/ or export/)."
+        )
+    # Through the reference layout, so that every source is checked and reported alike.
+    networks = {}
+    for which, (params, batch_stats) in variables.items():
+        both = {"params": params, "batch_stats": batch_stats or {}}
+        backbone = to_state_dict(split_variables(both, "backbone"), backbone_key)
+        head = None
+        if "head" in params:  # an export of `convert import` holds a backbone only
+            head = head_to_state_dict(split_variables(both, "head"), saved)
+        networks[which] = (backbone, head)
+    heads = getattr(backbone_of(saved), "num_heads", None)
+    return _Source(networks, center, heads, what)
+
+
+def _vit_geometry(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """What a backbone's reference-layout shapes say of its model."""
+    if not {"cls_token", "pos_embed", "patch_embed.proj.weight"} <= set(shapes):
+        return {"arch": "resnet50" if "conv1.weight" in shapes else "not a ViT"}
+    patch = shapes["patch_embed.proj.weight"][-1]
+    return {
+        "arch": "ViT",
+        "embed_dim": shapes["cls_token"][-1],
+        "depth": len({key.split(".")[1] for key in shapes if key.startswith("blocks.")}),
+        "patch_size": patch,
+        "img_size": math.isqrt(shapes["pos_embed"][1] - 1) * patch,
+    }
+
+
+def _check_backbone_fits(state: StateDict, abstract: dict, config, num_heads, source) -> None:
+    """One line naming what differs (arch, width, depth, patch, grid, heads) between the
+    backbone in `source` and the config's, before `match_keys` lists keys and shapes."""
+    model = {
+        backbone_key(p): torch_shape(p[-1], leaf.shape) for p, leaf in flat_tree(abstract).items()
+    }
+    got = _vit_geometry({key: tuple(value.shape) for key, value in state.items()})
+    want = _vit_geometry(model)
+    model_heads = getattr(backbone_of(config), "num_heads", None)
+    # Heads do not show in the shapes: a wrong count would load and compute something else.
+    if got["arch"] == want["arch"] == "ViT" and num_heads and model_heads:
+        got["num_heads"], want["num_heads"] = num_heads, model_heads
+    diffs = [key for key in want if got.get(key) != want[key]]
+    if got["arch"] == "not a ViT":
+        return  # match_keys lists its keys
+    if got["arch"] != want["arch"]:
+        diffs = ["arch"]  # the rest does not compare
+    if diffs:
+        raise ValueError(
+            f"init_checkpoint {source} has "
+            + ", ".join(f"{key} {got[key]}" for key in diffs)
+            + f"; the config (arch {config.arch}) builds "
+            + ", ".join(f"{key} {want[key]}" for key in diffs)
+            + ". Set arch, patch_size, img_size and embed_dim/depth/num_heads to the file's."
+        )
+
+
+def _state_with(base, networks: dict, center, step: int, config, source, mesh):
+    """`base` (a TrainState, or its eval_shape when `networks` holds every part) with the parts
+    in `networks` ({network: (backbone, head or None)} reference state dicts, checked against
+    base's shapes) and `center` (None: base's), a fresh optimizer state and `step`."""
+    params, stats = {}, {}
+    for which, (backbone, head) in networks.items():
+        loaded = _network_variables(backbone, head, which, base, config, source)
+        params[which] = {**getattr(base, which), **loaded["params"]}
+        if base.batch_stats:
+            stats[which] = {**base.batch_stats[which], **loaded["batch_stats"]}
+    state = dino_step.TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        student=params["student"],
+        teacher=params["teacher"],
+        center=base.center if center is None else center,
+        opt_state=make_optimizer(config, init_hyperparams()).init(params["student"]),
+        batch_stats=stats,
+    )
+    if mesh is not None:
+        return jax.device_put(state, dino_step.state_sharding(config, mesh))
+    return jax.tree.map(jnp.asarray, state)
+
+
+def _network_variables(backbone, head, which: str, abstract, config, source) -> dict:
+    """{"params", "batch_stats"} of the given parts (a head may be None) of the MultiCrop
+    network `which`, checked against `abstract`."""
+    params = getattr(abstract, which)
+    stats = abstract.batch_stats.get(which, {}) if abstract.batch_stats else {}
+    parts = {}
+    for part, state in (("backbone", backbone), ("head", head)):
+        if state is None:
+            continue
+        part_abstract = {"params": params[part]}
+        if stats.get(part):
+            part_abstract["batch_stats"] = stats[part]
+        what = f"{which} {part} in {source}"
+        if part == "backbone":
+            parts[part] = from_state_dict(state, part_abstract, backbone_key, what)
+        else:
+            parts[part] = head_from_state_dict(state, part_abstract, config, what)
+    return {
+        "params": {part: v["params"] for part, v in parts.items()},
+        "batch_stats": {part: v["batch_stats"] for part, v in parts.items() if "batch_stats" in v},
+    }
+
+
+def _center(checkpoint: dict) -> np.ndarray | None:
+    """dino_loss.center of a reference checkpoint (main_dino.py: train_dino saves the DINOLoss
+    state dict), [1, out_dim]; None when absent."""
+    center = checkpoint.get("dino_loss", {}).get("center")
+    return None if center is None else center.detach().float().numpy()
+
+
+def _checked_center(center: np.ndarray, shape: tuple, config, what: str) -> np.ndarray:
+    if tuple(center.shape) != shape:
+        raise ValueError(
+            f"{what} has shape {tuple(center.shape)}, the config's out_dim={config.out_dim} "
+            f"needs {shape}."
+        )
+    return np.asarray(center, np.float32).reshape(-1)
+
+
+def export_backbone(source, path: str | epath.PathLike) -> dict:
+    """Writes the teacher backbone of `source` (a dino_jax export dir, a training workdir or an
+    official .pth) as a reference-layout state dict to the .pth `path`, which the reference's
+    `vits.__dict__[arch](patch_size=...)` (or torchvision's resnet50 without fc) loads with
+    `strict=True`. Returns the state dict (torch tensors)."""
+    import torch
+
+    _, variables = hub.load_pretrained(source)
+    state = backbone_to_torch(variables)
+    with epath.Path(path).open("wb") as f:
+        torch.save(state, f)
+    return state
