@@ -102,6 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.knn_train_examples = 10000  # labelled examples of data.split as the k-NN memory
     c.eval.knn_val_examples = 2000  # examples of data.eval_split (of data.eval_source) to classify
     c.eval.knn_k = 20
+    # The attention monitor (eval/attention_monitor.py), beside the k-NN monitor: the Jaccard
+    # index of the teacher's attention masks on this many held-out scenes with true masks (0:
+    # off), and WORKDIR/figures/attention_<step>.png with the maps of the first figure_scenes.
+    c.eval.jaccard_examples = 0
+    c.eval.figure_scenes = 4
     c.eval.batch_size = 256
     # Devices: mesh axes (name, size); -1 takes the remaining devices.
     c.mesh = (("data", -1), ("fsdp", 1))
@@ -253,6 +258,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_student_chunks(config, num_devices)
     if config.local_crops_number < 0:
         raise ValueError(f"local_crops_number={config.local_crops_number} must be >= 0.")
+    if config.eval.jaccard_examples > 0 and config.eval.knn_every_steps < 0:
+        raise ValueError(
+            f"eval.jaccard_examples={config.eval.jaccard_examples} asks for the attention "
+            "monitor, which runs beside the k-NN monitor, and eval.knn_every_steps=-1 turns "
+            "both off: set eval.knn_every_steps to 0 (before and after training) or N."
+        )
     if config.warmup_teacher_temp_epochs > config.epochs:
         raise ValueError(
             f"warmup_teacher_temp_epochs={config.warmup_teacher_temp_epochs} exceeds "

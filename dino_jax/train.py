@@ -1,7 +1,7 @@
 """The training command: `python -m dino_jax.train --config configs/<recipe>.py --workdir DIR`.
 
 Only the loop lives here: devices and mesh, state from the latest checkpoint or fresh, the jitted
-step fed by the input pipeline, checkpoints, metrics, the k-NN monitor, and a clean stop on
+step fed by the input pipeline, checkpoints, metrics, the monitors, and a clean stop on
 SIGTERM/SIGINT or preemption. All maths is in step.py and below.
 """
 
@@ -29,7 +29,7 @@ from dino_jax.checkpoint import Checkpointer, export_teacher
 from dino_jax.config import load_config, unknown_overrides, validate
 from dino_jax.cpu import host_memory
 from dino_jax.data.pipeline import batches_per_epoch, train_dataset, train_source
-from dino_jax.eval.monitor import KnnMonitor
+from dino_jax.eval.monitor import Monitors
 from dino_jax.metrics import MetricWriter
 from dino_jax.step import abstract_state, init_state, make_train_step
 
@@ -106,7 +106,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     mesh = parallel.make_mesh(config.mesh)
     # Built first, so that a monitor refusing its data (unlabelled, or queries that sit in the
     # memory) stops the run before anything is written.
-    monitor = KnnMonitor(config, mesh) if config.eval.knn_every_steps >= 0 else None
+    monitor = Monitors(config, mesh, workdir) if config.eval.knn_every_steps >= 0 else None
     ckpt = Checkpointer(
         workdir, save_every=config.checkpoint.every_steps, keep=config.checkpoint.keep
     )
@@ -168,9 +168,7 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer, monitor) -> dict[str
     """Steps from `state.step` to the end (or a stop signal), then the final save and export."""
     start, total_steps = int(state.step), config.epochs * config.steps_per_epoch
     if monitor and start == 0:
-        top1 = monitor(state.teacher, _teacher_stats(state))
-        log.info("k-NN top-1 of the teacher at initialisation: %.1f%%", top1)
-        writer.write(0, {"knn_top1": top1})
+        _log_monitors("the teacher at initialisation", monitor(0, *_teacher(state), writer))
     # Several processes must stop at the same step: JAX's preemption service (which handles
     # their SIGTERM) agrees on it. A single process catches the signals itself.
     stop = StopSignal() if jax.process_count() == 1 else None
@@ -195,7 +193,7 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer, monitor) -> dict[str
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")
             every = config.eval.knn_every_steps  # the last step has its own k-NN below
             if monitor and every and step % every == 0 and step < total_steps:
-                writer.write(step, {"knn_top1": monitor(state.teacher, _teacher_stats(state))})
+                monitor(step, *_teacher(state), writer)
             bar.update(1)
             if saving:
                 ckpt.save(step, state, data, config, force=True)
@@ -208,9 +206,8 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer, monitor) -> dict[str
     if step == total_steps:
         export_teacher(os.path.join(workdir, "export"), state, config)
         if monitor:
-            last["knn_top1"] = monitor(state.teacher, _teacher_stats(state))
-            log.info("k-NN top-1 of the trained teacher: %.1f%%", last["knn_top1"])
-            writer.write(step, {"knn_top1": last["knn_top1"]})
+            last.update(monitor(step, *_teacher(state), writer))
+            _log_monitors("the trained teacher", last)
     return last
 
 
@@ -259,8 +256,20 @@ def _images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in batch.items() if k in ("global", "local") and v.shape[1] > 0}
 
 
-def _teacher_stats(state):
-    return state.batch_stats.get("teacher") if state.batch_stats else None
+def _teacher(state):
+    """(teacher params, teacher batch statistics or None): what the monitors evaluate."""
+    return state.teacher, state.batch_stats.get("teacher") if state.batch_stats else None
+
+
+def _log_monitors(teacher: str, values: dict) -> None:
+    log.info("k-NN top-1 of %s: %.1f%%", teacher, values["knn_top1"])
+    if "jaccard_mean_map" in values:
+        log.info(
+            "Jaccard of the attention masks of %s: mean map %.3f, best head %.3f",
+            teacher,
+            values["jaccard_mean_map"],
+            values["jaccard_best_head"],
+        )
 
 
 def _check_finite(metrics: dict, step: int) -> dict[str, float]:

@@ -28,7 +28,6 @@ import jax
 import matplotlib.image
 import numpy as np
 from etils import epath
-from matplotlib.figure import Figure
 from PIL import Image
 
 from dino_jax import hub, parallel
@@ -36,12 +35,10 @@ from dino_jax.data.augment import decode_image
 from dino_jax.data.pipeline import eval_dataset
 from dino_jax.data.sources import DecodedSource, make_source
 from dino_jax.data.synthetic import ShapesSource
-from dino_jax.eval import attention, cli
+from dino_jax.eval import attention, cli, figures
+from dino_jax.eval.figures import TRUTH_COLOUR, figure_of, overlay
 
 log = logging.getLogger("dino_jax")
-MASK_COLOUR = np.array([1.0, 0.25, 0.1])  # the overlay's colour, RGB in [0, 1]
-TRUTH_COLOUR = "lime"
-PANELS_PER_ROW = 5
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -119,27 +116,6 @@ def save_png(path: epath.Path, array: np.ndarray, **imsave_kwargs) -> None:
     path.write_bytes(buffer.getvalue())
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The image with `mask` tinted in MASK_COLOUR (the reference's apply_mask)."""
-    weight = alpha * mask.astype(np.float32)[..., None]
-    return (image * (1.0 - weight) + weight * MASK_COLOUR * 255.0).astype(np.uint8)
-
-
-def figure_of(panels: list[tuple[str, np.ndarray, np.ndarray | None, str]]) -> Figure:
-    """A grid of (title, picture, outline mask or None, outline colour) panels."""
-    cols = min(PANELS_PER_ROW, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    figure = Figure(figsize=(3 * cols, 3 * rows), layout="constrained")
-    for i, (title, picture, outline, colour) in enumerate(panels):
-        ax = figure.add_subplot(rows, cols, i + 1)
-        ax.imshow(picture)
-        if outline is not None and outline.any():
-            ax.contour(outline.astype(np.float32), levels=[0.5], colors=colour, linewidths=1.5)
-        ax.set_title(title, fontsize=10)
-        ax.set_axis_off()
-    return figure
-
-
 def write_maps(
     out: epath.Path,
     image: np.ndarray,
@@ -164,9 +140,7 @@ def write_maps(
     panels += [(title(f"head {h}", h), m, masks[h], "white") for h, m in enumerate(maps)]
     mean_title = title(f"mean map, {threshold:.0%} mass", len(maps))
     panels.append((mean_title, overlay(image, masks[-1]), masks[-1], "white"))
-    buffer = io.BytesIO()
-    figure_of(panels).savefig(buffer, format="png", dpi=100)
-    (out / "attention.png").write_bytes(buffer.getvalue())
+    figures.save(figure_of(panels), out / "attention.png")
 
 
 def visualize(args: argparse.Namespace) -> None:

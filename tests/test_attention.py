@@ -120,6 +120,7 @@ def test_dataset_score_equals_image_by_image_numpy(export_dir):
     assert got["mean_of_heads"] == pytest.approx(want[:4].mean())
 
 
+@pytest.mark.slow
 def test_command_writes_the_maps_of_an_image_file(export_dir, tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(tmp_path / "in.png")

@@ -84,6 +84,7 @@ def test_config_overrides():
         benchmark.parse_configs(["--config.batch_size=8"])
 
 
+@pytest.mark.slow
 def test_step_command_prints_the_table(capsys):
     args = ["--config", "configs/vit_small16.py:smoke", "--config.dtype=float32"]
     benchmark.main(["step", *args, "--steps", "2", "--warmup", "1"])
@@ -100,6 +101,7 @@ def test_step_command_prints_the_table(capsys):
     assert cells[10].endswith("%")
 
 
+@pytest.mark.slow
 def test_benchmark_step_report_is_consistent(tiny_config):
     config = tiny_config(steps_per_epoch=0)
     report = step_benchmark.benchmark_step(config, steps=2, warmup=1)
@@ -109,6 +111,7 @@ def test_benchmark_step_report_is_consistent(tiny_config):
     assert report.peak_memory_bytes > 0 and report.memory_source == "memory_analysis"
 
 
+@pytest.mark.slow
 def test_interleaved_configs_each_get_their_steps(capsys):
     """Two configs in turn: a row each and the speed ratio, and the CPU kernel's FLOPs counted."""
     tiny = ["--config", "configs/vit_small16.py:smoke", "--config.dtype=float32"]
@@ -124,6 +127,7 @@ def test_interleaved_configs_each_get_their_steps(capsys):
     assert "cpu_tuning=False: " in out.split("speed against")[1]
 
 
+@pytest.mark.slow
 def test_interleaving_alternates_the_steps(tiny_config, monkeypatch):
     order = []
     run = step_benchmark.PreparedStep.run

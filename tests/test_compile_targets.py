@@ -115,6 +115,7 @@ def _nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+@pytest.mark.slow
 def test_no_cpu_kernels_or_per_block_conditionals(data_report):
     hlo = data_report.hlo
     calls = set(re.findall(r'custom_call_target="([^"]+)"', hlo))
@@ -126,6 +127,7 @@ def test_no_cpu_kernels_or_per_block_conditionals(data_report):
     assert conditionals <= 1, f"{conditionals} conditionals in the {data_report.target} program"
 
 
+@pytest.mark.slow
 def test_gradients_reduce_in_float32(data_report):
     """bfloat16 matmuls, float32 parameters: with the parameters replicated, the cross-device
     sums are gradients and batch statistics, all float32, and carry the gradients (XLA may
@@ -147,6 +149,7 @@ def test_gradients_reduce_in_float32(data_report):
     assert reduced >= 0.9 * student, f"{reduced} B reduced, student parameters {student} B"
 
 
+@pytest.mark.slow
 def test_fsdp_splits_the_state(fsdp_report):
     """Per device, the state's arguments are a quarter of the state (+15%: small vectors, norms
     and biases, stay whole, and TPUs pad them to their tiles)."""
@@ -155,6 +158,7 @@ def test_fsdp_splits_the_state(fsdp_report):
     assert 0.95 < ratio < 1.15, f"{fsdp_report.state_bytes} B per device of {total} B: {ratio:.2f}"
 
 
+@pytest.mark.slow
 def test_fsdp_reduce_scatters_gradients_and_gathers_weights(fsdp_report):
     """Each device receives its [D/4, 3D] rows of the qkv kernel's gradient from a reduce-scatter,
     not the whole [D, 3D] from an all-reduce; weights are gathered for use, so no split makes
@@ -168,6 +172,7 @@ def test_fsdp_reduce_scatters_gradients_and_gathers_weights(fsdp_report):
     assert totals["collective-permute"].count == totals["all-to-all"].count == 0, totals
 
 
+@pytest.mark.slow
 def test_report_figures(fsdp_report):
     r = fsdp_report
     assert r.devices == targets.get_target(r.target).chips

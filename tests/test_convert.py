@@ -137,6 +137,7 @@ def test_export_round_trips_a_release_file(release_vit, tmp_path):
         assert torch.equal(back[key], tensor), key
 
 
+@pytest.mark.slow
 def test_export_of_a_run_loads_strictly_and_computes_the_same(tiny_config, tmp_path):
     config = tiny_config()
     state = init_state(config, jax.random.key(1))
@@ -283,6 +284,7 @@ def check_round_off_updates(got, want, grads, key, lr):
     return got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [

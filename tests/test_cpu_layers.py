@@ -198,6 +198,7 @@ def test_model_values_and_gradients_equal_the_stock_layers(use_bn):
     assert _max_relative_gap(got_grads, want_grads) < 1e-4
 
 
+@pytest.mark.slow
 def test_cpu_step_equals_the_stock_step():
     """Two train steps on 8 CPU devices: the CPU layers (the default on a CPU mesh) against
     `cpu_tuning=False` (the stock layers, the accelerators' program): the same loss, gradient norm

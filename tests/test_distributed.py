@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from dino_jax.checkpoint import load_exported
 from dino_jax.metrics import read_metrics
@@ -69,6 +70,7 @@ def losses(workdir):
     return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     port = free_port()
     procs = [start(tmp_path / "two", 4, *cluster_flags(port, i)) for i in range(2)]
@@ -95,6 +97,7 @@ def knn(export_dir, out, devices, *flags):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_knn_on_two_processes_matches_one(export_dir, tmp_path):
     """Each process extracts its slice of every batch; all gather every feature and vote alike."""
     port = free_port()

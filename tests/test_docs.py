@@ -83,6 +83,7 @@ def _python_blocks(page: Path) -> list[str]:
     return [body for lang, body in FENCE.findall(page.read_text()) if lang == "python"]
 
 
+@pytest.mark.slow
 def test_readme_python_examples_run(tmp_path):
     """Every ```python block of README.md runs as written, from the repository root, on a CPU.
     (The Python blocks of docs/*.md need downloaded .pth files and are not run.)"""
@@ -136,6 +137,7 @@ def _help(module: str, sub: str) -> tuple[str, str, int, str]:
     return module, sub, result.returncode, out
 
 
+@pytest.mark.slow
 def test_documented_commands_answer_help():
     commands = documented_commands()
     modules = {module for module, _ in commands}

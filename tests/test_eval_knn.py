@@ -102,6 +102,7 @@ def direct_features(export_dir, split, count):
     return np.asarray(jax.jit(model.apply)(variables, x.astype(np.float32))), labels
 
 
+@pytest.mark.slow
 def test_command_writes_the_accuracies_of_the_teacher(export_dir, tmp_path):
     out = tmp_path / "knn.json"
     command = [

@@ -97,6 +97,7 @@ def test_vit_small_state_per_device_is_a_quarter():
     assert per_device / (total / FSDP) == pytest.approx(1.0, abs=0.01), (per_device, total)
 
 
+@pytest.mark.slow
 def test_cpu_step_has_no_collective_permute():
     """The CPU layers take q, k and v as three column blocks of the qkv kernel: with the kernel
     split across its columns (the largest-axis rule) each block straddled devices, and this step

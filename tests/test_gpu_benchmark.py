@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "gpu" / "benchmark.sh"
 HEADER = (
@@ -42,6 +44,7 @@ def table(stdout):
     return [dict(zip(cells(HEADER), cells(line), strict=True)) for line in lines[-2:]]
 
 
+@pytest.mark.slow
 def test_cpu_run_prints_both_sides_and_the_table(tmp_path):
     result = run(tmp_path, DEVICE="cpu", COMMIT="abc1234")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -65,6 +68,7 @@ def test_cpu_run_prints_both_sides_and_the_table(tmp_path):
     assert "dino_jax: " in result.stdout and "images/s, MFU" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_side_that_times_out_leaves_the_others_figures(tmp_path):
     result = run(tmp_path, DEVICE="cpu", JAX_TIMEOUT="1")
     assert result.returncode == 1, result.stdout + result.stderr

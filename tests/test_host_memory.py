@@ -52,6 +52,7 @@ def step_faults(mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.system() != "Linux", reason="glibc's malloc is what is tuned")
 def test_reused_memory_does_not_page_fault():
     default, reused = step_faults("default"), step_faults("reuse")

@@ -28,7 +28,7 @@ def release_vit(tmp_path_factory):
     return path, save_release_vit(path)
 
 
-@pytest.mark.parametrize("size", [224, 96, 480])
+@pytest.mark.parametrize("size", [224, 96, pytest.param(480, marks=pytest.mark.slow)])
 def test_official_vit_features_attention_and_layers(release_vit, size):
     path, twin = release_vit
     model, variables = dino_jax.load_pretrained(path)
@@ -65,6 +65,7 @@ def test_uint8_images_are_normalised(release_vit):
         hub.extract_features(model, variables, pixels.transpose(0, 3, 1, 2))
 
 
+@pytest.mark.slow
 def test_export_and_workdir(tiny_config, tmp_path):
     config = tiny_config()
     state = init_state(config, jax.random.key(0))

@@ -39,6 +39,7 @@ def assert_fresh_optimizer(state):
     assert leaves and all(not np.any(leaf) for leaf in leaves)  # moments and counts at 0
 
 
+@pytest.mark.slow
 def test_full_checkpoint_starts_at_step_0_like_the_reference(tiny_config, tmp_path):
     # No lr warmup: the first step's update shows the schedule (step 0, not the file's epoch 2)
     # and a fresh Adam state.
@@ -75,6 +76,7 @@ def release_backbone(config, seed=3):
     return randomize_(vit, seed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["flat", "teacher_wrapped"])
 def test_backbone_file_gives_student_and_teacher_its_backbone(tiny_config, tmp_path, layout):
     config = tiny_config()
@@ -104,6 +106,7 @@ def test_backbone_file_gives_student_and_teacher_its_backbone(tiny_config, tmp_p
     assert not np.any(state.center)
 
 
+@pytest.mark.slow
 def test_dino_jax_workdir_and_export(tiny_config, tmp_path):
     config = tiny_config(use_bn_in_head=True)  # head BatchNorm statistics travel too
     run = jax.device_get(init_state(config, jax.random.key(1)))
@@ -172,6 +175,7 @@ def test_a_checkpoint_in_the_workdir_wins(tiny_config, tmp_path, caplog):
     assert f"init_checkpoint={config.init_checkpoint} ignored" in caplog.text
 
 
+@pytest.mark.slow
 def test_training_command(tmp_path):
     config = load_config(f"{REPO / 'configs' / 'demo.py'}:smoke")
     torch.save(full_checkpoint(config), tmp_path / "checkpoint.pth")

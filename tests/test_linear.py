@@ -192,6 +192,7 @@ def test_training_stream_crops_distinct_labelled_images_of_the_first_limit():
     assert len(set(batch["label"].tolist())) == 8 and max(batch["label"]) < 12
 
 
+@pytest.mark.slow
 def test_command_trains_and_saves_the_classifier(export_dir, tmp_path):
     command = [
         sys.executable, "-m", "dino_jax.eval.linear", f"--checkpoint={export_dir}",

@@ -93,6 +93,7 @@ def teacher_features(export_dir, paths, resize, crop):
     return np.asarray(model.apply(variables, x.astype(np.float32)), np.float64)
 
 
+@pytest.mark.slow
 def test_train_and_val_folders_are_memory_and_queries_and_the_vote_is_numpys(tmp_path):
     root = noisy_jpegs(tmp_path / "pets", {"train": 8, "val": 4})
     workdir = tmp_path / "run"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jupytext
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,6 +56,7 @@ def outputs_of(cell) -> tuple[str, int]:
     return "".join(text), figures
 
 
+@pytest.mark.slow
 def test_notebook_runs_every_cell_in_smoke_mode(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # Which Python ran it: the kernel must be this environment's.

@@ -197,6 +197,7 @@ def test_parameter_counts_match_torchvision():
     assert resnet50().embed_dim == 2048
 
 
+@pytest.mark.slow
 def test_init_matches_torchvision_init():
     # One block per stage has every kernel shape of ResNet-50 at a quarter of the compile time.
     model = ResNet(stage_sizes=(1, 1, 1, 1))

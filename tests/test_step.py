@@ -46,6 +46,7 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
         )
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(tiny_config):
     config = tiny_config(drop_path_rate=0.2)  # stochastic depth must not depend on the layout
     one, m_one = run_steps(config, (("data", 1),), 1, n_steps=2)
@@ -56,6 +57,7 @@ def test_sharded_step_equals_single_device(tiny_config):
             np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_splits_large_params_and_their_moments(tiny_config):
     config = tiny_config()
     mesh = parallel.make_mesh((("data", 4), ("fsdp", 2)))
@@ -106,6 +108,7 @@ def test_step_follows_the_formulas(tiny_config):
     assert_trees_close(state1.student, state0.student, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_last_layer_frozen_during_first_epochs(tiny_config):
     config = tiny_config(freeze_last_layer=1, warmup_epochs=0)
     state0 = jax.device_get(init_state(config, jax.random.key(0)))
@@ -119,6 +122,7 @@ def test_last_layer_frozen_during_first_epochs(tiny_config):
     assert not np.array_equal(kernel(thawed), kernel(state0))
 
 
+@pytest.mark.slow
 def test_norm_last_layer_false_trains_weight_g(tiny_config):
     config = tiny_config(norm_last_layer=False, warmup_epochs=0)
     state, _ = run_steps(config, (("data", 8),), 8, start_step=4)
@@ -126,12 +130,14 @@ def test_norm_last_layer_false_trains_weight_g(tiny_config):
     assert g.shape == (1, 256) and not np.allclose(g, 1.0)
 
 
+@pytest.mark.slow
 def test_no_local_crops(tiny_config):
     config = tiny_config(local_crops_number=0)
     _, metrics = run_steps(config, (("data", 8),), 8)
     assert np.isfinite(metrics[0]["loss"])
 
 
+@pytest.mark.slow
 def test_bfloat16_close_to_float32(tiny_config):
     f32, m32 = run_steps(tiny_config(warmup_epochs=0), (("data", 8),), 8, start_step=2)
     bf16, m16 = run_steps(
@@ -143,6 +149,7 @@ def test_bfloat16_close_to_float32(tiny_config):
     assert_trees_close(bf16.student, f32.student, rtol=0, atol=5e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -163,6 +170,7 @@ def test_step_compiles_once(tiny_config, overrides):
     assert train_step._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_student_chunks_equal_the_whole_batch(tiny_config):
     """Two strided chunks on 8 devices, two steps: the same loss, parameters, moments and center
     as the whole batch on one device (no drop path, the only per-chunk randomness)."""
@@ -178,6 +186,7 @@ def test_student_chunks_equal_the_whole_batch(tiny_config):
     assert_trees_close(chunked, whole, atol=5e-6)
 
 
+@pytest.mark.slow
 def test_remat_step_equals_plain_step(tiny_config):
     plain, m_plain = run_steps(tiny_config(warmup_epochs=0), (("data", 8),), 8, start_step=2)
     remat, m_remat = run_steps(
@@ -223,6 +232,7 @@ def test_bad_mesh():
         parallel.make_mesh((("data", -1), ("fsdp", 3)))
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_per_network(tiny_config):
     """Head BN: student and teacher each update their own running statistics in the step."""
     config = tiny_config(use_bn_in_head=True)
@@ -237,6 +247,7 @@ def test_batchnorm_statistics_per_network(tiny_config):
     assert np.isfinite(metrics[0]["loss"])
 
 
+@pytest.mark.slow
 def test_resnet50_step_with_lars(tiny_config):
     config = tiny_config(arch="resnet50", optimizer="lars", warmup_epochs=0)
     state, metrics = run_steps(config, (("data", 8),), 8)
@@ -248,6 +259,7 @@ def test_resnet50_step_with_lars(tiny_config):
     assert np.isfinite(metrics[0]["loss"])
 
 
+@pytest.mark.slow
 def test_augment_on_device_step_compiles_once(tiny_config):
     """uint8 crops in, augmented in the step: finite losses, one program for every draw."""
     config = tiny_config()

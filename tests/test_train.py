@@ -56,6 +56,7 @@ def checkpoint_steps(workdir):
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
 
 
+@pytest.mark.slow
 def test_cli_writes_checkpoints_metrics_events_and_export(tmp_path):
     code, out = cli(tmp_path)
     assert code == 0, out
@@ -82,6 +83,7 @@ def test_cli_writes_checkpoints_metrics_events_and_export(tmp_path):
     assert "final:" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_runs_in_smoke_form(tmp_path, recipe):
     sep = "," if ":" in recipe else ":"
@@ -101,6 +103,7 @@ def test_custom_recipe_loads_without_its_folder(variant):
     validate(config, num_devices=8)
 
 
+@pytest.mark.slow
 def test_relative_workdir_and_signal_handlers_given_back(tmp_path, monkeypatch):
     """As from a notebook: a relative workdir (orbax needs absolute paths) and the kernel's
     SIGINT handler working again once train() returns."""
@@ -121,6 +124,7 @@ def test_relative_workdir_and_signal_handlers_given_back(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "relative" / "export" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     overrides = ["--config.steps_per_epoch=60", "--config.checkpoint.every_steps=10"]
     code, out = cli(tmp_path / "straight", *overrides)
@@ -145,6 +149,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_rerun_loads_the_step_from_the_compilation_cache(tmp_path):
     """A rerun in the same workdir, as after a preemption, loads the compiled step from the
     workdir instead of compiling it again, although the CPU attention kernel's custom
@@ -172,6 +177,7 @@ def test_compilation_cache_is_the_runs_own_and_given_back(tmp_path):
         assert jax.config.jax_compilation_cache_dir == previous
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step(tmp_path):
     proc = cli(tmp_path, "--config.steps_per_epoch=100000", wait=False)
     deadline = time.time() + 300
@@ -192,6 +198,7 @@ def losses_by_step_safe(workdir):
         return {}
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_message(tmp_path, monkeypatch):
     config = load_config(f"{REPO / 'configs' / 'demo.py'}:smoke")
     config.steps_per_epoch = 6
@@ -210,6 +217,7 @@ def test_non_finite_loss_stops_with_message(tmp_path, monkeypatch):
     assert checkpoint_steps(tmp_path) == [2, 4]  # the last good one kept, nothing after
 
 
+@pytest.mark.slow
 def test_bad_config_keys_and_types_are_named(tmp_path):
     code, out = cli(tmp_path, "--config.no_such_key=1")
     assert code != 0 and "no_such_key" in out
@@ -220,6 +228,7 @@ def test_bad_config_keys_and_types_are_named(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_workdir_of_another_model_is_refused(tmp_path):
     code, out = cli(tmp_path)
     assert code == 0, out
@@ -229,6 +238,7 @@ def test_workdir_of_another_model_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
+@pytest.mark.slow
 def test_knn_monitor_during_training_with_head_batchnorm(tmp_path):
     config = load_config(f"{REPO / 'configs' / 'demo.py'}:smoke")
     config.use_bn_in_head = True  # batch statistics in the head only, none in the backbone

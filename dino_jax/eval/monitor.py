@@ -1,10 +1,13 @@
-"""The k-NN monitor: teacher-feature k-NN accuracy on a labelled split, during training."""
+"""The monitors of a training run: teacher-feature k-NN accuracy on a labelled split, and with
+eval.jaccard_examples the attention monitor beside it; their figures to metrics and PNGs."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 
+import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -17,8 +20,11 @@ from dino_jax.data.sources import (
     sample_indices,
     shared_examples,
 )
+from dino_jax.eval import figures
+from dino_jax.eval.attention_monitor import AttentionMonitor
 from dino_jax.eval.features import extract_features
 from dino_jax.eval.knn_classifier import knn_classify
+from dino_jax.metrics import MetricWriter, read_metrics
 from dino_jax.models import build_dino
 
 log = logging.getLogger(__name__)
@@ -108,3 +114,47 @@ class KnnMonitor:
         k = self.config.eval.knn_k
         top1, _ = knn_classify(*features["train"], *features["val"], ks=(k,))[k]
         return top1
+
+
+class Monitors:
+    """The monitors a config asks for, run together at step 0, every eval.knn_every_steps and
+    after the last step: the k-NN top-1 and (eval.jaccard_examples > 0) the attention masks'
+    Jaccard go to the metrics; WORKDIR/figures/ gets attention_<step>.png (the teacher's maps on
+    eval.figure_scenes held-out scenes) and monitors.png (every figure so far, over the steps).
+
+    Built before training starts, so that a monitor refusing its data stops the run first.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.knn = KnnMonitor(config, mesh)
+        self.attention = (
+            AttentionMonitor(config, mesh) if config.eval.jaccard_examples > 0 else None
+        )
+
+    def __call__(
+        self,
+        step: int,
+        teacher_params: dict,
+        teacher_batch_stats: dict | None,
+        writer: MetricWriter,
+    ) -> dict[str, float]:
+        values = {"knn_top1": self.knn(teacher_params, teacher_batch_stats)}
+        primary = jax.process_index() == 0
+        out = os.path.join(self.workdir, "figures")
+        if self.attention:
+            values.update(self.attention(teacher_params))
+            scenes = self.config.eval.figure_scenes
+            if scenes > 0:
+                title = (
+                    f"step {step}: the teacher's last-block attention; masks keep 60% of the mass"
+                )
+                figure = self.attention.figure(teacher_params, scenes, title)
+                if primary:
+                    figures.save(figure, os.path.join(out, f"attention_{step:07d}.png"))
+        writer.write(step, values)
+        if primary:
+            curves = figures.monitor_figure(read_metrics(self.workdir))
+            if curves is not None:
+                figures.save(curves, os.path.join(out, "monitors.png"))
+        return values
