@@ -1,8 +1,8 @@
 """Where images come from: tfds ArrayRecord datasets, image folders, and the built-in datasets.
 
-`make_source("tfds:imagenet2012" | "folder:/path" | "synthetic:shapes" | "synthetic:textures",
-split)` returns a random-access source of records `{"image": encoded bytes or uint8 [H, W, 3],
-"label": int}`.
+`make_source("tfds:imagenet2012" | "folder:/path" | "synthetic:shapes" | "synthetic:textures" |
+"synthetic:objects", split)` returns a random-access source of records `{"image": encoded bytes
+or uint8 [H, W, 3], "label": int}`.
 `DecodedSource` turns those into RGB arrays in the workers, skipping (and counting) unreadable
 files so that one bad JPEG never stops a run.
 `sample_indices` picks the seeded, class-balanced examples that every evaluation uses when it
@@ -21,6 +21,7 @@ import numpy as np
 from etils import epath
 
 from dino_jax.data.augment import decode_image
+from dino_jax.data.objects import ObjectsSource
 from dino_jax.data.synthetic import ShapesSource, SyntheticSource
 from dino_jax.data.textures import TexturesSource
 
@@ -146,12 +147,12 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> Sequence:
 
 
 # The built-in datasets, generated on the fly.
-SYNTHETIC = {"shapes": ShapesSource, "textures": TexturesSource}
+SYNTHETIC = {"shapes": ShapesSource, "textures": TexturesSource, "objects": ObjectsSource}
 
 
 def make_source(spec: str, split: str = "train", data_dir: str | None = None):
-    """The source named by `spec`: "tfds:NAME", "folder:PATH", "synthetic:shapes" or
-    "synthetic:textures"."""
+    """The source named by `spec`: "tfds:NAME", "folder:PATH", "synthetic:shapes",
+    "synthetic:textures" or "synthetic:objects"."""
     kind, _, arg = spec.partition(":")
     if kind == "tfds" and arg:
         return tfds_source(arg, split, data_dir)
@@ -160,8 +161,8 @@ def make_source(spec: str, split: str = "train", data_dir: str | None = None):
     if kind == "synthetic" and arg in SYNTHETIC:
         return SYNTHETIC[arg](split=split)
     raise ValueError(
-        f"Unknown data.source={spec!r}; use 'tfds:NAME', 'folder:PATH', 'synthetic:shapes' or "
-        "'synthetic:textures'."
+        f"Unknown data.source={spec!r}; use 'tfds:NAME', 'folder:PATH', 'synthetic:shapes', "
+        "'synthetic:textures' or 'synthetic:objects'."
     )
 
 
