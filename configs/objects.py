@@ -1,11 +1,20 @@
-"""DINO's emerging properties on a laptop: the teacher's attention finds the objects of the
-built-in `synthetic:objects` scenes (Caron et al. 2021, Sec. 4.2 and Fig. 1) after about an hour
-on a 2-core CPU.
+"""DINO's emerging properties on a laptop: after about 20 minutes on a 2-core CPU the teacher's
+attention finds the objects of held-out `synthetic:objects` scenes (Caron et al. 2021, Fig. 1
+and the Jaccard index of Table 4), and its features classify them by k-NN.
 
     python -m dino_jax.train --config configs/objects.py --workdir runs/objects
+
+A ViT of depth 4 and width 128 with 8-px patches learns for 600 steps of 64 images (2x64 + 6x32
+px crops of the 64-px scenes). Before training, every 150 steps and after the last, it logs the
+teacher's k-NN top-1 on the 10 object classes and the Jaccard index of its 60%-mass attention
+masks on 300 held-out scenes, and draws WORKDIR/figures/attention_<step>.png (each head's map and
+the masks on 4 scenes) and monitors.png (both figures over the steps). BENCHMARKS.md records the
+run. The DINO maths are the reference's; what makes it work in minutes is the data, where the
+object is what recurs across images (data/objects.py), and a short-run teacher (momentum 0.99)
+with a small head (out_dim 1024). `:smoke` shrinks it to a few steps with the monitors on.
 """
 
-from dino_jax.config import apply_variants, base_config
+from dino_jax.config import apply_variants, base_config, smoke
 
 
 def get_config(arg=None):
@@ -13,7 +22,7 @@ def get_config(arg=None):
     c.arch, c.patch_size, c.img_size = "vit_small", 8, 64
     c.embed_dim, c.depth, c.num_heads = 128, 4, 4
     c.drop_path_rate = 0.1
-    c.out_dim = 4096
+    c.out_dim = 1024
     c.data.source = "synthetic:objects"
     c.data.global_crop_size, c.data.local_crop_size = 64, 32
     c.data.blur_sigma = (0.1, 0.6)  # the reference's range scaled from 224-px to 64-px crops
@@ -21,17 +30,27 @@ def get_config(arg=None):
     c.local_crops_number = 6
     c.data.num_workers = 1
     c.batch_size = 64
-    c.epochs = 10
+    c.epochs = 20  # schedule epochs of 30 steps (one pass over the 20,000 scenes is ~300 steps)
     c.steps_per_epoch = 30
     c.warmup_epochs = 1
-    c.lr = 1e-3
+    c.lr = 2e-3
     c.min_lr = 1e-5
     c.freeze_last_layer = 1
-    c.momentum_teacher = 0.99
+    c.momentum_teacher = 0.99  # a short run: the teacher must follow the student faster
     c.checkpoint.every_steps = 100
     c.log.every_steps = 10
-    c.eval.knn_every_steps = 0
-    c.eval.knn_train_examples = 5000
-    c.eval.knn_val_examples = 1000
-    c.eval.batch_size = 250
-    return apply_variants(c, arg)
+    c.eval.knn_every_steps = 150
+    c.eval.knn_train_examples = 2000
+    c.eval.knn_val_examples = 500
+    c.eval.jaccard_examples = 300
+    c.eval.figure_scenes = 4
+    c.eval.batch_size = 100
+    return apply_variants(c, arg, {"smoke": _smoke})
+
+
+def _smoke(c):
+    """The generic few-step shrink, on this recipe's scenes, with both monitors on."""
+    c = smoke(c)
+    c.data.source = "synthetic:objects"
+    c.eval.knn_every_steps, c.eval.jaccard_examples, c.eval.figure_scenes = 2, 16, 2
+    return c

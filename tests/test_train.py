@@ -19,6 +19,7 @@ from dino_jax.metrics import read_metrics
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = [
     "demo.py",
+    "objects.py",
     "vit_small16.py",
     "vit_small16.py:boosted",
     "vit_small8.py",

@@ -11,8 +11,10 @@ every class shares, and varies within an image as much as across images:
 - the background is a collage of `BACKGROUND_CELLS` regions (a Voronoi partition), each its own
   random gradient, smooth colour noise or muted random-coloured stripes, checks, dots or grid, so
   that two crops of one image seldom see the same background;
-- clutter: small ellipses, boxes and lines of random colours, never a class shape, smaller than
-  any object;
+  its colours are muted (`BACKGROUND_SATURATION`), since a salient object is what DINO's views
+  must share;
+- clutter: small ellipses, boxes and lines of random vivid colours, never a class shape, smaller
+  than any object;
 - lighting: a random gain and a linear illumination gradient over the whole scene;
 - the object's size (`OBJECT_SIZE` of the image side: big enough that DINO's global crops, 40% to
   100% of the image, nearly always hold most of it) and position.
@@ -43,16 +45,20 @@ from dino_jax.data.synthetic import (
 )
 
 # Diameter of the object's bounding circle, as a fraction of the image side.
-OBJECT_SIZE = (0.4, 0.65)
+OBJECT_SIZE = (0.6, 0.9)
 # Per-channel jitter of a class's colours (0..255) and relative jitter of its pattern's period.
 COLOUR_JITTER = 18
 PERIOD_JITTER = 0.15
 # Background regions per scene, and clutter items drawn over them.
 BACKGROUND_CELLS = (3, 7)
 CLUTTER_ITEMS = (2, 7)
+# The background's colours keep this fraction of their saturation (grey + s (colour - grey)):
+# objects stand out, as in photos, so the object, not the background, dominates what two views
+# share.
+BACKGROUND_SATURATION = (0.2, 0.4)
 # Background patterns' ink is mixed this far from their ground colour: muted, behind the objects.
 BACKGROUND_CONTRAST = (0.15, 0.45)
-# Clutter stays smaller than the smallest object (radius 0.2 of the side).
+# Clutter stays smaller than the smallest object (radius 0.3 of the side).
 MAX_CLUTTER_RADIUS = 0.08
 MAX_LINE_LENGTH = 0.3
 # Lighting: a gain on the whole scene, and a linear gradient of +- this fraction across it.
@@ -143,7 +149,7 @@ def _background_cell(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """float32 [S, S, 3]: a Voronoi collage of independent cells, then clutter."""
+    """float32 [S, S, 3]: a Voronoi collage of independent cells, muted, then clutter."""
     cells = int(rng.integers(BACKGROUND_CELLS[0], BACKGROUND_CELLS[1] + 1))
     seeds = rng.uniform(0, size, (cells, 2))
     y, x = np.mgrid[:size, :size] + 0.5
@@ -152,7 +158,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     for cell in range(cells):
         fill = np.asarray(_background_cell(rng, size))
         image[owner == cell] = fill[owner == cell]
-    canvas = Image.fromarray(image)
+    grey = image.mean(-1, keepdims=True)
+    muted = grey + rng.uniform(*BACKGROUND_SATURATION) * (image - grey)
+    canvas = Image.fromarray(muted.astype(np.uint8))
     _draw_clutter(rng, canvas)
     return np.asarray(canvas, np.float32)
 
