@@ -5,7 +5,7 @@ and the Jaccard index of Table 4), and its features classify them by k-NN.
     python -m dino_jax.train --config configs/objects.py --workdir runs/objects
 
 A ViT of depth 4 and width 128 with 8-px patches learns for 600 steps of 64 images (2x64 + 6x32
-px crops of the 64-px scenes). Before training, every 150 steps and after the last, it logs the
+px crops of the 128-px scenes). Before training, every 150 steps and after the last, it logs the
 teacher's k-NN top-1 on the 10 object classes and the Jaccard index of its 60%-mass attention
 masks on 300 held-out scenes, and draws WORKDIR/figures/attention_<step>.png (each head's map and
 the masks on 4 scenes) and monitors.png (both figures over the steps). BENCHMARKS.md records the

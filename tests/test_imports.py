@@ -54,6 +54,7 @@ LAYERS = {
     "dino_jax.checkpoint": MIDDLE,
     "dino_jax.data": MIDDLE,
     "dino_jax.data.augment": MIDDLE,
+    "dino_jax.data.objects": MIDDLE,
     "dino_jax.data.pipeline": MIDDLE,
     "dino_jax.data.sources": MIDDLE,
     "dino_jax.data.synthetic": MIDDLE,

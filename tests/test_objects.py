@@ -135,7 +135,8 @@ def test_mask_of_a_hand_made_scene_is_the_drawn_polygon():
 
 def test_mask_covers_a_sizeable_visible_object(train):
     fraction = train["mask"].mean(axis=(1, 2))
-    assert fraction.min() > 0.03 and 0.1 < fraction.mean() < 0.3 and fraction.max() < 0.5
+    # The largest bounding circle, 0.9 of the side across, covers pi / 4 * 0.81 = 0.64 at most.
+    assert fraction.min() > 0.03 and 0.1 < fraction.mean() < 0.3 and fraction.max() < 0.64
 
 
 def _colour_histograms(images, masks, bins=4):

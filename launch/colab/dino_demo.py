@@ -311,3 +311,39 @@ else:
         - dino_jax.extract_features(model, variables, images)
     ).max()
     print(f"Features of the reloaded .pth vs the export: max |difference| = {difference:.2e}")
+
+# %% [markdown]
+# ## Attention that finds the objects
+#
+# The paper's first claim: without labels, the teacher's attention segments objects. The demo's
+# textures have no objects; `configs/objects.py` trains on `synthetic:objects`, scenes in which
+# the object (its shape, colours and pattern) is what recurs across images while backgrounds,
+# clutter, position and lighting vary. Its monitors log the k-NN accuracy and the Jaccard index
+# of the attention masks on held-out scenes as it trains, and draw the figures below into
+# `WORKDIR/figures/`. The full recipe takes about 20 minutes on 2 CPU cores (600 steps); in smoke
+# mode, a few steps.
+
+# %%
+from IPython.display import Image as ShowPNG
+from IPython.display import display
+
+from dino_jax.metrics import read_metrics
+
+OBJECTS = Path("runs/objects_notebook").absolute()
+objects_config = load_config(
+    str(REPO_ROOT / "configs" / "objects.py") + (":smoke" if SMOKE else "")
+)
+objects_config.data.num_workers = 1
+try:
+    train(objects_config, str(OBJECTS))
+finally:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+for record in read_metrics(OBJECTS):
+    if "jaccard_mean_map" in record:
+        print(
+            f"step {record['step']:4d}: k-NN top-1 {record['knn_top1']:5.1f}%, Jaccard of the "
+            f"mean map's mask {record['jaccard_mean_map']:.3f}"
+        )
+display(ShowPNG(str(OBJECTS / "figures" / "monitors.png")))
+display(ShowPNG(str(sorted((OBJECTS / "figures").glob("attention_*.png"))[-1])))
