@@ -170,7 +170,9 @@ def score(args: argparse.Namespace) -> dict:
     cli.check_batch_size(args.batch_size, mesh)
     source = DecodedSource(make_source(args.jaccard, args.split, args.data_dir))
     if "mask" not in source[0]:
-        raise ValueError(f"{args.jaccard} has no foreground masks: use synthetic:shapes.")
+        raise ValueError(
+            f"{args.jaccard} has no foreground masks: use synthetic:objects or synthetic:shapes."
+        )
     model, variables = cli.load_backbone(args.checkpoint, mesh, args.arch, args.patch_size)
     patch = getattr(model, "patch_size", 1)
     side = args.image_size - args.image_size % patch

@@ -113,7 +113,7 @@ def attention_jaccard(
             break
         if "mask" not in batch:
             raise ValueError(
-                "the data has no foreground masks: use a source such as synthetic:shapes"
+                "the data has no foreground masks: use synthetic:objects or synthetic:shapes"
             )
         glob = parallel.to_global({k: batch[k] for k in ("image", "mask", "valid")}, mesh)
         out = score_fn(variables, glob["image"], glob["mask"])
