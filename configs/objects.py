@@ -1,4 +1,4 @@
-"""DINO's emerging properties on a laptop: after about 20 minutes on a 2-core CPU the teacher's
+"""DINO's emerging properties on a laptop: after about 13 minutes on a 2-core CPU the teacher's
 attention finds the objects of held-out `synthetic:objects` scenes (Caron et al. 2021, Fig. 1
 and the Jaccard index of Table 4), and its features classify them by k-NN.
 

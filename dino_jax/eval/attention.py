@@ -17,6 +17,7 @@ Scores, each the Jaccard |pred ∩ truth| / |pred ∪ truth| averaged over image
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -76,9 +77,11 @@ def mask_scores(
     return jaccard(masks, truth[:, None])
 
 
+@functools.lru_cache(maxsize=8)
 def make_score_fn(model: Any, mesh: Mesh, threshold: float = THRESHOLD):
     """jit(variables, images [B, H, W, 3], masks [B, H, W]) -> Jaccard [B, heads + 1], the batch
-    split over all devices."""
+    split over all devices; one per model, mesh and threshold, so that a monitor scoring every N
+    steps compiles it once."""
 
     def scores(variables, images, masks):
         maps = hub.attention_maps(model, variables, images)
