@@ -12,6 +12,7 @@ from dino_jax.config import load_config
 from dino_jax.data.pipeline import MEAN, STD, resize_center_crop
 from dino_jax.data.sources import DecodedSource
 from dino_jax.eval.attention_monitor import AttentionMonitor
+from dino_jax.eval.monitor import KnnMonitor
 from dino_jax.metrics import read_metrics
 from dino_jax.models import build_dino
 from dino_jax.step import init_state
@@ -122,3 +123,28 @@ def test_training_logs_jaccard_beside_knn_and_draws_the_figures(tmp_path):
     ]
     with Image.open(tmp_path / "figures" / "attention_0000004.png") as png:
         assert png.width > png.height > 100  # two scenes, each with heads + 2 panels
+
+
+def test_monitors_score_fsdp_split_parameters_as_replicated_ones(tiny_config):
+    """Training under FSDP leaves the teacher split over fsdp; the monitors take it as it is and
+    give what the same parameters give replicated on a data-only mesh."""
+    config = tiny_config(embed_dim=128)  # weight matrices large enough to be split
+    config.data.source = "synthetic:shapes"
+    config.eval.knn_train_examples, config.eval.knn_val_examples = 32, 16
+    config.eval.jaccard_examples, config.eval.batch_size = 16, 8
+    split = config.copy_and_resolve_references()
+    split.mesh = (("data", -1), ("fsdp", 2))
+    fsdp_mesh = parallel.make_mesh(split.mesh)
+    teacher = init_state(split, jax.random.key(0), fsdp_mesh).teacher
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(teacher))
+    host = jax.device_get(teacher)
+    data_mesh = parallel.make_mesh(config.mesh)
+    knn = [
+        KnnMonitor(c, m)(t) for c, m, t in ((split, fsdp_mesh, teacher), (config, data_mesh, host))
+    ]
+    jaccard = [
+        AttentionMonitor(c, m)(t)
+        for c, m, t in ((split, fsdp_mesh, teacher), (config, data_mesh, host))
+    ]
+    assert knn[0] == pytest.approx(knn[1], abs=1e-6)
+    assert jaccard[0] == pytest.approx(jaccard[1], abs=1e-6)

@@ -80,8 +80,8 @@ def mask_scores(
 @functools.lru_cache(maxsize=8)
 def make_score_fn(model: Any, mesh: Mesh, threshold: float = THRESHOLD):
     """jit(variables, images [B, H, W, 3], masks [B, H, W]) -> Jaccard [B, heads + 1], the batch
-    split over all devices; one per model, mesh and threshold, so that a monitor scoring every N
-    steps compiles it once."""
+    split over all devices, the variables as sharded as they come (replicated, or over fsdp); one
+    per model, mesh and threshold, so that a monitor scoring every N steps compiles it once."""
 
     def scores(variables, images, masks):
         maps = hub.attention_maps(model, variables, images)
@@ -89,7 +89,7 @@ def make_score_fn(model: Any, mesh: Mesh, threshold: float = THRESHOLD):
 
     batch = parallel.batch_sharding(mesh)
     return jax.jit(
-        scores, in_shardings=(parallel.replicated(mesh), batch, batch), out_shardings=batch
+        scores, in_shardings=(None, batch, batch), out_shardings=batch
     )
 
 

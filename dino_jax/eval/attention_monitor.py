@@ -103,10 +103,11 @@ class AttentionMonitor:
 
 
 def _maps_fn(model, mesh: Mesh):
-    """jit(variables, images [B, H, W, 3]) -> attention maps [B, heads, h, w], batch-split."""
+    """jit(variables, images [B, H, W, 3]) -> attention maps [B, heads, h, w], batch-split, the
+    variables as sharded as they come."""
     batch = parallel.batch_sharding(mesh)
     return jax.jit(
         lambda variables, images: hub.attention_maps(model, variables, images),
-        in_shardings=(parallel.replicated(mesh), batch),
+        in_shardings=(None, batch),
         out_shardings=batch,
     )

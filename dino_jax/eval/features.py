@@ -15,14 +15,17 @@ from dino_jax import parallel
 
 
 def make_feature_fn(backbone: nn.Module, mesh: Mesh):
-    """jit(variables, images [B, H, W, 3]) -> features [B, D], batch split over all devices."""
+    """jit(variables, images [B, H, W, 3]) -> features [B, D], batch split over all devices.
+
+    The variables keep the sharding they come with (replicated, or split over fsdp as training
+    leaves them): XLA gathers what each device needs."""
 
     def features(variables, images):
         return backbone.apply(variables, images, train=False)
 
     return jax.jit(
         features,
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        in_shardings=(None, parallel.batch_sharding(mesh)),
         out_shardings=parallel.batch_sharding(mesh),
     )
 
