@@ -19,7 +19,7 @@ from dino_jax.augment_laws import MultiCropConfig
 from dino_jax.config import steps_per_epoch, validate
 from dino_jax.models import MultiCrop, build_dino
 from dino_jax.optim import init_hyperparams, make_optimizer
-from dino_jax.schedules import hyperparams_at
+from dino_jax.schedules import Hyperparams, hyperparams_at
 
 Batch = dict[str, jax.Array]  # {"global": [B, 2, H, W, 3], "local": [B, n, h, w, 3]} (optional)
 
@@ -83,21 +83,18 @@ def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh):
     )
 
 
-def train_step(
+def student_gradients(
     state: TrainState,
     batch: Batch,
+    hp: Hyperparams,
     *,
     config: ml_collections.ConfigDict,
     student: MultiCrop,
     teacher: MultiCrop,
     gather: Callable = lambda params: params,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One DINO iteration (main_dino.py: train_one_epoch): schedules, forwards, loss, update,
-    teacher and center EMAs. `gather` gives the forward passes their parameters whole
-    (parallel.gathered under fsdp)."""
-    hp = hyperparams_at(config, state.step)
-    if config.data.augment_on_device:
-        batch = augment_on_device(config, state.step, batch)
+) -> tuple[jax.Array, Any, jax.Array, dict]:
+    """The DINO loss of the student on `batch` (augmented crops) and its gradient, before any
+    clipping: (loss, grads, teacher logits [2, B, K], new BatchNorm statistics)."""
     global_crops, local_crops = batch["global"], batch.get("local")
     stats = state.batch_stats or {"student": {}, "teacher": {}}
 
@@ -133,6 +130,25 @@ def train_step(
         return sum(losses) / chunks, student_updates
 
     (loss, student_updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
+    return loss, grads, teacher_logits, _batch_stats(state, student_updates, teacher_updates)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    config: ml_collections.ConfigDict,
+    student: MultiCrop,
+    teacher: MultiCrop,
+    gather: Callable = lambda params: params,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One DINO iteration (main_dino.py: train_one_epoch): schedules, forwards, loss, update,
+    teacher and center EMAs. `gather` gives the forward passes their parameters whole
+    (parallel.gathered under fsdp)."""
+    hp, batch = _iteration_inputs(config, state.step, batch)
+    loss, grads, teacher_logits, batch_stats = student_gradients(
+        state, batch, hp, config=config, student=student, teacher=teacher, gather=gather
+    )
     updates, opt_state = make_optimizer(config, hp).update(grads, state.opt_state, state.student)
     student_params = optax.apply_updates(state.student, updates)
     teacher_params = jax.tree.map(
@@ -144,7 +160,7 @@ def train_step(
         teacher=teacher_params,
         center=dino.update_center(state.center, teacher_logits, config.center_momentum),
         opt_state=opt_state,
-        batch_stats=_batch_stats(state, student_updates, teacher_updates),
+        batch_stats=batch_stats,
     )
     metrics = {
         "loss": loss,
@@ -157,6 +173,13 @@ def train_step(
         **dino.teacher_stats(teacher_logits, state.center, hp.teacher_temp),
     }
     return new_state, metrics
+
+
+def _iteration_inputs(config: ml_collections.ConfigDict, step: jax.Array, batch: Batch):
+    """(the schedules' values at `step`, the batch as the networks take it)."""
+    if config.data.augment_on_device:
+        batch = augment_on_device(config, step, batch)
+    return hyperparams_at(config, step), batch
 
 
 def _chunk(x: jax.Array | None, j: int, chunks: int, axis: int) -> jax.Array | None:
@@ -182,26 +205,52 @@ def _batch_stats(state: TrainState, student_updates: dict, teacher_updates: dict
     return {"student": student_updates["batch_stats"], "teacher": teacher_updates["batch_stats"]}
 
 
+def _bound(fn: Callable, config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
+    """`fn` with the config, the networks built from the layers of the mesh's platform and the
+    fsdp gather bound; bad settings fail here, before compilation."""
+    validate(config, mesh.size)
+    steps_per_epoch(config)  # the schedules need it: fail now rather than while tracing
+    layers = platform.model_layers(config, mesh)
+    return partial(
+        fn,
+        config=config,
+        student=build_dino(config, layers=layers),
+        teacher=build_dino(config, teacher=True, layers=layers),
+        gather=partial(parallel.gathered, mesh=mesh),
+    )
+
+
 def make_train_step(
     config: ml_collections.ConfigDict, mesh: Mesh
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step` jitted over `mesh`: state sharded by the parallel.py rules and donated, batch
     split over every device, metrics replicated, the model built from the layers of the mesh's
     platform. Bad settings fail here, before compilation."""
-    validate(config, mesh.size)
-    steps_per_epoch(config)  # the schedules need it: fail now rather than while tracing
-    layers = platform.model_layers(config, mesh)
-    step = partial(
-        train_step,
-        config=config,
-        student=build_dino(config, layers=layers),
-        teacher=build_dino(config, teacher=True, layers=layers),
-        gather=partial(parallel.gathered, mesh=mesh),
-    )
     shardings = state_sharding(config, mesh)
     return jax.jit(
-        step,
+        _bound(train_step, config, mesh),
         in_shardings=(shardings, parallel.batch_sharding(mesh)),
         out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=0,
+    )
+
+
+def make_gradient_step(
+    config: ml_collections.ConfigDict, mesh: Mesh
+) -> Callable[[TrainState, Batch], tuple[jax.Array, Any]]:
+    """(state, batch) -> (loss, the student's gradients before clipping) of the iteration that
+    `make_train_step` would run from `state`, jitted over `mesh` like it; the state is kept.
+    What a step is checked by: Adam's update hides the size of the gradients."""
+    bound = _bound(student_gradients, config, mesh)
+
+    def gradients(state, batch):
+        hp, batch = _iteration_inputs(config, state.step, batch)
+        loss, grads, _, _ = bound(state, batch, hp)
+        return loss, grads
+
+    shardings = state_sharding(config, mesh)
+    return jax.jit(
+        gradients,
+        in_shardings=(shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(parallel.replicated(mesh), shardings.student),
     )
