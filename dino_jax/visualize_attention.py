@@ -143,8 +143,10 @@ def write_maps(
     figures.save(figure_of(panels), out / "attention.png")
 
 
-def visualize(args: argparse.Namespace) -> None:
-    """The maps and masks of one image, written to args.out."""
+def visualize(args: argparse.Namespace) -> dict[str, np.ndarray | None]:
+    """The maps and masks of one image, written to args.out. Returns them: {"image" uint8
+    [S, S, 3], "maps" [heads, S, S], "masks" bool [heads + 1, S, S] (the last the mean map's),
+    "scores" Jaccard [heads + 1] with the true mask, None for an image file}."""
     model, variables = hub.load_pretrained(args.checkpoint, args.arch, args.patch_size)
     patch = getattr(model, "patch_size", 1)
     image, truth = load_input(args, patch)
@@ -152,8 +154,9 @@ def visualize(args: argparse.Namespace) -> None:
     masks = np.asarray(attention.upsample(attention.head_masks(maps, args.threshold), patch))
     scores = None if truth is None else np.asarray(attention.jaccard(masks, truth[None]))
     maps = np.asarray(attention.upsample(maps, patch))
+    result = {"image": image, "maps": maps, "masks": masks, "scores": scores}
     if jax.process_index() != 0:
-        return  # one image: every process computes it, process 0 writes it
+        return result  # one image: every process computes it, process 0 writes it
     write_maps(epath.Path(args.out), image, maps, masks, args.threshold, scores, truth)
     print(f"{len(maps)} heads' maps and masks ({args.threshold:.0%} of the mass) in {args.out}")
     if scores is not None:
@@ -162,6 +165,7 @@ def visualize(args: argparse.Namespace) -> None:
             f"Jaccard with the true mask: mean map {scores[-1]:.3f}, best head {best} "
             f"{scores[best]:.3f}"
         )
+    return result
 
 
 def score(args: argparse.Namespace) -> dict:

@@ -1,5 +1,5 @@
 """Attention maps: the 60%-mass threshold against the reference's rule in NumPy, upsampling,
-Jaccard on hand-made masks and over a dataset, and the command's files."""
+Jaccard on hand-made masks and over a dataset, and the command's maps, masks and files."""
 
 import json
 import os
@@ -155,6 +155,35 @@ def test_command_scores_synthetic_masks_and_defaults_to_a_scene(export_dir, tmp_
     assert results["jaccard"]["examples"] == 16 and results["image_size"] == 32
     assert 0.0 <= results["jaccard"]["mean_map"] <= 1.0
     assert "Jaccard of the 60%-mass masks on 16 images" in capsys.readouterr().out
+
+
+def test_command_maps_and_masks_equal_the_reference_in_numpy(export_dir, tmp_path):
+    args = visualize_attention.parse_args(
+        [f"--checkpoint={export_dir}", "--index=2", "--image_size=68", f"--out={tmp_path}"]
+    )
+    got = visualize_attention.visualize(args)
+
+    # The reference's input: resized to 68 x 68, the top-left 64 x 64 (a multiple of 8 px).
+    example = ShapesSource("val")[2]
+    image = np.asarray(Image.fromarray(example["image"]).resize((68, 68), Image.BILINEAR))
+    image = image[:64, :64]
+    truth = np.asarray(Image.fromarray(example["mask"]).resize((68, 68), Image.NEAREST))
+    truth = truth[:64, :64].astype(bool)
+    np.testing.assert_array_equal(got["image"], image)
+    host_model, host_variables = load_pretrained(export_dir)
+    x = ((image / 255.0 - np.asarray(MEAN)) / np.asarray(STD)).astype(np.float32)
+    attn = np.asarray(host_model.apply(host_variables, x[None], method="get_last_selfattention"))
+    maps = attn[0, :, 0, 1:]  # the cls query's attention to the 8 x 8 patches, per head
+
+    def nearest(a):  # nn.functional.interpolate(scale_factor=8, mode="nearest")
+        return a.reshape(-1, 8, 8).repeat(8, axis=1).repeat(8, axis=2)
+
+    masks = nearest(reference_threshold(np.concatenate([maps, maps.mean(0, keepdims=True)]), 0.6))
+    assert got["maps"].shape == (4, 64, 64) and got["masks"].shape == (5, 64, 64)
+    np.testing.assert_allclose(got["maps"], nearest(maps), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(got["masks"], masks)
+    assert 0 < masks.mean() < 1 and truth.any()  # neither side trivial
+    np.testing.assert_allclose(got["scores"], [numpy_jaccard(m, truth) for m in masks], atol=1e-6)
 
 
 def test_bad_images_are_named(tmp_path):
