@@ -111,6 +111,53 @@ def test_benchmark_step_report_is_consistent(tiny_config):
     assert report.peak_memory_bytes > 0 and report.memory_source == "memory_analysis"
 
 
+def vit_dino_step_matmul_flops(config) -> int:
+    """Matmul FLOPs of one DINO step with a ViT, counted from the architecture (2 per
+    multiply-add): the teacher's forward on the 2 global crops, the student's forward and backward
+    on the global and local crops. The backward of a matmul is two matmuls of its size (input and
+    weight gradients), except the patch embedding's: no one needs the pixels' gradient."""
+    d, p, depth, mlp = config.embed_dim, config.patch_size, config.depth, 4 * config.embed_dim
+    hidden, bottleneck, out = config.head_hidden_dim, config.head_bottleneck_dim, config.out_dim
+    assert config.head_nlayers == 3
+
+    def backbone_and_head(size: int) -> tuple[int, int]:
+        """(patch embedding, blocks + head) FLOPs of one crop of `size` px."""
+        n = (size // p) ** 2
+        t = n + 1  # with the cls token
+        patch = 2 * n * (3 * p * p) * d
+        qkv, proj, fc = 2 * t * d * 3 * d, 2 * d * d, 2 * 2 * d * mlp  # proj, fc: per token
+        block = qkv + 2 * 2 * t * t * d + t * proj + t * fc
+        # The last block feeds only the cls token's features: its qkv projection runs on all
+        # tokens (the keys and values), attention, proj and MLP on the cls query alone.
+        last = qkv + 2 * 2 * t * d + proj + fc
+        head = 2 * (d * hidden + hidden * hidden + hidden * bottleneck + bottleneck * out)
+        return patch, (depth - 1) * block + last + head
+
+    g_patch, g_rest = backbone_and_head(config.data.global_crop_size)
+    l_patch, l_rest = backbone_and_head(config.data.local_crop_size)
+    n_local = config.local_crops_number
+    teacher = 2 * (g_patch + g_rest)
+    student_forward = 2 * (g_patch + g_rest) + n_local * (l_patch + l_rest)
+    student_backward = 2 * (g_patch + 2 * g_rest) + n_local * (l_patch + 2 * l_rest)
+    return config.batch_size * (teacher + student_forward + student_backward)
+
+
+@pytest.mark.slow
+def test_benchmark_step_flops_match_the_vits_matmuls(tiny_config):
+    """The FLOPs `benchmark step` reports against the matmuls counted from the architecture."""
+    # 64 images: the per-parameter work (AdamW, the teacher EMA), which every data-parallel
+    # device repeats, is spread over more images, so that the matmuls dominate the count.
+    # Stock layers: one compile, and the program the CPU kernel's step is counted on anyway.
+    config = tiny_config(steps_per_epoch=0, batch_size=64, cpu_tuning=False)
+    report = step_benchmark.benchmark_step(config, steps=1, warmup=0)
+    ratio = report.flops / vit_dino_step_matmul_flops(config)
+    # XLA counts each dot as exactly 2mnk (test above), so the step holds at least the matmuls;
+    # the rest is elementwise (LayerNorm, GELU's erf, softmax, AdamW, EMAs): 13% here. A count
+    # without the local crops or without the teacher (each ~20% of the matmuls) gives 1.42-1.43,
+    # without the backward 2.35, twice or half the FLOPs 2.26 or 0.56: all outside.
+    assert 1.0 <= ratio <= 1.25, f"reported / matmul FLOPs = {ratio:.3f}"
+
+
 @pytest.mark.slow
 def test_interleaved_configs_each_get_their_steps(capsys):
     """Two configs in turn: a row each and the speed ratio, and the CPU kernel's FLOPs counted."""
