@@ -128,7 +128,9 @@ def run_compile(args: argparse.Namespace, config_args: list[str]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The subcommand's own arguments, and the `--config RECIPE [--config.key=value ...]` groups
+    left for `parse_configs`."""
     parser = argparse.ArgumentParser(prog="python -m dino_jax.benchmark", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser(
@@ -169,6 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("data", "step", "compile"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args, rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, rest = parse_args(argv)
     args.run(args, rest)
 
 

@@ -41,7 +41,8 @@ def _export_command(args: argparse.Namespace) -> None:
     print(f"Wrote {len(state)} tensors of the teacher backbone of {args.source} to {args.out}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed: what `main` runs, in `run`."""
     parser = argparse.ArgumentParser(
         prog="python -m dino_jax.convert",
         description="Convert DINO checkpoints between the official PyTorch layout and dino_jax.",
@@ -67,7 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("source", help="dino_jax export directory or training workdir")
     exp.add_argument("--out", required=True, help=".pth file to write")
     exp.set_defaults(run=_export_command)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     args.run(args)
 
 

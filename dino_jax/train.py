@@ -33,14 +33,39 @@ from dino_jax.eval.monitor import Monitors
 from dino_jax.metrics import MetricWriter
 from dino_jax.step import abstract_state, init_state, make_train_step
 
-config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py[:variant].")
-flags.DEFINE_string(
-    "workdir", None, "Where checkpoints, metrics and the export go (local or gs://)."
-)
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def define_flags(values: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None = None) -> None:
+    """The command's flags, on `values`; config_flags reads the `--config.KEY=VALUE` overrides
+    from `sys_argv` (default sys.argv). A fresh FlagValues parses a command line in-process."""
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Recipe file, e.g. configs/demo.py[:variant].",
+        flag_values=values,
+        sys_argv=sys_argv,
+    )
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "Where checkpoints, metrics and the export go (local or gs://).",
+        flag_values=values,
+    )
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "host:port of process 0, for multi-process runs.",
+        flag_values=values,
+    )
+    flags.DEFINE_integer(
+        "num_processes", None, "Number of processes of a multi-process run.", flag_values=values
+    )
+    flags.DEFINE_integer(
+        "process_id", None, "This process's index in a multi-process run.", flag_values=values
+    )
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=values)
+
+
+define_flags()
 
 log = logging.getLogger("dino_jax")
 

@@ -1,18 +1,23 @@
 """The documentation stays short, linked and runnable: README.md within 150 lines, every line of
 README.md, BENCHMARKS.md and docs/*.md within 100 characters, every relative link (and its
-#anchor) resolving, README's Python examples running as written, every documented
-`python -m dino_jax.X` command answering --help, the dino_jax names the pages use existing, and
+#anchor) resolving, every `python -m dino_jax.X` command line of README.md and docs/ accepted by
+its command's own parser (and answering --help), every `make` target they name existing, every
+Python block of those pages running as written, the dino_jax names the pages use existing, and
 README's module map matching dino_jax/."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
+import io
 import os
 import re
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,7 +30,10 @@ ALL = [README, ROOT / "BENCHMARKS.md", *DOCS]  # the pages whose line lengths ar
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
-COMMAND = re.compile(r"python -m (dino_jax(?:\.\w+)*)((?:\s+[a-z_]+)?)")
+MENTION = re.compile(r"\bpython3? -m dino_jax\b")
+# A shell line that runs python or make, after any VAR=value prefixes.
+SHELL = re.compile(r"\s*(?:\w+=\S*\s+)*(?:\S*/)?(?:python3?|make)\s")
+INLINE = re.compile(r"`((?:[^`\n]|\n(?!\n))+)`")  # a code span: no blank line inside
 
 
 def _env() -> dict[str, str]:
@@ -79,40 +87,161 @@ def test_relative_links_resolve(page):
     assert not broken, f"{page.name}:\n" + "\n".join(broken)
 
 
+def _blocks(page: Path) -> list[tuple[str, int, str]]:
+    """(language, line of the first code line, code) of each fenced block of the page."""
+    text = page.read_text()
+    return [
+        (m.group(1), text.count("\n", 0, m.start(2)) + 1, m.group(2)) for m in FENCE.finditer(text)
+    ]
+
+
 def _python_blocks(page: Path) -> list[str]:
-    return [body for lang, body in FENCE.findall(page.read_text()) if lang == "python"]
+    return [code for lang, _, code in _blocks(page) if lang == "python"]
 
 
-@pytest.mark.slow
-def test_readme_python_examples_run(tmp_path):
-    """Every ```python block of README.md runs as written, from the repository root, on a CPU.
-    (The Python blocks of docs/*.md need downloaded .pth files and are not run.)"""
-    blocks = _python_blocks(README)
-    assert blocks, "README.md has no Python example"
-    for i, code in enumerate(blocks):
-        first = next(line for line in code.splitlines() if line.strip())
-        assert not re.search(r"malloc|mallopt|host_memory", first, re.I), "opens with malloc"
-        script = tmp_path / f"readme_{i}.py"
-        script.write_text(code)
-        result = subprocess.run(
-            [sys.executable, str(script)],
-            cwd=ROOT,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert result.returncode == 0, f"README block {i} failed:\n{result.stderr[-3000:]}"
+@dataclass(frozen=True)
+class Command:
+    """A command line written on a page: its words (VAR=value prefixes dropped), and where."""
+
+    page: Path
+    line: int
+    words: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}: {shlex.join(self.words)}"
+
+
+def _code_lines(page: Path) -> list[tuple[int, str]]:
+    """(line, text) of each line of the page's non-Python blocks, a line ending in a backslash
+    joined with the next, and of each inline code span outside the blocks."""
+    found = []
+    for lang, first, code in _blocks(page):
+        if lang == "python":
+            continue
+        start, pending = first, ""
+        for i, line in enumerate(code.splitlines()):
+            start = start if pending else first + i
+            if line.endswith("\\"):
+                pending += line[:-1] + " "
+                continue
+            found.append((start, pending + line))
+            pending = ""
+    # Blocks blanked line for line, so that offsets still give the page's line numbers.
+    prose = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), page.read_text())
+    for m in INLINE.finditer(prose):
+        found.append((prose.count("\n", 0, m.start()) + 1, m.group(1).replace("\n", " ")))
+    return found
+
+
+def _commands(page: Path) -> list[Command]:
+    commands = []
+    for line, text in _code_lines(page):
+        if SHELL.match(text + " "):
+            words = shlex.split(text, comments=True)
+            while words and re.fullmatch(r"\w+=\S*", words[0]):
+                words.pop(0)
+            commands.append(Command(page, line, tuple(words)))
+    return commands
+
+
+COMMANDS = [c for page in LINKED for c in _commands(page)]
+# `python -m dino_jax.X ARGS`, and `make TARGET`.
+DINO_COMMANDS = [c for c in COMMANDS if c.words[1:2] == ("-m",) and "dino_jax" in c.words[2]]
+MAKE_COMMANDS = [c for c in COMMANDS if c.words[0] == "make"]
+
+
+def _parse_train(args: list[str]) -> None:
+    """The training command's absl flags on a FlagValues of their own (the process's stay
+    untouched): the recipe loaded with its variants, the --config.KEY overrides applied, and the
+    values checked as the command checks them before it starts."""
+    from absl import flags
+
+    from dino_jax import train
+    from dino_jax.config import validate
+
+    argv = ["train", *args]
+    values = flags.FlagValues()
+    train.define_flags(values, argv)
+    extra = values(argv)[1:]
+    if extra:  # the command would ignore them silently
+        raise ValueError(f"unexpected arguments {extra}")
+    validate(values.config)  # also raises the load error config_flags defers (a missing file)
+
+
+def _parse_benchmark(args: list[str]) -> None:
+    from dino_jax import benchmark
+    from dino_jax.config import validate
+
+    parsed, config_args = benchmark.parse_args(args)
+    if config_args or parsed.command != "data":  # `benchmark data` alone times generated JPEGs
+        for _, config in benchmark.parse_configs(config_args):
+            validate(config)
+
+
+def _parse(module: str, args: list[str]) -> None:
+    """Parses `args` as `python -m module` does, running nothing; raises on what it refuses."""
+    if module == "dino_jax.train":
+        _parse_train(args)
+    elif module == "dino_jax.benchmark":
+        _parse_benchmark(args)
+    else:  # argparse commands: convert, eval.knn, eval.linear, visualize_attention
+        importlib.import_module(module).parse_args(args)
+
+
+# ml_collections loads recipe files with importlib's deprecated load_module.
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+@pytest.mark.parametrize("command", DINO_COMMANDS, ids=lambda c: str(c).partition(": ")[0])
+def test_documented_commands_parse(command, monkeypatch):
+    """Each documented command line is accepted by its command's parser: flags, subcommands,
+    recipe files, variants and --config.KEY overrides; placeholders stand as values."""
+    monkeypatch.chdir(ROOT)  # recipes are named from the repository root
+    stderr, error = io.StringIO(), None
+    try:
+        with contextlib.redirect_stderr(stderr):
+            _parse(command.words[2], list(command.words[3:]))
+    except SystemExit as e:  # argparse's refusals, already written to stderr
+        error = stderr.getvalue().strip() if e.code else None
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    if error:
+        pytest.fail(f"{command}\n{error}", pytrace=False)
+
+
+def test_every_documented_command_is_checked():
+    """Each mention of `python -m dino_jax` on the pages is a command the parsing test reads:
+    none sits where the extraction misses it (mid-span, after an unknown prefix)."""
+    modules = {c.words[2] for c in DINO_COMMANDS}
+    assert {"dino_jax.train", "dino_jax.benchmark", "dino_jax.eval.knn"} <= modules, modules
+    checked = {(c.page, c.line) for c in DINO_COMMANDS}
+    missed = []
+    for page in LINKED:
+        text = page.read_text()
+        for m in MENTION.finditer(text):
+            line = text.count("\n", 0, m.start()) + 1
+            if (page, line) not in checked:
+                missed.append(f"{page.relative_to(ROOT)}:{line}")
+    assert not missed, f"commands not written as a whole line or code span: {missed}"
+
+
+def test_documented_make_targets_exist():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w.-]+)\s*:(?!=)", makefile, re.M))
+    assert MAKE_COMMANDS, "no `make` command found"
+    unknown = [
+        f"{c}: no target {word!r} in the Makefile"
+        for c in MAKE_COMMANDS
+        for word in c.words[1:]
+        if not word.startswith("-") and "=" not in word and word not in targets
+    ]
+    assert not unknown, "\n".join(unknown)
 
 
 def documented_commands() -> list[tuple[str, str]]:
-    """(module, subcommand or "") of every `python -m dino_jax.X ...` in README.md and docs/."""
+    """(module, subcommand or "") of every documented `python -m dino_jax.X ...`."""
     found = set()
-    for page in LINKED:
-        text = page.read_text().replace("\\\n", " ")
-        for module, rest in COMMAND.findall(text):
-            sub = rest.strip()
-            found.add((module, sub if sub and not sub.startswith("-") else ""))
+    for c in DINO_COMMANDS:
+        sub = c.words[3] if len(c.words) > 3 and not c.words[3].startswith("-") else ""
+        found.add((c.words[2], sub))
     return sorted(found)
 
 
@@ -139,17 +268,75 @@ def _help(module: str, sub: str) -> tuple[str, str, int, str]:
 
 @pytest.mark.slow
 def test_documented_commands_answer_help():
-    commands = documented_commands()
-    modules = {module for module, _ in commands}
-    assert {"dino_jax.train", "dino_jax.benchmark", "dino_jax.eval.knn"} <= modules, commands
+    """The documented modules also run as `python -m` (an entry point, imports that work)."""
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda c: _help(*c), commands))
+        results = list(pool.map(lambda c: _help(*c), documented_commands()))
     failed = [
         f"python -m {m} {s} --help: exit {rc}\n{out[-1500:]}"
         for m, s, rc, out in results
         if rc != 0
     ]
     assert not failed, "\n\n".join(failed)
+
+
+def _release_file(path: Path) -> None:
+    """A ViT-S/16 release file, random, of depth 4 (the block takes 4 intermediate layers)."""
+    from torch_reference import save_release_vit
+
+    save_release_vit(path, depth=4)
+
+
+def _full_checkpoint(path: Path) -> None:
+    """A reference training checkpoint, random: ViT-S/16 of depth 2 with a small head."""
+    import torch
+    from conftest import make_tiny_config
+    from test_convert import full_checkpoint
+
+    config = make_tiny_config(patch_size=16, img_size=224, embed_dim=384, num_heads=6)
+    torch.save(full_checkpoint(config), path)
+
+
+# The downloads the pages' blocks load, small stand-ins: a block gets those it names.
+DOWNLOADS = {
+    "dino_deitsmall16_pretrain.pth": _release_file,
+    "dino_deitsmall16_pretrain_full_checkpoint.pth": _full_checkpoint,
+}
+PYTHON_BLOCKS = [
+    (page, line, code) for page in LINKED for lang, line, code in _blocks(page) if lang == "python"
+]
+
+
+def test_readme_has_a_python_example():
+    assert any(page == README for page, _, _ in PYTHON_BLOCKS), "README.md has no Python example"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("page", "line", "code"),
+    PYTHON_BLOCKS,
+    ids=[f"{page.relative_to(ROOT)}:{line}" for page, line, _ in PYTHON_BLOCKS],
+)
+def test_python_blocks_run(page, line, code, tmp_path):
+    """Every ```python block of README.md and docs/ runs as written on a CPU, in a directory
+    standing for the repository root: its configs/, and the downloads the block names."""
+    where = f"{page.relative_to(ROOT)}:{line}"
+    first = next(text for text in code.splitlines() if text.strip())
+    assert not re.search(r"malloc|mallopt|host_memory", first, re.I), f"{where}: opens with malloc"
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    for name, make in DOWNLOADS.items():
+        if name in code:
+            make(tmp_path / name)
+    script = tmp_path / f"{page.stem}_md.py"
+    script.write_text("\n" * (line - 1) + code)  # tracebacks give the page's line numbers
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, f"{where}: the block failed:\n{result.stderr[-3000:]}"
 
 
 def _resolves(dotted: str) -> bool:
