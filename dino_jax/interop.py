@@ -8,6 +8,7 @@ TrainState of step.py.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, NamedTuple
 
@@ -15,14 +16,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from etils import epath
 
 from dino_jax import checkpoint, hub
 from dino_jax import step as dino_step
 from dino_jax.config import steps_per_epoch
 from dino_jax.models import backbone_of
-from dino_jax.optim import init_hyperparams, make_optimizer
+from dino_jax.optim import LAST_LAYER, init_hyperparams, make_optimizer
 from dino_jax.state_dict import (
+    IGNORED_BUFFERS,
     NETWORKS,
     VIT_WIDTHS,
     StateDict,
@@ -44,6 +47,8 @@ from dino_jax.state_dict import (
     torch_shape,
 )
 
+log = logging.getLogger("dino_jax")
+
 
 def checkpoint_config(path: str | epath.PathLike) -> ml_collections.ConfigDict:
     """base_config() with the model keys of a .pth read off its tensors: arch, patch_size,
@@ -62,9 +67,11 @@ def import_full_checkpoint(
 ):
     """A reference training checkpoint as a TrainState, to continue training in JAX.
 
-    Student, teacher, their BatchNorm statistics and the center are imported; `step` is the
-    checkpoint's epoch (the next one to run) times `config.steps_per_epoch`; the optimizer state
-    is fresh (Adam moments restart from 0). `config` must describe the same model (arch,
+    Student, teacher, their BatchNorm statistics, the center and the optimizer state (AdamW's
+    moments and step count, SGD's or LARS' momentum buffers) are imported, so that the next
+    iteration is the reference's; a file without optimizer state starts the moments at zero
+    (logged). `step` is the checkpoint's epoch (the next one to run) times
+    `config.steps_per_epoch`. `config` must describe the same model (arch,
     patch_size, size overrides, out_dim, head_*, use_bn_in_head, norm_last_layer): every
     unknown or missing key and every mismatched shape is listed in the ValueError otherwise.
     With a mesh, the state is placed with the shardings of `step.state_sharding`.
@@ -82,7 +89,14 @@ def import_full_checkpoint(
     abstract = jax.eval_shape(lambda key: dino_step.init_state(config, key), jax.random.key(0))
     networks = {w: split_network(network_state_dict(checkpoint, w)) for w in NETWORKS}
     step = int(checkpoint["epoch"]) * steps_per_epoch(config)
-    return _state_with(abstract, networks, center, step, config, path, mesh)
+    state = _state_with(abstract, networks, center, step, config, path, None)
+    student = network_state_dict(checkpoint, "student")
+    state = state.replace(
+        opt_state=_optimizer_state(checkpoint, student, state.opt_state, abstract, config, path)
+    )
+    if mesh is not None:
+        return jax.device_put(state, dino_step.state_sharding(config, mesh))
+    return state
 
 
 def init_state_from(
@@ -241,6 +255,138 @@ def _state_with(base, networks: dict, center, step: int, config, source, mesh):
     if mesh is not None:
         return jax.device_put(state, dino_step.state_sharding(config, mesh))
     return jax.tree.map(jnp.asarray, state)
+
+
+# The per-parameter state of each reference optimizer (torch.optim.AdamW, torch.optim.SGD, utils.py:
+# LARS) and the optax state that holds the same numbers.
+_TORCH_BUFFERS = {
+    "adamw": {"exp_avg": "mu", "exp_avg_sq": "nu"},
+    "sgd": {"momentum_buffer": "trace"},
+    "lars": {"mu": "trace"},
+}
+
+
+def _optimizer_state(checkpoint: dict, student: StateDict, fresh, abstract, config, source):
+    """The optax state of `make_optimizer(config)` holding the reference optimizer's state of
+    `checkpoint["optimizer"]` (main_dino.py: train_dino saves `optimizer.state_dict()`).
+
+    The reference's parameter groups (utils.py: get_params_groups) list the student's trainable
+    parameters in `named_parameters` order, decayed ones first; a parameter that never had a
+    gradient (the last layer while frozen) has no state and starts at zero. `fresh` is the state
+    to fill, `student` the student's state dict without `module.`.
+    """
+    saved = checkpoint.get("optimizer") or {}
+    if not saved.get("state"):
+        log.info("%s holds no optimizer state: the moments start at zero.", source)
+        return fresh
+    names = _trainable_names(student, config)
+    groups = saved["param_groups"]
+    sizes = [len(group["params"]) for group in groups]
+    if len(groups) != 2 or sizes != [len(n) for n in names]:
+        raise ValueError(
+            f"The optimizer of {source} has parameter groups of sizes {sizes}; the student's "
+            f"decayed and non-decayed parameters number {[len(n) for n in names]} "
+            "(utils.py: get_params_groups). Its model differs from the config's."
+        )
+    by_name = {}
+    for group, group_names in zip(groups, names, strict=True):
+        for index, name in zip(group["params"], group_names, strict=True):
+            by_name[name] = saved["state"].get(index, {})
+    buffers = _TORCH_BUFFERS[config.optimizer]
+    found = {key for entry in by_name.values() for key in entry if key != "step"}
+    if found and not found <= set(buffers):
+        raise ValueError(
+            f"The optimizer state of {source} holds {sorted(found)}, not the state of "
+            f"config.optimizer={config.optimizer!r} ({sorted(buffers)}). Set the optimizer the "
+            "run was trained with."
+        )
+    counts = _step_counts(by_name, source)
+    trees = {
+        field: _student_tree(by_name, buffer, student, abstract, config, source)
+        for buffer, field in buffers.items()
+    }
+
+    def fill(path, state):
+        label = LAST_LAYER if any(getattr(k, "key", None) == LAST_LAYER for k in path) else "rest"
+        if isinstance(state, optax.ScaleByAdamState):
+            return state._replace(
+                count=jnp.asarray(counts[label], state.count.dtype),
+                mu=_filled(state.mu, trees["mu"]),
+                nu=_filled(state.nu, trees["nu"]),
+            )
+        if isinstance(state, optax.TraceState):
+            return state._replace(trace=_filled(state.trace, trees["trace"]))
+        return state
+
+    is_state = lambda x: isinstance(x, (optax.ScaleByAdamState, optax.TraceState))  # noqa: E731
+    return jax.tree_util.tree_map_with_path(fill, fresh, is_leaf=is_state)
+
+
+def _trainable_names(student: StateDict, config) -> tuple[list[str], list[str]]:
+    """(decayed, non-decayed) names of the student's trainable parameters in the reference's
+    order: biases and 1-D tensors are not decayed; a fixed weight_g (norm_last_layer) is not
+    trainable (main_dino.py: DINOHead sets its requires_grad to False)."""
+    decayed, other = [], []
+    for name, value in student.items():
+        if name.rsplit(".", 1)[-1] in (*IGNORED_BUFFERS, "running_mean", "running_var"):
+            continue
+        if config.norm_last_layer and name.endswith("last_layer.weight_g"):
+            continue
+        (other if name.endswith(".bias") or value.ndim == 1 else decayed).append(name)
+    return decayed, other
+
+
+def _step_counts(by_name: dict, source) -> dict[str, int]:
+    """The step count of each optax partition: every parameter of a partition has taken the
+    same number of steps, or none (no state: 0)."""
+    counts = {}
+    for label in (LAST_LAYER, "rest"):
+        steps = {
+            int(entry.get("step", 0)) if entry else 0
+            for name, entry in by_name.items()
+            if (LAST_LAYER in name.split(".")) == (label == LAST_LAYER)
+        }
+        if len(steps) > 1:
+            raise ValueError(
+                f"The optimizer state of {source} has parameters at different step counts "
+                f"{sorted(steps)} in one group ({label}): it cannot continue as one optimizer."
+            )
+        counts[label] = steps.pop() if steps else 0
+    return counts
+
+
+def _student_tree(by_name: dict, buffer: str, student: StateDict, abstract, config, source):
+    """One per-parameter buffer of the reference optimizer as a tree shaped like the student's
+    params (zeros where a parameter has no state)."""
+    state = {
+        name: entry[buffer].detach().float().numpy() if buffer in entry else np.zeros_like(value)
+        for name, value in student.items()
+        if name in by_name
+        for entry in [by_name[name]]
+    }
+    backbone, head = split_network(state)
+    what = f"optimizer state ({buffer}) of the student in {source}"
+    return {
+        "backbone": from_state_dict(
+            backbone, {"params": abstract.student["backbone"]}, backbone_key, what
+        )["params"],
+        "head": head_from_state_dict(head, {"params": abstract.student["head"]}, config, what)[
+            "params"
+        ],
+    }
+
+
+def _filled(masked_tree, values):
+    """`masked_tree` (a partition's moments: arrays, and optax.MaskedNode for the parameters of
+    the other partition) with each array replaced by the one at its path in `values`."""
+
+    def take(path, leaf):
+        node = values
+        for key in path:
+            node = node[key.key]
+        return jnp.asarray(node, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(take, masked_tree)
 
 
 def _network_variables(backbone, head, which: str, abstract, config, source) -> dict:

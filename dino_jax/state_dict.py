@@ -104,11 +104,15 @@ def to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
 
 
 def torch_load(path: str | epath.PathLike) -> Any:
-    """The object in a .pth file, tensors on the CPU. Unpickles only tensors, containers and the
-    reference's argparse.Namespace of arguments (torch's safe `weights_only` loader)."""
+    """The object in a .pth file, tensors on the CPU. Unpickles only tensors, containers, the
+    reference's argparse.Namespace of arguments and NumPy scalars (torch's safe `weights_only`
+    loader): the reference sets its optimizer's lr and weight_decay from NumPy arrays
+    (main_dino.py: train_one_epoch), so its saved param_groups hold np.float64 values."""
     import torch
 
-    with epath.Path(path).open("rb") as f, torch.serialization.safe_globals([argparse.Namespace]):
+    allowed = [argparse.Namespace, np.dtype, type(np.dtype(np.float64))]
+    allowed.append(np.float64(0).__reduce__()[0])  # numpy's scalar reconstructor
+    with epath.Path(path).open("rb") as f, torch.serialization.safe_globals(allowed):
         return torch.load(f, map_location="cpu", weights_only=True)
 
 

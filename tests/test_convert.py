@@ -3,6 +3,7 @@ with strict=True, and a full training checkpoint that continues training exactly
 would (one step against a PyTorch re-implementation of main_dino.py's iteration)."""
 
 import argparse
+import logging
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from gradients import assert_gradients_close
 from test_resnet import TorchResNet50
 from torch_reference import (
     TorchDINOHead,
@@ -19,6 +21,7 @@ from torch_reference import (
     TorchViT,
     get_params_groups,
     randomize_,
+    reference_optimizer,
     save_release_vit,
     train_iteration,
 )
@@ -26,9 +29,10 @@ from torch_reference import (
 from dino_jax import convert, hub, interop, parallel, state_dict
 from dino_jax.checkpoint import export_teacher
 from dino_jax.models import backbone_of
-from dino_jax.step import init_state, make_train_step
+from dino_jax.step import init_state, make_gradient_step, make_train_step
 
 RTOL = 1e-5
+GRAD_RTOL = 2e-5
 EPOCH = 2  # the checkpoint's "epoch": the next epoch to run
 
 
@@ -237,34 +241,102 @@ def random_batch(config, seed=0):
     }
 
 
-def reference_step(config, checkpoint, batch, epoch=EPOCH):
-    """One iteration of the reference from `checkpoint` at the start of `epoch`, in float64 ->
-    (loss, student, teacher, center, student gradients)."""
-    student, teacher = torch_network(config, 0).double(), torch_network(config, 0).double()
-    student.load_state_dict(
-        {k.removeprefix("module."): v for k, v in checkpoint["student"].items()}
-    )
-    teacher.load_state_dict(checkpoint["teacher"])
-    n_crops = 2 + config.local_crops_number
-    dino_loss = TorchDINOLoss(
+def _torch_crops(config, batch):
+    return [
+        torch.from_numpy(batch[group][:, i].transpose(0, 3, 1, 2)).double()
+        for group, n in (("global", 2), ("local", config.local_crops_number))
+        for i in range(n)
+    ]
+
+
+def _torch_dino_loss(config):
+    return TorchDINOLoss(
         config.out_dim,
-        n_crops,
+        2 + config.local_crops_number,
         config.warmup_teacher_temp,
         config.teacher_temp,
         config.warmup_teacher_temp_epochs,
         config.epochs,
     ).double()
+
+
+def reference_step(config, checkpoint, batch, epoch=EPOCH):
+    """One iteration of the reference from `checkpoint` (its networks, center and optimizer
+    state) at the start of `epoch`, in float64 -> (loss, student, teacher, center, the student's
+    gradients before clipping)."""
+    student, teacher = torch_network(config, 0).double(), torch_network(config, 0).double()
+    student.load_state_dict(
+        {k.removeprefix("module."): v for k, v in checkpoint["student"].items()}
+    )
+    teacher.load_state_dict(checkpoint["teacher"])
+    dino_loss = _torch_dino_loss(config)
     dino_loss.center = checkpoint["dino_loss"]["center"].double()
-    optimizer = torch.optim.AdamW(get_params_groups(student))
-    crops = [
-        torch.from_numpy(batch[group][:, i].transpose(0, 3, 1, 2)).double()
-        for group, n in (("global", 2), ("local", config.local_crops_number))
-        for i in range(n)
-    ]
+    optimizer = reference_optimizer(config.optimizer, get_params_groups(student))
+    optimizer.load_state_dict(checkpoint["optimizer"])  # casts the moments to float64
+    crops = _torch_crops(config, batch)
     it = epoch * config.steps_per_epoch
-    loss = train_iteration(student, teacher, dino_loss, optimizer, crops, it, epoch, config)
-    grads = {k: p.grad.numpy() for k, p in student.named_parameters() if p.grad is not None}
+    grads = {}
+    loss = train_iteration(
+        student, teacher, dino_loss, optimizer, crops, it, epoch, config, gradients=grads
+    )
+    grads = {k: g.numpy() for k, g in grads.items()}
     return loss, student.state_dict(), teacher.state_dict(), dino_loss.center[0].numpy(), grads
+
+
+def reference_run_checkpoint(config, seed=0):
+    """The reference's checkpoint.pth after its first epoch: `steps_per_epoch` real iterations
+    of main_dino.py's loop from random networks, saved in float32 as train_dino saves it
+    (student, teacher, optimizer state, epoch 1, center)."""
+    student = torch_network(config, seed).double()
+    teacher = torch_network(config, seed + 1).double()
+    dino_loss = _torch_dino_loss(config)
+    optimizer = reference_optimizer(config.optimizer, get_params_groups(student))
+    for it in range(config.steps_per_epoch):
+        crops = _torch_crops(config, random_batch(config, seed=100 + it))
+        train_iteration(student, teacher, dino_loss, optimizer, crops, it, 0, config)
+    as_float = lambda tree: {  # noqa: E731
+        k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+        for k, v in tree.items()
+    }
+    saved = optimizer.state_dict()
+    saved["state"] = {i: as_float(entry) for i, entry in saved["state"].items()}
+    return {
+        "student": {f"module.{k}": v for k, v in as_float(student.state_dict()).items()},
+        "teacher": as_float(teacher.state_dict()),
+        "optimizer": saved,
+        "epoch": 1,
+        "args": argparse.Namespace(arch=config.arch, patch_size=config.patch_size),
+        "dino_loss": {"center": dino_loss.center.float()},
+    }
+
+
+def assert_step_is_the_references(config, before, after, metrics, grads, reference):
+    """Our step (state `before` -> `after`, its metrics and gradients before clipping) against
+    the reference's iteration from the same checkpoint: the loss, each gradient, the center,
+    and every parameter of both networks after the update."""
+    loss, student, teacher, center, torch_grads = reference
+    assert_close(metrics["loss"], loss)
+    ours = state_dict.network_to_torch({"params": grads}, config)
+    # Per tensor, relative to its norm: float32 sums of many crops' contributions (pos_embed's
+    # cls row, the biases) carry ~1e-4 relative round-off in single entries.
+    assert_gradients_close({k: ours[k].numpy() for k in torch_grads}, torch_grads, GRAD_RTOL)
+    np.testing.assert_allclose(
+        metrics["grad_norm"], np.sqrt(sum(np.sum(g**2) for g in torch_grads.values())), rtol=RTOL
+    )
+    assert_close(after.center, center)
+    lr = float(metrics["lr"])
+    stats = after.batch_stats or {"student": {}, "teacher": {}}
+    for which, want in (("student", student), ("teacher", teacher)):
+        variables = {"params": getattr(after, which), "batch_stats": stats[which]}
+        got = state_dict.network_to_torch(variables, config)
+        assert set(got) == set(want)
+        for key, tensor in want.items():
+            if key.endswith("num_batches_tracked"):
+                continue
+            got_value, want_value = got[key].numpy(), tensor.numpy()
+            if which == "student" and key in torch_grads:
+                got_value = check_round_off_updates(got_value, want_value, torch_grads, key, lr)
+            assert_close(got_value, want_value, err_msg=f"{which} {key}")
 
 
 def check_round_off_updates(got, want, grads, key, lr):
@@ -282,6 +354,15 @@ def check_round_off_updates(got, want, grads, key, lr):
     got = got.copy()
     got[zero] = want[zero]
     return got
+
+
+def step_from(state, config, mesh, batch):
+    """(state before, state after, metrics, gradients before clipping) of our step."""
+    batch = parallel.to_global(batch, mesh)
+    _, grads = make_gradient_step(config, mesh)(state, batch)
+    before = jax.device_get(state)
+    after, metrics = make_train_step(config, mesh)(state, batch)
+    return before, jax.device_get(after), jax.device_get(metrics), jax.device_get(grads)
 
 
 @pytest.mark.slow
@@ -309,25 +390,53 @@ def test_full_checkpoint_continues_like_the_reference(tiny_config, tmp_path, ove
     state = interop.import_full_checkpoint(tmp_path / "checkpoint.pth", config, mesh)
     assert int(state.step) == EPOCH * config.steps_per_epoch
     batch = random_batch(config)
-    state, metrics = make_train_step(config, mesh)(state, parallel.to_global(batch, mesh))
-    state = jax.device_get(state)
+    ours = step_from(state, config, mesh, batch)
+    assert_step_is_the_references(config, *ours, reference_step(config, checkpoint, batch))
 
-    loss, student, teacher, center, grads = reference_step(config, checkpoint, batch)
-    lr = float(metrics["lr"])
-    assert_close(metrics["loss"], loss)
-    assert_close(state.center, center)
-    stats = state.batch_stats or {"student": {}, "teacher": {}}
-    for which, want in (("student", student), ("teacher", teacher)):
-        variables = {"params": getattr(state, which), "batch_stats": stats[which]}
-        got = state_dict.network_to_torch(variables, config)
-        assert set(got) == set(want)
-        for key, tensor in want.items():
-            if key.endswith("num_batches_tracked"):
-                continue
-            got_value, want_value = got[key].numpy(), tensor.numpy()
-            if which == "student" and key in grads:
-                got_value = check_round_off_updates(got_value, want_value, grads, key, lr)
-            assert_close(got_value, want_value, err_msg=f"{which} {key}")
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"optimizer": "sgd"},
+        {"optimizer": "lars", "use_bn_in_head": True},
+        # The last layer frozen through the saved epoch and the next: it has no saved state.
+        {"freeze_last_layer": 2, "norm_last_layer": False},
+    ],
+    ids=["adamw", "sgd", "lars_bn_head", "adamw_frozen_last_layer"],
+)
+def test_a_reference_run_continues_with_its_optimizer_state(tiny_config, tmp_path, overrides):
+    """A checkpoint of real reference iterations (moments and step counts far from a fresh
+    optimizer's): our next iteration from it is the reference's, update sizes included."""
+    config = tiny_config(drop_path_rate=0.0, **overrides)
+    checkpoint = reference_run_checkpoint(config)
+    assert checkpoint["optimizer"]["state"]
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    mesh = parallel.make_mesh((("data", 8),))
+    state = interop.import_full_checkpoint(tmp_path / "checkpoint.pth", config, mesh)
+    assert int(state.step) == config.steps_per_epoch
+    batch = random_batch(config)
+    ours = step_from(state, config, mesh, batch)
+    assert_step_is_the_references(config, *ours, reference_step(config, checkpoint, batch, 1))
+
+
+def test_an_optimizer_of_another_kind_or_model_is_refused(tiny_config, tmp_path, caplog):
+    config = tiny_config()
+    checkpoint = reference_run_checkpoint(tiny_config(optimizer="sgd", steps_per_epoch=1))
+    torch.save(checkpoint, tmp_path / "sgd.pth")
+    with pytest.raises(ValueError, match=r"holds \['momentum_buffer'\].*optimizer='adamw'"):
+        interop.import_full_checkpoint(tmp_path / "sgd.pth", config)
+    groups = checkpoint["optimizer"]["param_groups"]
+    groups[1]["params"] = groups[1]["params"][:-1]
+    torch.save(checkpoint, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match=r"groups of sizes \[\d+, \d+\]"):
+        interop.import_full_checkpoint(tmp_path / "short.pth", tiny_config(optimizer="sgd"))
+    torch.save(full_checkpoint(config), tmp_path / "fresh.pth")
+    with caplog.at_level(logging.INFO, logger="dino_jax"):
+        state = interop.import_full_checkpoint(tmp_path / "fresh.pth", config)
+    assert "holds no optimizer state: the moments start at zero" in caplog.text
+    assert not any(np.any(leaf) for leaf in jax.tree.leaves(state.opt_state))
 
 
 def test_full_checkpoint_errors_list_every_bad_key(tiny_config, tmp_path):

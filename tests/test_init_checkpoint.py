@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from test_convert import (
-    assert_close,
-    check_round_off_updates,
+    assert_step_is_the_references,
     full_checkpoint,
     random_batch,
     reference_step,
+    step_from,
     torch_network,
 )
 from test_train import REPO, cli, losses_by_step
@@ -23,7 +23,7 @@ from dino_jax import parallel, state_dict
 from dino_jax import train as train_lib
 from dino_jax.checkpoint import Checkpointer, export_teacher
 from dino_jax.config import load_config
-from dino_jax.step import init_state, make_train_step
+from dino_jax.step import init_state
 
 
 def initial_state(config, workdir):
@@ -50,22 +50,10 @@ def test_full_checkpoint_starts_at_step_0_like_the_reference(tiny_config, tmp_pa
     state, mesh = initial_state(config, tmp_path / "run")
     assert_fresh_optimizer(state)
     batch = random_batch(config)
-    state, metrics = make_train_step(config, mesh)(state, parallel.to_global(batch, mesh))
-    state = jax.device_get(state)
-
-    loss, student, teacher, center, grads = reference_step(config, checkpoint, batch, epoch=0)
-    assert_close(metrics["loss"], loss)
-    lr = float(metrics["lr"])
+    ours = step_from(state, config, mesh, batch)
+    lr = float(ours[2]["lr"])
     assert lr == pytest.approx(config.lr * config.batch_size / 256, rel=1e-6)
-    assert_close(state.center, center)
-    for which, want in (("student", student), ("teacher", teacher)):
-        got = state_dict.network_to_torch({"params": getattr(state, which)}, config)
-        assert set(got) == set(want)
-        for key, tensor in want.items():
-            got_value, want_value = got[key].numpy(), tensor.numpy()
-            if which == "student" and key in grads:
-                got_value = check_round_off_updates(got_value, want_value, grads, key, lr)
-            assert_close(got_value, want_value, err_msg=f"{which} {key}")
+    assert_step_is_the_references(config, *ours, reference_step(config, checkpoint, batch, epoch=0))
 
 
 def release_backbone(config, seed=3):

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from torch_reference import reference_optimizer
 
 from dino_jax.config import base_config
 from dino_jax.optim import clip_per_tensor, decay_mask, last_layer_labels, make_optimizer
@@ -66,12 +67,7 @@ def run_reference(name, params, grads_seq, hps, clip):
         {"params": [p for k, p in tp.items() if decay[k]]},
         {"params": [p for k, p in tp.items() if not decay[k]], "weight_decay": 0.0},
     ]
-    if name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8)
-    elif name == "sgd":
-        opt = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
-    else:
-        opt = ReferenceLARS(groups)
+    opt = reference_optimizer(name, groups)
     for grads, hp in zip(grads_seq, hps, strict=True):
         for i, group in enumerate(opt.param_groups):
             group["lr"] = float(hp.lr)
@@ -87,37 +83,6 @@ def run_reference(name, params, grads_seq, hps, clip):
                 tp[k].grad = None
         opt.step()
     return {k: p.detach().numpy() for k, p in tp.items()}
-
-
-class ReferenceLARS(torch.optim.Optimizer):
-    """The reference's utils.LARS (from Barlow Twins), written from its description."""
-
-    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                dp = p.grad
-                if dp is None:
-                    continue
-                if p.ndim != 1:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
-                    one = torch.ones_like(param_norm)
-                    q = torch.where(
-                        param_norm > 0.0,
-                        torch.where(update_norm > 0, g["eta"] * param_norm / update_norm, one),
-                        one,
-                    )
-                    dp = dp.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lars"])

@@ -274,6 +274,46 @@ def get_params_groups(model):
     return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
 
 
+class ReferenceLARS(torch.optim.Optimizer):
+    """The reference's utils.LARS (from Barlow Twins), written from its description."""
+
+    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(
+                        param_norm > 0.0,
+                        torch.where(update_norm > 0, g["eta"] * param_norm / update_norm, one),
+                        one,
+                    )
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def reference_optimizer(name, groups):
+    """main_dino.py: train_dino's optimizer of `name` over the parameter groups."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups)  # lr and wd are set by the schedules
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0, momentum=0.9)
+    return ReferenceLARS(groups)
+
+
 def clip_gradients(model, clip):
     for p in model.parameters():
         if p.grad is not None:
@@ -291,12 +331,22 @@ def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
 
 
 def train_iteration(
-    student, teacher, dino_loss, optimizer, crops, it, epoch, args, fp16_scaler=None
+    student,
+    teacher,
+    dino_loss,
+    optimizer,
+    crops,
+    it,
+    epoch,
+    args,
+    fp16_scaler=None,
+    gradients=None,
 ):
     """main_dino.py's train_one_epoch body for iteration `it`; `crops` is crop-major NCHW.
     With `fp16_scaler` (a `torch.amp.GradScaler`), its `--use_fp16 true` path: forwards and loss
     under float16 autocast, the loss scaled, gradients unscaled before clipping.
-    Returns the loss; student, teacher, optimizer and dino_loss.center are updated in place."""
+    Returns the loss; student, teacher, optimizer and dino_loss.center are updated in place, and
+    the dict `gradients`, if given, receives each parameter's gradient before clipping."""
     niter = args.steps_per_epoch
     lr = cosine_scheduler(
         args.lr * args.batch_size / 256.0, args.min_lr, args.epochs, niter, args.warmup_epochs
@@ -314,6 +364,14 @@ def train_iteration(
     optimizer.zero_grad()
     if fp16_scaler is None:
         loss.backward()
+        if gradients is not None:
+            gradients.update(
+                {
+                    k: p.grad.detach().clone()
+                    for k, p in student.named_parameters()
+                    if p.grad is not None
+                }
+            )
         if args.clip_grad:
             clip_gradients(student, args.clip_grad)
         cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
