@@ -12,6 +12,7 @@ killed mid-save leaves the previous checkpoint as the latest one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -23,7 +24,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from dino_jax.schedules import hyperparams_at
 from dino_jax.step import TrainState
+
+log = logging.getLogger("dino_jax")
 
 # Keys that define the model and its optimizer state: the saved arrays only fit a config that
 # agrees on all of them (plus every `head_*` key). Schedules, data and batch size may change.
@@ -39,6 +43,10 @@ MODEL_KEYS = (
     "norm_last_layer",
     "optimizer",
 )
+# Keys that fix the length of every schedule (lr, weight decay, teacher momentum and temperature,
+# the frozen last layer): a resume that changes one evaluates the schedules of another run at
+# the saved step, so their values jump. Refused unless `checkpoint.replan_schedules` says so.
+SCHEDULE_KEYS = ("epochs", "steps_per_epoch", "batch_size")
 _STATE, _DATA, _CONFIG = "state", "data", "config"
 _MISSING = "<absent>"
 
@@ -135,7 +143,9 @@ class Checkpointer:
         return restored[_CONFIG]
 
     def check_compatible(self, config: ml_collections.ConfigDict) -> None:
-        """Raises ValueError if the latest checkpoint holds a different model than `config`.
+        """Raises ValueError if the latest checkpoint holds a different model than `config`, or
+        was planned for other schedule lengths (`SCHEDULE_KEYS`) and
+        `config.checkpoint.replan_schedules` is not set; with it set, logs what changes.
 
         Call before compiling, so that a wrong --workdir fails at once; it reads only the config.
         """
@@ -155,6 +165,34 @@ class Checkpointer:
                 f"{'; '.join(diffs)}. Use a new --workdir for this model, or the saved values to "
                 "resume that run."
             )
+        changed = [
+            f"{key}={requested[key]} (saved {key}={saved[key]})"
+            for key in SCHEDULE_KEYS
+            if key in saved and saved[key] != requested[key]
+        ]
+        if not changed:
+            return
+        if not config.checkpoint.replan_schedules:
+            raise ValueError(
+                f"Resuming step {step} of {self.directory} with {', '.join(changed)}: the "
+                "schedules of that run would jump. Resume with the saved values, or set "
+                "--config.checkpoint.replan_schedules=true to follow the new schedules from "
+                f"step {step}."
+            )
+        before = hyperparams_at(ml_collections.ConfigDict(saved), step)
+        after = hyperparams_at(config, step)
+        log.info(
+            "Re-planning the schedules at step %d for %s: lr %.4g -> %.4g, teacher momentum "
+            "%.6g -> %.6g, weight decay %.4g -> %.4g.",
+            step,
+            ", ".join(changed),
+            before.lr,
+            after.lr,
+            before.momentum,
+            after.momentum,
+            before.weight_decay,
+            after.weight_decay,
+        )
 
     def should_save(self, step: int) -> bool:
         """True if `save` would save at this step: on schedule or at a preemption, and newer

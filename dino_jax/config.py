@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
     c.checkpoint.keep = 3
+    # Resuming with other epochs, steps_per_epoch or batch_size is refused (the schedules would
+    # jump); True resumes anyway and follows the new lengths' schedules from the saved step.
+    c.checkpoint.replan_schedules = False
     # Weights a NEW run starts from (step 0, fresh optimizer): an official .pth (full training
     # checkpoint or backbone), a dino_jax export or workdir. A checkpoint in --workdir wins.
     c.init_checkpoint = ""

@@ -2,6 +2,7 @@
 different model, surviving a save killed before its commit, and the teacher export."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -131,7 +132,7 @@ def test_check_compatible_names_each_changed_model_key(tmp_path, tiny_config):
         ckpt.save(3, small_state(3), None, tiny_config())
     with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
         before = snapshot(tmp_path)
-        ckpt.check_compatible(tiny_config(lr=1e-3, epochs=9))  # same model, other schedule
+        ckpt.check_compatible(tiny_config(lr=1e-3, min_lr=0.0))  # same model, other values
         with pytest.raises(ValueError, match=r"out_dim: saved 256, requested 512") as err:
             ckpt.check_compatible(tiny_config(out_dim=512))
         assert "--workdir" in str(err.value)
@@ -142,6 +143,50 @@ def test_check_compatible_names_each_changed_model_key(tmp_path, tiny_config):
         assert "head_nlayers: saved 3, requested 2" in message
         assert "out_dim" not in message
         assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"epochs": 9}, "epochs=9 (saved epochs=4)"),
+        ({"steps_per_epoch": 5}, "steps_per_epoch=5 (saved steps_per_epoch=3)"),
+        ({"batch_size": 16}, "batch_size=16 (saved batch_size=8)"),
+    ],
+)
+def test_other_schedule_lengths_are_refused_unless_replanned(
+    tmp_path, tiny_config, caplog, overrides, named
+):
+    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+        ckpt.save(5, small_state(5), None, tiny_config())
+    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+        config = tiny_config(**overrides)
+        with pytest.raises(ValueError) as err:
+            ckpt.check_compatible(config)
+        message = str(err.value)
+        assert f"Resuming step 5 of {ckpt.directory} with {named}" in message
+        assert "--config.checkpoint.replan_schedules=true" in message
+        assert "\n" not in message
+        config.checkpoint.replan_schedules = True
+        with caplog.at_level(logging.INFO, logger="dino_jax"):
+            ckpt.check_compatible(config)
+    # The reference's schedules at step 5 of each plan (warm-up of one epoch, then the cosine).
+    saved, new = tiny_config(), tiny_config(**overrides)
+    lrs = [reference_lr(c, 5) for c in (saved, new)]
+    assert f"Re-planning the schedules at step 5 for {named}: lr {lrs[0]:.4g} -> {lrs[1]:.4g}" in (
+        caplog.text
+    )
+
+
+def reference_lr(config, it):
+    """utils.py: cosine_scheduler's lr at iteration `it`, written out."""
+    base = config.lr * config.batch_size / 256
+    warmup = config.warmup_epochs * config.steps_per_epoch
+    if it < warmup:
+        return np.linspace(0, base, warmup)[it]
+    total = config.epochs * config.steps_per_epoch - warmup
+    return config.min_lr + 0.5 * (base - config.min_lr) * (
+        1 + np.cos(np.pi * (it - warmup) / total)
+    )
 
 
 # Saves step 1, then starts saving step 2 and is SIGKILLed (a preemption without grace period)
