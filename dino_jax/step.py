@@ -226,9 +226,10 @@ def make_train_step(
     """`train_step` jitted over `mesh`: state sharded by the parallel.py rules and donated, batch
     split over every device, metrics replicated, the model built from the layers of the mesh's
     platform. Bad settings fail here, before compilation."""
+    step = _bound(train_step, config, mesh)
     shardings = state_sharding(config, mesh)
     return jax.jit(
-        _bound(train_step, config, mesh),
+        step,
         in_shardings=(shardings, parallel.batch_sharding(mesh)),
         out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=0,

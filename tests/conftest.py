@@ -11,6 +11,8 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+import subprocess  # noqa: E402
+
 import pytest  # noqa: E402
 
 from dino_jax.config import base_config  # noqa: E402
@@ -29,6 +31,24 @@ def make_tiny_config(**overrides):
     for key, value in overrides.items():
         c[key] = value
     return c
+
+
+@pytest.fixture(autouse=True)
+def slow_work_is_marked(request, monkeypatch):
+    """A test that starts a subprocess or runs the training loop is marked `slow`, so that
+    `pytest -m "not slow"` stays quick: unmarked, such a test fails where it starts one."""
+    if request.node.get_closest_marker("slow"):
+        return
+    from dino_jax import train
+
+    def refuse(what):
+        def fail(*args, **kwargs):
+            pytest.fail(f"{request.node.nodeid} {what}: mark it @pytest.mark.slow", pytrace=False)
+
+        return fail
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("starts a subprocess"))
+    monkeypatch.setattr(train, "_loop", refuse("runs the training loop"))
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ def digest(example) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BUILT_IN)
 def test_same_index_gives_the_same_bytes_in_any_object_and_process(name):
     cls, _ = BUILT_IN[name]

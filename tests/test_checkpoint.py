@@ -215,6 +215,7 @@ ckpt.wait()
 """
 
 
+@pytest.mark.slow
 def test_a_save_killed_before_its_commit_leaves_the_previous_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     child = subprocess.run(

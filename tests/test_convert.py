@@ -188,6 +188,7 @@ def test_resnet50_release_file(tmp_path):
             assert torch.equal(exported[key], tensor), key
 
 
+@pytest.mark.slow
 def test_cli_help():
     result = subprocess.run(
         [sys.executable, "-m", "dino_jax.convert", "--help"],

@@ -128,6 +128,7 @@ def run_python(code, **env):
     )
 
 
+@pytest.mark.slow
 def test_without_compiler_the_model_keeps_xla_attention(tmp_path):
     """No compiler (and no cached build): a warning, available() False, and the CPU layers'
     attention falls back to XLA's products with the same numbers."""
@@ -151,6 +152,7 @@ def test_without_compiler_the_model_keeps_xla_attention(tmp_path):
     assert "no-such-compiler" in result.stderr
 
 
+@pytest.mark.slow
 def test_switched_off_by_environment():
     result = run_python(
         "from dino_jax.cpu import attention_kernel; print(attention_kernel.available())",
@@ -160,6 +162,7 @@ def test_switched_off_by_environment():
     assert result.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_build_is_cached_per_source(tmp_path):
     """The first process compiles into the cache, the next loads that file without compiling."""
     code = """

@@ -79,6 +79,7 @@ def test_a_side_that_times_out_leaves_the_others_figures(tmp_path):
     assert float(reference["images/s"]) > 0
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_gpu_commands_and_runs_nothing(tmp_path):
     result = run(tmp_path, DRY_RUN="1", WHEELS="wheels", PYTHON="python3")
     assert result.returncode == 0, result.stderr

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test runs a launch script in a subprocess.
+pytestmark = pytest.mark.slow
+
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 SCRIPTS = sorted(p for p in LAUNCH.rglob("*") if p.suffix in (".sh", ".sbatch"))
 TPU = {

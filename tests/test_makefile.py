@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 # What only the suite (or compiling for accelerators) needs; none of it belongs in the demo's venv.
 SUITE_ONLY = ("torch", "pytest", "ruff", "test", "tpu", "cuda", "gpu-compile", "jupytext")
@@ -47,6 +49,7 @@ def pretend_ran(commands: list[str]) -> None:
         os.utime(made, (when, when))
 
 
+@pytest.mark.slow
 def test_demo_installs_no_suite_tools(tmp_path):
     commands = dry_run("demo", tmp_path)
     installs = pip_installs(commands)
@@ -61,6 +64,7 @@ def installs_torch(installs: list[str]) -> bool:
     return any(word.startswith("torch") for args in installs for word in shlex.split(args))
 
 
+@pytest.mark.slow
 def test_test_installs_everything(tmp_path):
     installs = pip_installs(dry_run("test", tmp_path))
     assert installs_torch(installs), installs
@@ -68,6 +72,7 @@ def test_test_installs_everything(tmp_path):
         assert any(wanted in args for args in installs), installs
 
 
+@pytest.mark.slow
 def test_demo_then_test_adds_the_suite_tools(tmp_path):
     pretend_ran(dry_run("demo", tmp_path))
     commands = dry_run("test", tmp_path)
@@ -78,6 +83,7 @@ def test_demo_then_test_adds_the_suite_tools(tmp_path):
     assert installs_torch(installs), installs
 
 
+@pytest.mark.slow
 def test_test_then_demo_installs_nothing(tmp_path):
     pretend_ran(dry_run("test", tmp_path))
     commands = dry_run("demo", tmp_path)

@@ -132,6 +132,7 @@ def test_train_and_val_folders_are_memory_and_queries_and_the_vote_is_numpys(tmp
     assert 0.0 < want < 100.0, want
 
 
+@pytest.mark.slow
 def test_queries_that_sit_in_the_memory_are_refused_before_training(tmp_path):
     flat = noisy_jpegs(tmp_path / "flat", {"": 3})  # class folders, no train/ and val/
     workdir = tmp_path / "run"

@@ -250,6 +250,7 @@ def test_knn_monitor_during_training_with_head_batchnorm(tmp_path):
     assert 0.0 <= final["knn_top1"] <= 100.0
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_one_line_with_the_nearest_keys(tmp_path):
     code, out = cli(tmp_path, "--config.data.sourc=folder:x", "--config.epoch=3", "--config.zzzz=1")
     assert code == 2, out
@@ -264,6 +265,7 @@ def test_unknown_config_key_is_one_line_with_the_nearest_keys(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_unprepared_tfds_dataset_names_tfds_build(tmp_path):
     """An empty data_dir: tfds finds no prepared splits. One line naming the command and the key."""
     code, out = cli(
