@@ -66,8 +66,9 @@ def finish(proc):
     return out
 
 
-def losses(workdir):
-    return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+def logged(workdir, key="loss"):
+    """{step: value} of a metric in the run's metrics.jsonl."""
+    return {m["step"]: m[key] for m in read_metrics(workdir) if key in m}
 
 
 @pytest.mark.slow
@@ -77,9 +78,16 @@ def test_two_processes_match_one(tmp_path):
     for proc in procs:
         finish(proc)
     finish(start(tmp_path / "one", 8))
-    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    two, one = logged(tmp_path / "two"), logged(tmp_path / "one")
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
     np.testing.assert_allclose([two[s] for s in one], list(one.values()), rtol=1e-6)
+    # The gradients' norm before clipping: Adam's updates would hide a gradient of the wrong size.
+    norms_two = logged(tmp_path / "two", "grad_norm")
+    norms_one = logged(tmp_path / "one", "grad_norm")
+    assert sorted(norms_two) == sorted(norms_one) == [1, 2, 3, 4]
+    np.testing.assert_allclose(
+        [norms_two[s] for s in norms_one], list(norms_one.values()), rtol=1e-5
+    )
     # Both processes wrote the checkpoints together; the exported teachers agree.
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["2", "4"]
     _, teacher_two, _ = load_exported(tmp_path / "two" / "export")
