@@ -12,15 +12,11 @@ import dataclasses
 import math
 import re
 import time
-from typing import Any
 
-import jax
 import ml_collections
-import numpy as np
-from jax.sharding import Mesh
 
 from dino_jax import parallel, targets
-from dino_jax.step import abstract_state, make_train_step
+from dino_jax.step import abstract_batch, abstract_state, make_train_step
 
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "collective-permute", "all-to-all")
 DTYPE_BYTES = {
@@ -254,18 +250,6 @@ class CompileReport:
     @property
     def bound(self) -> str:
         return "compute" if self.compute_s >= self.memory_s else "memory"
-
-
-def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, Any]:
-    """The global batch as ShapeDtypeStructs split over the mesh: the crops of
-    `step_benchmark.random_batch` (uint8 when the step augments on device, else float32)."""
-    b, g, l = config.batch_size, config.data.global_crop_size, config.data.local_crop_size
-    shapes = {"global": (b, 2, g, g, 3)}
-    if config.local_crops_number:
-        shapes["local"] = (b, config.local_crops_number, l, l, 3)
-    dtype = np.uint8 if config.data.augment_on_device else np.float32
-    sharding = parallel.batch_sharding(mesh)
-    return {k: jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for k, s in shapes.items()}
 
 
 def compile_step(config: ml_collections.ConfigDict, target: targets.Target | str):

@@ -22,6 +22,11 @@ SOLARIZE_THRESHOLD = 128
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
+# torchvision's ImageNet normalisation, which the reference's transforms and models use.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 @dataclasses.dataclass(frozen=True)
 class MultiCropConfig:
     """Sizes, scale ranges and normalisation of the multi-crop (the reference's defaults)."""
@@ -33,8 +38,8 @@ class MultiCropConfig:
     local_crops_number: int = 8
     # Gaussian blur sigma range, in output pixels (the reference's for 224/96 px crops).
     blur_sigma: tuple[float, float] = BLUR_SIGMA
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 UNIFORMS_PER_CROP = 14  # one draw for all of a crop's events, factors and orders

@@ -24,24 +24,26 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from dino_jax.models import registry
 from dino_jax.schedules import hyperparams_at
 from dino_jax.step import TrainState
 
 log = logging.getLogger("dino_jax")
 
 # Keys that define the model and its optimizer state: the saved arrays only fit a config that
-# agrees on all of them (plus every `head_*` key). Schedules, data and batch size may change.
+# agrees on all of them (plus every `head_*` key). The optimizer state is laid out by parameter
+# group, so the keys that make the groups are among them. Data and other values may change.
 MODEL_KEYS = (
-    "arch",
-    "patch_size",
-    "img_size",
-    "embed_dim",
-    "depth",
-    "num_heads",
+    "method",
+    *registry.CONFIG_KEYS,
     "out_dim",
     "use_bn_in_head",
     "norm_last_layer",
     "optimizer",
+    "param_groups",
+    "layerwise_decay",
+    "patch_embed_lr_mult",
+    "freeze_last_layer",
 )
 # Keys that fix the length of every schedule (lr, weight decay, teacher momentum and temperature,
 # the frozen last layer): a resume that changes one evaluates the schedules of another run at
@@ -153,6 +155,14 @@ class Checkpointer:
         if step is None:
             return
         saved, requested = self.saved_config(step), config_to_dict(config)
+        if "method" not in saved:
+            raise ValueError(
+                f"{self.directory} holds checkpoints (latest step {step}) of a run saved before "
+                "methods had a state of their own (its state keeps the center where this version "
+                "keeps method_state), so it cannot resume here. Continue from its weights in a "
+                f"new --workdir with --config.init_checkpoint={self.directory.parent} (step 0, "
+                "fresh optimizer), or resume it with the dino_jax it was trained with."
+            )
         head_keys = sorted(k for k in {*saved, *requested} if k.startswith("head_"))
         diffs = [
             f"{key}: saved {saved.get(key, _MISSING)!r}, requested {requested.get(key, _MISSING)!r}"
@@ -303,3 +313,24 @@ def load_exported(path: str | epath.PathLike) -> tuple[ml_collections.ConfigDict
             path / "variables", args=ocp.args.PyTreeRestore(restore_args=restore_args)
         )
     return config, variables["params"], variables.get("batch_stats", {})
+
+
+def latest_arrays(directory: epath.Path, names: tuple[str, ...]):
+    """(config, {name: tree}) of the TrainState fields `names` in the newest complete checkpoint
+    under `directory` (a workdir's checkpoints/), as NumPy, on any device count."""
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    if not steps:
+        raise ValueError(f"{directory} holds no complete checkpoint yet.")
+    step_dir = directory / str(max(steps))
+    config = ml_collections.ConfigDict(json.loads((step_dir / "config" / "metadata").read_text()))
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
+        wanted = {name: tree.get(name, {}) for name in names}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = checkpointer.restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item=wanted, restore_args=restore_args, partial_restore=True
+            ),
+        )
+    return config, restored

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import re
 from collections.abc import Sequence
 
 import ml_collections
@@ -16,6 +17,7 @@ import ml_collections
 from dino_jax.models import ARCHS, REMATS, VIT_ARCHS
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
+CLIP_MODES = ("per_tensor", "total_norm")
 DTYPES = ("float32", "bfloat16")
 PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 
@@ -24,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
     """The reference's defaults (main_dino.py: get_args_parser): ViT-S/16, 100 epochs, AdamW, 2
     global + 8 local crops."""
     c = ml_collections.ConfigDict()
+    # The method the generic step runs (dino_jax.methods): "dino".
+    c.method = "dino"
     # Model.
     c.arch = "vit_small"
     c.patch_size = 16
@@ -56,6 +60,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.weight_decay = 0.04
     c.weight_decay_end = 0.4
     c.clip_grad = 3.0  # 0 disables clipping
+    # "per_tensor" clips each gradient tensor to clip_grad (main_dino.py: utils.clip_gradients);
+    # "total_norm" each sub-network's gradients (backbone, head) by their joint norm (DINOv2).
+    c.clip_mode = "per_tensor"
+    # Parameter groups beyond the method's own (dino_jax.optim.ParamRule): (path pattern,
+    # lr multiplier, weight-decay multiplier, frozen epochs) tuples; every matching rule applies.
+    c.param_groups = ()
+    # Layer-wise lr decay (DINOv2's layerwise_decay): block i of a depth-L ViT gets lr times
+    # rate^(L - i), the embeddings rate^(L + 1); 1.0 is off. The patch embedding's lr is further
+    # times patch_embed_lr_mult.
+    c.layerwise_decay = 1.0
+    c.patch_embed_lr_mult = 1.0
     c.freeze_last_layer = 1
     c.momentum_teacher = 0.996
     c.seed = 0
@@ -232,6 +247,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     """Checks the values that would otherwise fail deep inside compilation, naming the key."""
     _check_choice("arch", config.arch, ARCHS)
     _check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    _check_choice("clip_mode", config.clip_mode, CLIP_MODES)
     _check_choice("dtype", config.dtype, DTYPES)
     _check_choice("remat", config.remat, REMATS)
     _check_choice("platform", config.platform, PLATFORMS)
@@ -251,6 +267,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             raise ValueError(
                 f"embed_dim={config.embed_dim} is not divisible by num_heads={config.num_heads}."
             )
+    for group in config.param_groups:
+        if len(group) != 4 or not isinstance(group[0], str):
+            raise ValueError(
+                f"param_groups entry {tuple(group)!r}: give (path pattern, lr_mult, wd_mult, "
+                "frozen_epochs), e.g. ('^backbone/', 0.1, 1.0, 0)."
+            )
+        try:
+            re.compile(group[0])
+        except re.error as e:
+            raise ValueError(f"param_groups pattern {group[0]!r} is not a regex: {e}.") from None
     if config.batch_size <= 0:
         raise ValueError(f"batch_size={config.batch_size} must be positive.")
     if num_devices is not None and config.batch_size % num_devices:

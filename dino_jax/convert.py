@@ -28,7 +28,7 @@ def _import_command(args: argparse.Namespace) -> None:
         step=np.zeros((), np.int32),
         student=params,
         teacher=params,
-        center=np.zeros(0),
+        method_state={},
         opt_state=(),
         batch_stats={"teacher": stats} if stats else {},
     )

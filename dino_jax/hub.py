@@ -9,23 +9,19 @@ attention maps and intermediate layers.
 from __future__ import annotations
 
 import functools
-import json
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
 from dino_jax import checkpoint
+from dino_jax.augment_laws import IMAGENET_MEAN, IMAGENET_STD
 from dino_jax.models import VisionTransformer, backbone_of
 from dino_jax.state_dict import check_requested, load_torch_backbone
 
 # ImageNet normalisation of the reference's transforms, for uint8 input.
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 WHICH = ("teacher", "student")
 
 
@@ -97,29 +93,8 @@ def _load_latest_checkpoint(directory: epath.Path, which: str):
 
     Reads only that network's arrays (not the optimizer state), on any device count.
     """
-    config, restored = latest_checkpoint_arrays(directory, (which, "batch_stats"))
+    config, restored = checkpoint.latest_arrays(directory, (which, "batch_stats"))
     return config, restored[which], (restored.get("batch_stats") or {}).get(which, {})
-
-
-def latest_checkpoint_arrays(directory: epath.Path, names: tuple[str, ...]):
-    """(config, {name: tree}) of the TrainState fields `names` in the newest complete checkpoint
-    under `directory` (a workdir's checkpoints/), as NumPy, on any device count."""
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
-    if not steps:
-        raise ValueError(f"{directory} holds no complete checkpoint yet.")
-    step_dir = directory / str(max(steps))
-    config = ml_collections.ConfigDict(json.loads((step_dir / "config" / "metadata").read_text()))
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
-        wanted = {name: tree.get(name, {}) for name in names}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-        restored = checkpointer.restore(
-            step_dir / "state",
-            args=ocp.args.PyTreeRestore(
-                item=wanted, restore_args=restore_args, partial_restore=True
-            ),
-        )
-    return config, restored
 
 
 def prepare_images(images) -> jax.Array:
@@ -129,7 +104,8 @@ def prepare_images(images) -> jax.Array:
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected NHWC RGB images [B, H, W, 3], got shape {images.shape}")
     if images.dtype == jnp.uint8:
-        return (images.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        mean, std = np.float32(IMAGENET_MEAN), np.float32(IMAGENET_STD)
+        return (images.astype(jnp.float32) / 255.0 - mean) / std
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"images of dtype {images.dtype}: pass uint8 or normalised floats")
     return images.astype(jnp.float32)

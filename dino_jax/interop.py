@@ -22,8 +22,9 @@ from etils import epath
 from dino_jax import checkpoint, hub
 from dino_jax import step as dino_step
 from dino_jax.config import steps_per_epoch
-from dino_jax.models import backbone_of
-from dino_jax.optim import LAST_LAYER, init_hyperparams, make_optimizer
+from dino_jax.methods import get_method
+from dino_jax.models import model_spec
+from dino_jax.optim import group_of, init_hyperparams
 from dino_jax.state_dict import (
     IGNORED_BUFFERS,
     NETWORKS,
@@ -35,6 +36,7 @@ from dino_jax.state_dict import (
     flat_tree,
     from_state_dict,
     head_from_state_dict,
+    head_key,
     head_to_state_dict,
     infer_backbone_config,
     infer_head_config,
@@ -165,11 +167,12 @@ def _torch_source(path: epath.Path) -> _Source:
 
 def _dino_jax_source(path: epath.Path) -> _Source:
     if (path / "checkpoints").exists():
-        names = ("student", "teacher", "center", "batch_stats")
-        saved, arrays = hub.latest_checkpoint_arrays(path / "checkpoints", names)
+        # "center": a checkpoint of the layout before methods, whose state held it at the top.
+        names = ("student", "teacher", "method_state", "center", "batch_stats")
+        saved, arrays = checkpoint.latest_arrays(path / "checkpoints", names)
         stats = arrays.get("batch_stats") or {}
         variables = {w: (arrays[w], stats.get(w, {})) for w in NETWORKS}
-        center = np.asarray(arrays["center"])
+        center = np.asarray((arrays.get("method_state") or {}).get("center", arrays.get("center")))
         what = "the student, teacher and center of its latest checkpoint"
     elif (export := hub.export_of(path)) is not None:
         saved, params, stats = checkpoint.load_exported(export)
@@ -189,7 +192,7 @@ def _dino_jax_source(path: epath.Path) -> _Source:
         if "head" in params:  # an export of `convert import` holds a backbone only
             head = head_to_state_dict(split_variables(both, "head"), saved)
         networks[which] = (backbone, head)
-    heads = getattr(backbone_of(saved), "num_heads", None)
+    heads = model_spec(saved).num_heads or None
     return _Source(networks, center, heads, what)
 
 
@@ -215,7 +218,7 @@ def _check_backbone_fits(state: StateDict, abstract: dict, config, num_heads, so
     }
     got = _vit_geometry({key: tuple(value.shape) for key, value in state.items()})
     want = _vit_geometry(model)
-    model_heads = getattr(backbone_of(config), "num_heads", None)
+    model_heads = model_spec(config).num_heads or None
     # Heads do not show in the shapes: a wrong count would load and compute something else.
     if got["arch"] == want["arch"] == "ViT" and num_heads and model_heads:
         got["num_heads"], want["num_heads"] = num_heads, model_heads
@@ -248,8 +251,10 @@ def _state_with(base, networks: dict, center, step: int, config, source, mesh):
         step=jnp.asarray(step, jnp.int32),
         student=params["student"],
         teacher=params["teacher"],
-        center=base.center if center is None else center,
-        opt_state=make_optimizer(config, init_hyperparams()).init(params["student"]),
+        method_state=base.method_state if center is None else {"center": center},
+        opt_state=dino_step.optimizer(
+            config, get_method(config), init_hyperparams(), params["student"]
+        ).init(params["student"]),
         batch_stats=stats,
     )
     if mesh is not None:
@@ -300,14 +305,14 @@ def _optimizer_state(checkpoint: dict, student: StateDict, fresh, abstract, conf
             f"config.optimizer={config.optimizer!r} ({sorted(buffers)}). Set the optimizer the "
             "run was trained with."
         )
-    counts = _step_counts(by_name, source)
+    counts = _step_counts(by_name, abstract.student, config, source)
     trees = {
         field: _student_tree(by_name, buffer, student, abstract, config, source)
         for buffer, field in buffers.items()
     }
 
     def fill(path, state):
-        label = LAST_LAYER if any(getattr(k, "key", None) == LAST_LAYER for k in path) else "rest"
+        label = next(k.key for k in path if getattr(k, "key", None) in counts)
         if isinstance(state, optax.ScaleByAdamState):
             return state._replace(
                 count=jnp.asarray(counts[label], state.count.dtype),
@@ -336,22 +341,29 @@ def _trainable_names(student: StateDict, config) -> tuple[list[str], list[str]]:
     return decayed, other
 
 
-def _step_counts(by_name: dict, source) -> dict[str, int]:
-    """The step count of each optax partition: every parameter of a partition has taken the
-    same number of steps, or none (no state: 0)."""
+def _step_counts(by_name: dict, params, config, source) -> dict[str, int]:
+    """The step count of each parameter group of the optimizer (by its label): every parameter
+    of a group has taken the same number of steps, or none (no state: 0)."""
+    rules = dino_step.param_rules(config, get_method(config))
+    steps = {}
+    for path in flat_tree(params):
+        part, *rest = path
+        if part == "backbone":
+            name = f"backbone.{backbone_key(tuple(rest))}"
+        else:
+            key = head_key(tuple(rest), use_bn=config.use_bn_in_head, nlayers=config.head_nlayers)
+            name = f"head.{key}"
+        entry = by_name.get(name) or {}
+        label = group_of("/".join(path), rules).label
+        steps.setdefault(label, set()).add(int(entry.get("step", 0)))
     counts = {}
-    for label in (LAST_LAYER, "rest"):
-        steps = {
-            int(entry.get("step", 0)) if entry else 0
-            for name, entry in by_name.items()
-            if (LAST_LAYER in name.split(".")) == (label == LAST_LAYER)
-        }
-        if len(steps) > 1:
+    for label, found in steps.items():
+        if len(found) > 1:
             raise ValueError(
                 f"The optimizer state of {source} has parameters at different step counts "
-                f"{sorted(steps)} in one group ({label}): it cannot continue as one optimizer."
+                f"{sorted(found)} in one group ({label}): it cannot continue as one optimizer."
             )
-        counts[label] = steps.pop() if steps else 0
+        counts[label] = found.pop()
     return counts
 
 

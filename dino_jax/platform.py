@@ -15,7 +15,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from dino_jax import cpu
-from dino_jax.models import build_backbone, layers
+from dino_jax.models import layers, model_spec
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 _GPU_NAMES = ("gpu", "cuda", "rocm")
@@ -41,19 +41,10 @@ def model_layers(config: ml_collections.ConfigDict, mesh: Mesh) -> layers.Layers
     if platform == "cpu":
         return cpu.LAYERS if config.get("cpu_tuning", True) else layers.STOCK
     if platform == "gpu" and config.dtype in ("bfloat16", "float16"):
-        head_dim = _vit_head_dim(config)
+        head_dim = model_spec(config).head_dim
         if head_dim and cudnn_attention_works(config.dtype, head_dim):
             return layers.stock(attention="cudnn")
     return layers.STOCK
-
-
-def _vit_head_dim(config: ml_collections.ConfigDict) -> int:
-    backbone = build_backbone(
-        config.arch, embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads
-    )
-    if not hasattr(backbone, "num_heads"):
-        return 0
-    return backbone.embed_dim // backbone.num_heads
 
 
 @functools.cache

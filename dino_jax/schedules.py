@@ -1,4 +1,4 @@
-"""Every schedule of a DINO run, as pure functions of the global iteration.
+"""The schedules of a run, as pure functions of the global iteration.
 
 The reference precomputes NumPy arrays (`utils.cosine_scheduler`) and indexes them by iteration; we
 build the same curves from optax schedules so that they are evaluated inside the jitted step from
@@ -63,20 +63,18 @@ def teacher_temp_schedule(
 
 
 class Hyperparams(NamedTuple):
-    """The values one iteration uses, all scalars."""
+    """The values one iteration uses that every method shares, all scalars."""
 
     lr: jax.Array
     weight_decay: jax.Array
     momentum: jax.Array  # teacher EMA
-    teacher_temp: jax.Array
-    last_layer_frozen: jax.Array  # bool
+    epoch: jax.Array  # int32: step // steps_per_epoch, for per-epoch schedules and freezes
 
 
 def hyperparams_at(config: ml_collections.ConfigDict, step: jax.Array) -> Hyperparams:
-    """All schedules of `config` at global iteration `step` (main_dino.py: train_dino builds them
-    with utils.py: cosine_scheduler)."""
+    """The shared schedules of `config` at global iteration `step` (main_dino.py: train_dino
+    builds them with utils.py: cosine_scheduler)."""
     niter = steps_per_epoch(config)
-    epoch = step // niter
     lr = cosine_scheduler(
         config.lr * config.batch_size / 256.0,
         config.min_lr,
@@ -86,14 +84,10 @@ def hyperparams_at(config: ml_collections.ConfigDict, step: jax.Array) -> Hyperp
     )
     wd = cosine_scheduler(config.weight_decay, config.weight_decay_end, config.epochs, niter)
     momentum = cosine_scheduler(config.momentum_teacher, 1.0, config.epochs, niter)
-    temp = teacher_temp_schedule(
-        config.warmup_teacher_temp, config.teacher_temp, config.warmup_teacher_temp_epochs
-    )
     f32 = jnp.float32
     return Hyperparams(
         lr=jnp.asarray(lr(step), f32),
         weight_decay=jnp.asarray(wd(step), f32),
         momentum=jnp.asarray(momentum(step), f32),
-        teacher_temp=jnp.asarray(temp(epoch), f32),
-        last_layer_frozen=epoch < config.freeze_last_layer,
+        epoch=jnp.asarray(step // niter, jnp.int32),
     )

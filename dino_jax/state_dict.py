@@ -24,11 +24,12 @@ import numpy as np
 from etils import epath
 
 from dino_jax.config import base_config
-from dino_jax.models import backbone_of
+from dino_jax.models import ARCH_SPECS, backbone_of
 
 # Embedding width -> (arch, heads) of the reference's ViTs (heads cannot be read off the weights).
-VIT_WIDTHS = {192: ("vit_tiny", 3), 384: ("vit_small", 6), 768: ("vit_base", 12)}
-VIT_DEPTH = 12
+# The reference's ViTs by width: (arch, num_heads).
+VIT_WIDTHS = {s.embed_dim: (a, s.num_heads) for a, s in ARCH_SPECS.items() if s.family == "vit"}
+VIT_DEPTH = ARCH_SPECS["vit_small"].depth  # every reference ViT has 12 blocks
 # Buffers of torch BatchNorm that have no counterpart here (the momentum is fixed).
 IGNORED_BUFFERS = ("num_batches_tracked",)
 # weight_g of a norm_last_layer=True head is fixed at 1; allow float rounding of a saved 1.

@@ -1,4 +1,5 @@
-"""TrainState, its initialisation, and the pure DINO train step jitted over a device mesh."""
+"""TrainState, its initialisation, and the generic train step jitted over a device mesh: what a
+method computes inside it is the method's (`dino_jax.methods`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from functools import partial
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,19 +16,25 @@ import optax
 from jax.sharding import Mesh
 
 from dino_jax import device_augment, parallel, platform
-from dino_jax import loss as dino
 from dino_jax.augment_laws import MultiCropConfig
 from dino_jax.config import steps_per_epoch, validate
-from dino_jax.models import MultiCrop, build_dino
-from dino_jax.optim import init_hyperparams, make_optimizer
+from dino_jax.methods import Method, get_method
+from dino_jax.models import backbone_of
+from dino_jax.models.layers import STOCK
+from dino_jax.optim import (
+    ParamRule,
+    init_hyperparams,
+    layerwise_decay_rules,
+    make_optimizer,
+)
 from dino_jax.schedules import Hyperparams, hyperparams_at
 
-Batch = dict[str, jax.Array]  # {"global": [B, 2, H, W, 3], "local": [B, n, h, w, 3]} (optional)
+Batch = dict[str, jax.Array]  # the method's batch spec: DINO's {"global", "local"} crops
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a DINO run carries from one iteration to the next (a pytree).
+    """Everything a run carries from one iteration to the next (a pytree).
 
     `batch_stats` holds {"student": ..., "teacher": ...} BatchNorm statistics, empty without BN.
     """
@@ -34,13 +42,35 @@ class TrainState:
     step: jax.Array  # global iteration, int32
     student: Any  # params
     teacher: Any  # params, an EMA of the student
-    center: jax.Array  # [K]
+    method_state: Any  # the method's own state (DINO: {"center": [K]})
     opt_state: optax.OptState
     batch_stats: Any
 
 
+def param_rules(config: ml_collections.ConfigDict, method: Method) -> list[ParamRule]:
+    """The parameter groups of a run: the method's rules, layer-wise lr decay and the patch
+    embedding's lr multiplier, then the config's own `param_groups` (pattern, lr_mult, wd_mult,
+    frozen_epochs)."""
+    rules = list(method.param_rules())
+    if config.layerwise_decay != 1.0 or config.patch_embed_lr_mult != 1.0:
+        depth = getattr(backbone_of(config), "depth", None)
+        if depth is None:
+            raise ValueError(
+                f"layerwise_decay={config.layerwise_decay} and patch_embed_lr_mult="
+                f"{config.patch_embed_lr_mult} need a ViT; arch={config.arch!r} has no blocks."
+            )
+        rules += layerwise_decay_rules(config.layerwise_decay, depth, config.patch_embed_lr_mult)
+    return rules + [ParamRule(*group) for group in config.param_groups]
+
+
+def optimizer(config: ml_collections.ConfigDict, method: Method, hp: Hyperparams, params):
+    """The student's optimizer at this iteration's values `hp`."""
+    return make_optimizer(config, param_rules(config, method), hp, params)
+
+
 def init_state(config: ml_collections.ConfigDict, rng: jax.Array, mesh: Mesh | None = None):
-    """A fresh TrainState: the teacher starts as a copy of the student, the center at 0.
+    """A fresh TrainState: the teacher starts as a copy of the student, the method's state as
+    the method makes it (DINO: the center at 0).
 
     With a mesh, the state is created directly in its sharded layout (no full copy on one device).
     """
@@ -52,9 +82,9 @@ def init_state(config: ml_collections.ConfigDict, rng: jax.Array, mesh: Mesh | N
 
 
 def _init_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
-    size = config.data.global_crop_size
-    dummy = jnp.zeros((1, 2, size, size, 3), jnp.float32)
-    variables = build_dino(config).init(rng, dummy, train=False)
+    method = get_method(config)
+    student, _ = method.networks(STOCK)
+    variables = student.init(rng, *method.init_inputs(), train=False)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     return TrainState(
@@ -62,8 +92,8 @@ def _init_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState
         student=params,
         # A distinct buffer, so that donating the state never donates one array twice.
         teacher=jax.tree.map(jnp.copy, params),
-        center=jnp.zeros([config.out_dim], jnp.float32),
-        opt_state=make_optimizer(config, init_hyperparams()).init(params),
+        method_state=method.init_state(),
+        opt_state=optimizer(config, method, init_hyperparams(), params).init(params),
         batch_stats={"student": batch_stats, "teacher": batch_stats} if batch_stats else {},
     )
 
@@ -83,54 +113,65 @@ def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh):
     )
 
 
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Batch:
+    """The global batch of `config`'s method as ShapeDtypeStructs, split over `mesh` if given."""
+    spec = get_method(config).batch_spec()
+    if mesh is None:
+        return spec
+    sharding = parallel.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in spec.items()}
+
+
 def student_gradients(
     state: TrainState,
     batch: Batch,
     hp: Hyperparams,
     *,
     config: ml_collections.ConfigDict,
-    student: MultiCrop,
-    teacher: MultiCrop,
+    method: Method,
+    student: nn.Module,
+    teacher: nn.Module,
     gather: Callable = lambda params: params,
-) -> tuple[jax.Array, Any, jax.Array, dict]:
-    """The DINO loss of the student on `batch` (augmented crops) and its gradient, before any
-    clipping: (loss, grads, teacher logits [2, B, K], new BatchNorm statistics)."""
-    global_crops, local_crops = batch["global"], batch.get("local")
+) -> tuple[jax.Array, Any, Any, dict, dict]:
+    """The method's loss on `batch` (augmented) and its gradient for the student's parameters,
+    before any clipping: (loss, grads, teacher outputs, new BatchNorm statistics, metrics)."""
     stats = state.batch_stats or {"student": {}, "teacher": {}}
+    teacher_stats = []
 
-    teacher_logits, teacher_updates = teacher.apply(
-        {"params": gather(state.teacher), "batch_stats": stats["teacher"]},
-        global_crops,
-        train=True,
-        mutable=["batch_stats"],
+    def run_teacher(*inputs):
+        variables = {"params": gather(state.teacher), "batch_stats": stats["teacher"]}
+        out, updates = teacher.apply(variables, *inputs, train=True, mutable=["batch_stats"])
+        teacher_stats.append(updates.get("batch_stats", {}))
+        return out
+
+    teacher_outputs = jax.lax.stop_gradient(
+        method.teacher_outputs(run_teacher, batch, state.method_state, hp)
     )
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
     drop_path_rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
 
     def loss_fn(params):
-        chunks = config.student_chunks
-        losses = []
-        for j in range(chunks):
-            rng = drop_path_rng if chunks == 1 else jax.random.fold_in(drop_path_rng, j)
-            student_logits, student_updates = student.apply(
-                {"params": gather(params), "batch_stats": stats["student"]},
-                _chunk(global_crops, j, chunks, axis=0),
-                _chunk(local_crops, j, chunks, axis=0),
-                train=True,
-                rngs={"drop_path": rng},
-                mutable=["batch_stats"],
-            )
-            targets = _chunk(teacher_logits, j, chunks, axis=1)
-            losses.append(
-                dino.dino_loss(
-                    student_logits, targets, state.center, hp.teacher_temp, config.student_temp
-                )
-            )
-        # Equal chunks: the mean of their batch-mean losses is the batch mean.
-        return sum(losses) / chunks, student_updates
+        student_stats = []
 
-    (loss, student_updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
-    return loss, grads, teacher_logits, _batch_stats(state, student_updates, teacher_updates)
+        def run_student(*inputs, rng=drop_path_rng):
+            variables = {"params": gather(params), "batch_stats": stats["student"]}
+            out, updates = student.apply(
+                variables, *inputs, train=True, rngs={"drop_path": rng}, mutable=["batch_stats"]
+            )
+            student_stats.append(updates.get("batch_stats", {}))
+            return out
+
+        loss, metrics = method.loss(
+            run_student, batch, teacher_outputs, state.method_state, hp, drop_path_rng
+        )
+        return loss, (metrics, student_stats[-1])
+
+    (loss, (metrics, student_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.student
+    )
+    batch_stats = state.batch_stats
+    if batch_stats:  # each network keeps its own (the teacher's are not EMAs)
+        batch_stats = {"student": student_stats, "teacher": teacher_stats[-1]}
+    return loss, grads, teacher_outputs, batch_stats, metrics
 
 
 def train_step(
@@ -138,18 +179,27 @@ def train_step(
     batch: Batch,
     *,
     config: ml_collections.ConfigDict,
-    student: MultiCrop,
-    teacher: MultiCrop,
+    method: Method,
+    student: nn.Module,
+    teacher: nn.Module,
     gather: Callable = lambda params: params,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One DINO iteration (main_dino.py: train_one_epoch): schedules, forwards, loss, update,
-    teacher and center EMAs. `gather` gives the forward passes their parameters whole
-    (parallel.gathered under fsdp)."""
+    """One iteration (main_dino.py: train_one_epoch): schedules, the teacher's outputs, the
+    gradient of the method's loss, the update, the teacher EMA and the method's state update.
+    `gather` gives the forward passes their parameters whole (parallel.gathered under fsdp)."""
     hp, batch = _iteration_inputs(config, state.step, batch)
-    loss, grads, teacher_logits, batch_stats = student_gradients(
-        state, batch, hp, config=config, student=student, teacher=teacher, gather=gather
+    loss, grads, teacher_outputs, batch_stats, method_metrics = student_gradients(
+        state,
+        batch,
+        hp,
+        config=config,
+        method=method,
+        student=student,
+        teacher=teacher,
+        gather=gather,
     )
-    updates, opt_state = make_optimizer(config, hp).update(grads, state.opt_state, state.student)
+    tx = optimizer(config, method, hp, state.student)
+    updates, opt_state = tx.update(grads, state.opt_state, state.student)
     student_params = optax.apply_updates(state.student, updates)
     teacher_params = jax.tree.map(
         lambda t, s: t * hp.momentum + (1.0 - hp.momentum) * s, state.teacher, student_params
@@ -158,7 +208,7 @@ def train_step(
         step=state.step + 1,
         student=student_params,
         teacher=teacher_params,
-        center=dino.update_center(state.center, teacher_logits, config.center_momentum),
+        method_state=method.update_state(state.method_state, teacher_outputs, hp),
         opt_state=opt_state,
         batch_stats=batch_stats,
     )
@@ -167,28 +217,18 @@ def train_step(
         "lr": hp.lr,
         "weight_decay": hp.weight_decay,
         "momentum": hp.momentum,
-        "teacher_temp": hp.teacher_temp,
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(student_params),
-        **dino.teacher_stats(teacher_logits, state.center, hp.teacher_temp),
+        **method_metrics,
     }
     return new_state, metrics
 
 
 def _iteration_inputs(config: ml_collections.ConfigDict, step: jax.Array, batch: Batch):
-    """(the schedules' values at `step`, the batch as the networks take it)."""
+    """(the shared schedules' values at `step`, the batch as the networks take it)."""
     if config.data.augment_on_device:
-        batch = augment_on_device(config, step, batch)
+        batch = {**batch, **augment_on_device(config, step, batch)}
     return hyperparams_at(config, step), batch
-
-
-def _chunk(x: jax.Array | None, j: int, chunks: int, axis: int) -> jax.Array | None:
-    """Images j, j + chunks, j + 2 chunks... of the batch axis `axis`: strided, so that a batch
-    sharded over devices gives each device a slice of its own images."""
-    if x is None or chunks == 1:
-        return x
-    split = (*x.shape[:axis], x.shape[axis] // chunks, chunks, *x.shape[axis + 1 :])
-    return jnp.take(x.reshape(split), j, axis=axis + 1)
 
 
 def augment_on_device(config: ml_collections.ConfigDict, step: jax.Array, batch: Batch) -> Batch:
@@ -198,24 +238,19 @@ def augment_on_device(config: ml_collections.ConfigDict, step: jax.Array, batch:
     return device_augment.augment_batch(key, batch, laws)
 
 
-def _batch_stats(state: TrainState, student_updates: dict, teacher_updates: dict):
-    """The updated BatchNorm statistics; each network keeps its own (the teacher's are not EMAs)."""
-    if not state.batch_stats:
-        return state.batch_stats
-    return {"student": student_updates["batch_stats"], "teacher": teacher_updates["batch_stats"]}
-
-
 def _bound(fn: Callable, config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
-    """`fn` with the config, the networks built from the layers of the mesh's platform and the
-    fsdp gather bound; bad settings fail here, before compilation."""
+    """`fn` with the config, the method, its networks built from the layers of the mesh's
+    platform and the fsdp gather bound; bad settings fail here, before compilation."""
     validate(config, mesh.size)
     steps_per_epoch(config)  # the schedules need it: fail now rather than while tracing
-    layers = platform.model_layers(config, mesh)
+    method = get_method(config)
+    student, teacher = method.networks(platform.model_layers(config, mesh))
     return partial(
         fn,
         config=config,
-        student=build_dino(config, layers=layers),
-        teacher=build_dino(config, teacher=True, layers=layers),
+        method=method,
+        student=student,
+        teacher=teacher,
         gather=partial(parallel.gathered, mesh=mesh),
     )
 
@@ -246,7 +281,7 @@ def make_gradient_step(
 
     def gradients(state, batch):
         hp, batch = _iteration_inputs(config, state.step, batch)
-        loss, grads, _, _ = bound(state, batch, hp)
+        loss, grads, *_ = bound(state, batch, hp)
         return loss, grads
 
     shardings = state_sharding(config, mesh)

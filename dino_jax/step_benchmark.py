@@ -19,7 +19,7 @@ import numpy as np
 from dino_jax import parallel
 from dino_jax.config import crops_summary
 from dino_jax.cpu import attention_kernel, host_memory
-from dino_jax.step import init_state, make_train_step
+from dino_jax.step import abstract_batch, init_state, make_train_step
 
 # Dense peak FLOP/s per chip by matmul input dtype (vendor data sheets; GPUs: SXM parts, without
 # sparsity; float32 on GPUs is TF32 on the tensor cores, XLA's default precision there; TPUs do
@@ -82,16 +82,16 @@ def measured_matmul_peak(
 
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-    """A global batch of noise with the crop shapes of `config` (uint8 levels when the step
-    augments on device, else normal float32)."""
+    """A global batch of noise shaped as the method's batch spec: uint8 levels where it asks
+    for uint8 (crops the step augments on device), else normal floats."""
     rng = np.random.default_rng(seed)
-    b, g, l = config.batch_size, config.data.global_crop_size, config.data.local_crop_size
-    shapes = {"global": (b, 2, g, g, 3)}
-    if config.local_crops_number:
-        shapes["local"] = (b, config.local_crops_number, l, l, 3)
-    if config.data.augment_on_device:  # uint8 crops, as the host sends them
-        return {k: rng.integers(0, 256, s, dtype=np.uint8) for k, s in shapes.items()}
-    return {k: rng.standard_normal(s, np.float32) for k, s in shapes.items()}
+    batch = {}
+    for key, spec in abstract_batch(config).items():
+        if spec.dtype == np.uint8:
+            batch[key] = rng.integers(0, 256, spec.shape, dtype=np.uint8)
+        else:
+            batch[key] = rng.standard_normal(spec.shape).astype(spec.dtype)
+    return batch
 
 
 @dataclasses.dataclass

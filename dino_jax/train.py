@@ -31,7 +31,7 @@ from dino_jax.cpu import host_memory
 from dino_jax.data.pipeline import batches_per_epoch, train_dataset, train_source
 from dino_jax.eval.monitor import Monitors
 from dino_jax.metrics import MetricWriter
-from dino_jax.step import abstract_state, init_state, make_train_step
+from dino_jax.step import abstract_batch, abstract_state, init_state, make_train_step
 
 
 def define_flags(values: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None = None) -> None:
@@ -207,7 +207,8 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer, monitor) -> dict[str
     window = Throughput(config.batch_size)
     with stop or contextlib.nullcontext():
         for step in range(start + 1, total_steps + 1):
-            state, metrics = train_step(state, parallel.to_global(_images(next(data)), mesh))
+            batch = parallel.to_global(_step_inputs(config, next(data)), mesh)
+            state, metrics = train_step(state, batch)
             window.add_step()
             stopping = (stop and stop.received) or ckpt.reached_preemption(step)
             saving = stopping or ckpt.should_save(step)
@@ -258,27 +259,13 @@ def _initial_state(config, mesh, ckpt: Checkpointer, data):
 def _compile(config, mesh, state):
     """Compile the step ahead of time on the shapes of a real batch; returns it and seconds."""
     start = time.perf_counter()
-    shapes = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.batch_sharding(mesh)),
-        _global_shapes(config),
-    )
-    compiled = make_train_step(config, mesh).lower(state, shapes).compile()
+    compiled = make_train_step(config, mesh).lower(state, abstract_batch(config, mesh)).compile()
     return compiled, time.perf_counter() - start
 
 
-def _global_shapes(config) -> dict[str, jax.ShapeDtypeStruct]:
-    b, g, l = config.batch_size, config.data.global_crop_size, config.data.local_crop_size
-    dtype = np.uint8 if config.data.augment_on_device else np.float32  # see device_augment.py
-    shapes = {"global": jax.ShapeDtypeStruct((b, 2, g, g, 3), dtype)}
-    if config.local_crops_number:
-        n = config.local_crops_number
-        shapes["local"] = jax.ShapeDtypeStruct((b, n, l, l, 3), dtype)
-    return shapes
-
-
-def _images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The crops the step consumes (labels stay on the host)."""
-    return {k: v for k, v in batch.items() if k in ("global", "local") and v.shape[1] > 0}
+def _step_inputs(config, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The entries of the method's batch spec (labels and the like stay on the host)."""
+    return {k: batch[k] for k in abstract_batch(config)}
 
 
 def _teacher(state):

@@ -145,6 +145,20 @@ def test_check_compatible_names_each_changed_model_key(tmp_path, tiny_config):
         assert snapshot(tmp_path) == before
 
 
+def test_a_run_saved_before_methods_is_refused_in_one_line(tmp_path, tiny_config):
+    old = tiny_config()
+    del old["method"]  # the saved config of that layout has no method key
+    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+        ckpt.save(3, small_state(3), None, old)
+    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+        with pytest.raises(ValueError) as err:
+            ckpt.check_compatible(tiny_config())
+    message = str(err.value)
+    assert "\n" not in message
+    assert "saved before methods had a state of their own" in message
+    assert f"--config.init_checkpoint={tmp_path}" in message
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [

@@ -324,7 +324,7 @@ def assert_step_is_the_references(config, before, after, metrics, grads, referen
     np.testing.assert_allclose(
         metrics["grad_norm"], np.sqrt(sum(np.sum(g**2) for g in torch_grads.values())), rtol=RTOL
     )
-    assert_close(after.center, center)
+    assert_close(after.method_state["center"], center)
     lr = float(metrics["lr"])
     stats = after.batch_stats or {"student": {}, "teacher": {}}
     for which, want in (("student", student), ("teacher", teacher)):

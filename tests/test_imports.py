@@ -1,8 +1,8 @@
 """Imports flow one way: core <- middle <- shell, with no cycle among dino_jax's modules.
 
-- core: the model, the loss, the schedules, the optimizer, the train step and what it runs on
-  (config, parallel, platform, targets). Pure JAX: no image libraries, torch, checkpointing,
-  data loading or command-line parsing, so that it imports fast and runs anywhere.
+- core: the model, the loss, the methods, the schedules, the optimizer, the train step and what
+  it runs on (config, parallel, platform, targets). Pure JAX: no image libraries, torch,
+  checkpointing, data loading or command-line parsing, so that it imports fast and runs anywhere.
 - middle: data loading, checkpoints, metrics, the evaluation maths and the interoperation with
   the reference's checkpoints. Builds on the core.
 - shell: the command lines. Build on both; nothing imports them but other command lines.
@@ -36,11 +36,15 @@ LAYERS = {
     "dino_jax.cpu.layers": CORE,
     "dino_jax.device_augment": CORE,
     "dino_jax.loss": CORE,
+    "dino_jax.methods": CORE,
+    "dino_jax.methods.base": CORE,
+    "dino_jax.methods.dino": CORE,
     "dino_jax.models": CORE,
     "dino_jax.models.batchnorm": CORE,
     "dino_jax.models.dino": CORE,
     "dino_jax.models.head": CORE,
     "dino_jax.models.layers": CORE,
+    "dino_jax.models.registry": CORE,
     "dino_jax.models.resnet": CORE,
     "dino_jax.models.vit": CORE,
     "dino_jax.optim": CORE,

@@ -91,7 +91,7 @@ def test_backbone_file_gives_student_and_teacher_its_backbone(tiny_config, tmp_p
         jax.tree.map(
             np.testing.assert_array_equal, getattr(state, which)["head"], fresh.student["head"]
         )
-    assert not np.any(state.center)
+    assert not np.any(state.method_state["center"])
 
 
 @pytest.mark.slow
@@ -103,7 +103,7 @@ def test_dino_jax_workdir_and_export(tiny_config, tmp_path):
         field: jax.tree.map(
             lambda x: x + rng.normal(size=x.shape).astype(x.dtype), getattr(run, field)
         )
-        for field in ("student", "teacher", "center", "batch_stats")
+        for field in ("student", "teacher", "method_state", "batch_stats")
     }
     run = run.replace(step=np.int32(9), **trained)
     with Checkpointer(tmp_path / "old", save_every=100, keep=1) as ckpt:
@@ -114,7 +114,7 @@ def test_dino_jax_workdir_and_export(tiny_config, tmp_path):
     state, _ = initial_state(config, tmp_path / "run")
     assert_fresh_optimizer(state)
     state = jax.device_get(state)
-    for field in ("student", "teacher", "center", "batch_stats"):
+    for field in ("student", "teacher", "method_state", "batch_stats"):
         jax.tree.map(np.testing.assert_array_equal, getattr(state, field), getattr(run, field))
 
     config.init_checkpoint = str(tmp_path / "old" / "export")  # the teacher only
@@ -126,7 +126,7 @@ def test_dino_jax_workdir_and_export(tiny_config, tmp_path):
         jax.tree.map(
             np.testing.assert_array_equal, state.batch_stats[which], run.batch_stats["teacher"]
         )
-    assert not np.any(state.center)
+    assert not np.any(state.method_state["center"])
 
 
 def test_files_of_another_model_are_refused(tiny_config, tmp_path):

@@ -69,7 +69,9 @@ def assert_same_step(got, want, grads_rtol=1e-5, updates_rtol=1e-4):
             want_grads,
             updates_rtol,
         )
-    np.testing.assert_allclose(after.center, want_after.center, rtol=grads_rtol, atol=1e-7)
+    np.testing.assert_allclose(
+        after.method_state["center"], want_after.method_state["center"], rtol=grads_rtol, atol=1e-7
+    )
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
@@ -150,7 +152,7 @@ def test_step_follows_the_formulas(tiny_config):
         teacher=jax.tree.map(
             lambda t: t + 0.1 * rng.normal(size=t.shape).astype(np.float32), fresh.teacher
         ),
-        center=0.1 * rng.normal(size=fresh.center.shape).astype(np.float32),
+        method_state={"center": 0.1 * rng.normal(size=(256,)).astype(np.float32)},
     )
     _, state1, metrics, _ = one_step(config, (("data", 8),), 8, state=state0)
     # Iteration 5 of epochs * steps_per_epoch = 12: m = 1 - (1 - m0)(cos(pi i / 12) + 1) / 2.
@@ -170,8 +172,8 @@ def test_step_follows_the_formulas(tiny_config):
         ),
         np.float64,
     )
-    expected_center = 0.9 * state0.center + 0.1 * teacher_logits.mean(axis=(0, 1))
-    np.testing.assert_allclose(state1.center, expected_center, rtol=1e-5, atol=1e-7)
+    expected_center = 0.9 * state0.method_state["center"] + 0.1 * teacher_logits.mean(axis=(0, 1))
+    np.testing.assert_allclose(state1.method_state["center"], expected_center, rtol=1e-5, atol=1e-7)
     assert int(state1.step) == 6
     student_logits = build_dino(config, teacher=True).apply(  # no drop path: the same network
         {"params": state0.student},
@@ -180,7 +182,7 @@ def test_step_follows_the_formulas(tiny_config):
         train=True,
     )
     expected_loss = numpy_dino_loss(
-        np.asarray(student_logits, np.float64), teacher_logits, state0.center, 0.04
+        np.asarray(student_logits, np.float64), teacher_logits, state0.method_state["center"], 0.04
     )
     np.testing.assert_allclose(metrics["loss"], expected_loss, rtol=1e-5)
 

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from dino_jax.augment_laws import FLIP_P, MultiCropConfig
+from dino_jax.augment_laws import FLIP_P, IMAGENET_MEAN, IMAGENET_STD, MultiCropConfig
 from dino_jax.data.augment import (
     CropParams,
     multicrop,
@@ -29,8 +29,7 @@ from dino_jax.data.augment import (
 )
 from dino_jax.data.sources import DecodedSource, make_source
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 
 
 def multicrop_config(config: ml_collections.ConfigDict) -> MultiCropConfig:

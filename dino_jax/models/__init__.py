@@ -8,13 +8,16 @@ import ml_collections
 from dino_jax.models.dino import MultiCrop
 from dino_jax.models.head import DINOHead
 from dino_jax.models.layers import STOCK, Layers
+from dino_jax.models.registry import ARCH_SPECS, ARCHS, VIT_ARCHS, ArchSpec, model_spec
 from dino_jax.models.resnet import ResNet, resnet50
 from dino_jax.models.vit import REMATS, VisionTransformer, vit_base, vit_small, vit_tiny
 
 __all__ = [
     "ARCHS",
+    "ARCH_SPECS",
     "REMATS",
     "VIT_ARCHS",
+    "ArchSpec",
     "DINOHead",
     "Layers",
     "MultiCrop",
@@ -23,6 +26,7 @@ __all__ = [
     "backbone_of",
     "build_backbone",
     "build_dino",
+    "model_spec",
     "resnet50",
     "vit_base",
     "vit_small",
@@ -30,8 +34,6 @@ __all__ = [
 ]
 
 _VITS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
-VIT_ARCHS = tuple(_VITS)
-ARCHS = (*VIT_ARCHS, "resnet50")
 
 
 def build_backbone(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dino_jax.models.layers import IN_CHANS, STOCK, Layers, explicit_attention, normal_init
+from dino_jax.models.registry import ARCH_SPECS
 
 # torch's bicubic kernel constant; jax.image.resize uses -0.5, hence our own resize.
 CUBIC_A = -0.75
@@ -256,15 +257,26 @@ class VisionTransformer(nn.Module):
 
 
 def vit_tiny(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
-    """ViT-T: 192 wide, 12 blocks, 3 heads."""
-    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, **kwargs)
+    """ViT-T of the registry (models/registry.py)."""
+    return _registered("vit_tiny", patch_size, **kwargs)
 
 
 def vit_small(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
-    """ViT-S: 384 wide, 12 blocks, 6 heads."""
-    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, **kwargs)
+    """ViT-S of the registry (models/registry.py)."""
+    return _registered("vit_small", patch_size, **kwargs)
 
 
 def vit_base(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
-    """ViT-B: 768 wide, 12 blocks, 12 heads."""
-    return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, **kwargs)
+    """ViT-B of the registry (models/registry.py)."""
+    return _registered("vit_base", patch_size, **kwargs)
+
+
+def _registered(arch: str, patch_size: int, **kwargs: Any) -> VisionTransformer:
+    spec = ARCH_SPECS[arch]
+    return VisionTransformer(
+        patch_size=patch_size,
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        **kwargs,
+    )

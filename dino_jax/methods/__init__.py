@@ -1,0 +1,22 @@
+"""Self-distillation methods: what DINO (and later DINOv2, DINOv3) compute inside the generic
+train step of `dino_jax.step`, each behind the `Method` interface, chosen by `config.method`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dino_jax.methods.base import Apply, Method
+from dino_jax.methods.dino import Dino
+
+__all__ = ["METHODS", "Apply", "Dino", "Method", "get_method"]
+
+METHODS: dict[str, type] = {"dino": Dino}
+
+
+def get_method(config: ml_collections.ConfigDict) -> Method:
+    """The method `config.method` names, bound to `config`."""
+    if config.method not in METHODS:
+        raise ValueError(
+            f"Unknown method={config.method!r}; choose one of {', '.join(sorted(METHODS))}."
+        )
+    return METHODS[config.method](config)
