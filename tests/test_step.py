@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gradients import assert_gradients_close, assert_updates_close
+from gradients import assert_gradients_close, assert_updates_close, relative_gaps
 
 from dino_jax import parallel
 from dino_jax.models import build_dino
@@ -53,7 +53,7 @@ def one_step(config, mesh_axes, n_devices, start_step=3, state=None):
     return before, jax.device_get(after), metrics, jax.device_get(grads)
 
 
-def assert_same_step(got, want, grads_rtol=1e-5, updates_rtol=1e-4):
+def assert_same_step(got, want, grads_rtol=1e-5, updates_rtol=1e-4, noise=1e-3):
     """Two `one_step` results from one state: gradients per tensor, their norm before clipping
     (the step's own metric), updates relative to their size, the teacher and center."""
     before, after, metrics, grads = got
@@ -68,10 +68,13 @@ def assert_same_step(got, want, grads_rtol=1e-5, updates_rtol=1e-4):
             getattr(want_after, field),
             want_grads,
             updates_rtol,
+            noise,
         )
-    np.testing.assert_allclose(
-        after.method_state["center"], want_after.method_state["center"], rtol=grads_rtol, atol=1e-7
-    )
+    # The method state's update, norm-relative (entries near 0 carry the dtype's error).
+    center = lambda s: s.method_state["center"]  # noqa: E731
+    moved = {"center": center(after) - center(before)}
+    (gap,) = relative_gaps(moved, {"center": center(want_after) - center(before)}).values()
+    assert gap <= grads_rtol, gap
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
@@ -225,7 +228,7 @@ def test_bfloat16_close_to_float32(tiny_config):
     # bfloat16 keeps 8 bits of mantissa: the loss and each gradient agree to about 1e-2 of
     # their size; a gradient of the wrong size is off by far more. The updates are Adam's
     # normalised steps of those gradients.
-    assert_same_step(bf16, f32, grads_rtol=5e-2, updates_rtol=0.3)
+    assert_same_step(bf16, f32, grads_rtol=5e-2, updates_rtol=0.1, noise=0.1)
 
 
 @pytest.mark.slow
