@@ -37,12 +37,12 @@
 
 4. Devices. The batch is split evenly over all devices, so the same recipe runs on 1 to 8 GPUs
    or a TPU v4-8 / v5e-8. Compiled for H100s (`benchmark compile --target h100x8`, batch 8x),
-   the step holds 51 GiB per GPU at 256 images per GPU (XLA's count): the default fits one 80 GB
-   GPU (JAX reserves 75% of it, 56 GiB, by default), and easily 8 GPUs (32 each) or a v4-8 (64
-   per chip: 12 of 32 GiB, as `vit_small16.py:boosted` on v4, BENCHMARKS.md). On one GPU of
-   less than 80 GB, use `configs/custom.py:1gpu`: batch 128 and the ViT blocks recomputed in the
-   backward pass (remat="block", ~19% more FLOPs), 19 GiB; on a 24 GB GPU add
-   --config.batch_size=64.
+   the step at 256 images per GPU fits in what JAX reserves of one 80 GB GPU (75% of it, 56 GiB,
+   by default), and easily 8 GPUs (32 each) or a v4-8 (64 per chip, as `vit_small16.py:boosted` on
+   v4). On one GPU of less than 80 GB, use `configs/custom.py:1gpu`: batch 128 and the ViT
+   blocks recomputed in the backward pass (remat="block": more FLOPs, far less memory); on a
+   24 GB GPU add --config.batch_size=64. The memory and FLOPs are in BENCHMARKS.md ('TPU and GPU
+   programs: compiled per recipe').
 
 5. The input pipeline: `data.num_workers` processes (8 here) decode and crop; the photometric
    augmentations run on the accelerator (`data.augment_on_device`). Measure what one core does
@@ -68,8 +68,9 @@ from dino_jax.config import apply_variants, base_config
 
 
 def one_gpu(c):
-    # Half the batch (the lr follows it) and each ViT block recomputed in the backward pass:
-    # 51 -> 19 GiB on one GPU. The teacher keeps the small-batch momentum.
+    # Half the batch (the lr follows it) and each ViT block recomputed in the backward pass: a
+    # fraction of the default's memory on one GPU (BENCHMARKS.md). The teacher keeps the
+    # small-batch momentum.
     c.batch_size = 128
     c.remat = "block"
     return c

@@ -1,4 +1,4 @@
-"""DINO's emerging properties on a laptop: after about 13 minutes on a 2-core CPU the teacher's
+"""DINO's emerging properties on a laptop: after minutes, not hours, on a 2-core CPU the teacher's
 attention finds the objects of held-out `synthetic:objects` scenes (Caron et al. 2021, Fig. 1
 and the Jaccard index of Table 4), and its features classify them by k-NN.
 
@@ -8,10 +8,11 @@ A ViT of depth 4 and width 128 with 8-px patches learns for 600 steps of 64 imag
 px crops of the 128-px scenes). Before training, every 150 steps and after the last, it logs the
 teacher's k-NN top-1 on the 10 object classes and the Jaccard index of its 60%-mass attention
 masks on 300 held-out scenes, and draws WORKDIR/figures/attention_<step>.png (each head's map and
-the masks on 4 scenes) and monitors.png (both figures over the steps). BENCHMARKS.md records the
-run. The DINO maths are the reference's; what makes it work in minutes is the data, where the
-object is what recurs across images (data/objects.py), and a short-run teacher (momentum 0.99)
-with a small head (out_dim 1024). `:smoke` shrinks it to a few steps with the monitors on.
+the masks on 4 scenes) and monitors.png (both figures over the steps). BENCHMARKS.md ('CPU:
+attention that finds the objects') records the run's time, k-NN and Jaccard. The DINO maths are
+the reference's; what makes it work in minutes is the data, where the object is what recurs
+across images (data/objects.py), and a short-run teacher (momentum 0.99) with a small head
+(out_dim 1024). `:smoke` shrinks it to a few steps with the monitors on.
 """
 
 from dino_jax.config import apply_variants, base_config, smoke

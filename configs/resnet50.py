@@ -7,8 +7,9 @@ The reference's ResNet recipe: SGD, lr 0.03, constant weight decay 1e-4, global 
 (0.14, 1), local crops scale (0.05, 0.14); BatchNorm statistics over the global batch.
 `:smoke` shrinks it to a few CPU steps on the built-in data.
 
-Sized for a TPU v5e-16 (16 chips, 32 images per chip at batch 512): compiled there with 64% HBM
-headroom (BENCHMARKS.md). Launch (launch/README.md; v5e's accelerator type is `v5litepod-16`):
+Sized for a TPU v5e-16 (16 chips, 32 images per chip at batch 512): compiled there, it leaves
+HBM to spare (BENCHMARKS.md, 'TPU and GPU programs: compiled per recipe').
+Launch (launch/README.md; v5e's accelerator type is `v5litepod-16`):
 
     NAME=dino-rn50 ZONE=us-west4-a TYPE=v5litepod-16 RUNTIME=v2-alpha-tpuv5-lite \\
         CONFIG=configs/resnet50.py WORKDIR=gs://BUCKET/dino/rn50 \\

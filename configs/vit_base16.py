@@ -6,8 +6,9 @@
 As the reference's ViT-B/16 run: gradient clipping at 0.3, float32 compute, 2 nodes x 8 GPUs of 64.
 `:smoke` shrinks it to a few CPU steps on the built-in data.
 
-Sized for a TPU v4-32 (16 chips, 64 images per chip at batch 1024): compiled there with 17% HBM
-headroom without remat (BENCHMARKS.md). Launch (launch/README.md):
+Sized for a TPU v4-32 (16 chips, 64 images per chip at batch 1024): compiled there without
+remat, it clears the bar of 10% of HBM free (BENCHMARKS.md, 'TPU and GPU programs: compiled per
+recipe'). Launch (launch/README.md):
 
     NAME=dino-vitb16 ZONE=us-central2-b TYPE=v4-32 RUNTIME=tpu-ubuntu2204-base \\
         CONFIG=configs/vit_base16.py WORKDIR=gs://BUCKET/dino/vitb16 \\

@@ -7,7 +7,8 @@ ViT-B/16's settings (clip 0.3) with patch 8. `:smoke` shrinks it to a few CPU st
 built-in data.
 
 Sized for a TPU v5p-32 (16 chips, 64 images per chip at batch 1024) with `remat="block"`:
-compiled there with 49% HBM headroom; a v4-32 with the same remat leaves 9% (BENCHMARKS.md).
+compiled there, it leaves HBM to spare, where a v4-32 with the same remat falls under the bar of
+10% of HBM free (BENCHMARKS.md, 'TPU and GPU programs: compiled per recipe').
 Launch (launch/README.md):
 
     NAME=dino-vitb8 ZONE=us-east5-a TYPE=v5p-32 RUNTIME=v2-alpha-tpuv5 \\
@@ -23,7 +24,7 @@ def get_config(arg=None):
     c.arch, c.patch_size = "vit_base", 8
     c.clip_grad = 0.3
     c.batch_size = 1024
-    # 64 images of 785-token crops per chip need it even on a v5p: without it XLA asks 101 GB of
-    # temporaries of its 95.7. Recomputing the blocks adds about a sixth to the step's FLOPs.
+    # 64 images of 785-token crops per chip need it even on a v5p: without it XLA asks for more
+    # temporaries than the chip's HBM (BENCHMARKS.md). Recomputing the blocks adds FLOPs.
     c.remat = "block"
     return apply_variants(c, arg)

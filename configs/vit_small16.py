@@ -7,8 +7,9 @@ Variants: `configs/vit_small16.py:boosted` is the 300-epoch recipe (teacher temp
 30 warm-up epochs, trainable last-layer norm; 73.3% k-NN, 76.0% linear); `:smoke` shrinks it to a
 few CPU steps on the built-in data. `batch_size` is global: the reference's 64 per GPU x 8 GPUs.
 
-Sized for a TPU v4-32 (16 chips): 32 images per chip at batch 512, compiled there with 79% HBM
-headroom; 64 per chip for `:boosted` at 1024, 63% (BENCHMARKS.md). Launch (launch/README.md):
+Sized for a TPU v4-32 (16 chips): 32 images per chip at batch 512, 64 per chip for `:boosted` at
+1024; compiled there, both leave HBM to spare (BENCHMARKS.md, 'TPU and GPU programs: compiled
+per recipe'). Launch (launch/README.md):
 
     NAME=dino-vits16 ZONE=us-central2-b TYPE=v4-32 RUNTIME=tpu-ubuntu2204-base \\
         CONFIG=configs/vit_small16.py WORKDIR=gs://BUCKET/dino/vits16 \\

@@ -7,8 +7,8 @@ Patch 8 quadruples the tokens of ViT-S/16: the reference's defaults otherwise. `
 to a few CPU steps on the built-in data.
 
 Sized for a TPU v4-32 (16 chips, 32 images per chip at batch 512) with `remat="block"`: compiled
-there with 75% HBM headroom, 3% without remat and 8% with "dots_saveable" (BENCHMARKS.md).
-Launch (launch/README.md):
+there, it leaves HBM to spare, where no remat and "dots_saveable" fall under the bar of 10% of HBM
+free (BENCHMARKS.md, 'TPU and GPU programs: compiled per recipe'). Launch (launch/README.md):
 
     NAME=dino-vits8 ZONE=us-central2-b TYPE=v4-32 RUNTIME=tpu-ubuntu2204-base \\
         CONFIG=configs/vit_small8.py WORKDIR=gs://BUCKET/dino/vits8 \\
@@ -22,7 +22,7 @@ def get_config(arg=None):
     c = imagenet_config()
     c.arch, c.patch_size = "vit_small", 8
     c.batch_size = 512
-    # The 785-token crops' activations fill a v4 chip without it; the blocks' recompute adds 16%
-    # to the step's FLOPs.
+    # The 785-token crops' activations fill a v4 chip without it; the blocks' recompute adds to
+    # the step's FLOPs (BENCHMARKS.md).
     c.remat = "block"
     return apply_variants(c, arg)

@@ -1,11 +1,12 @@
 """Keep freed host memory for reuse, so that XLA:CPU's steps do not page-fault.
 
 XLA:CPU allocates a program's temporaries as one block per execution and frees it at the end
-(2.2 GiB for the ViT-S/16 step at batch 8). glibc serves a block that size with a fresh `mmap`
+(gigabytes for the ViT-S/16 step at batch 8). glibc serves a block that size with a fresh `mmap`
 and unmaps it on `free`, so every step the kernel zero-fills the block's pages again on first
-touch (BENCHMARKS.md). Serving all allocations from glibc's main heap and never trimming it makes
-the next step reuse the same pages: the behaviour of a caching allocator, which accelerator
-runtimes have for device memory. Commands apply it on CPU runs only (`cpu_run`).
+touch (BENCHMARKS.md, 'What led here', gives the block's size and the page faults). Serving all
+allocations from glibc's main heap and never trimming it makes the next step reuse the same
+pages: the behaviour of a caching allocator, which accelerator runtimes have for device memory.
+Commands apply it on CPU runs only (`cpu_run`).
 
 The settings bind only threads that have not allocated yet (a thread keeps its malloc arena, and
 arenas other than the main one mmap such blocks whatever the settings), so the training and

@@ -11,11 +11,11 @@ Two halves:
 The reference is torchvision on PIL images. Statistically the same; per pixel it differs by:
 - Resize: PIL's bicubic (a = -0.5) widens its kernel by the downscaling factor (antialias). We
   prefilter the crop with that widened kernel sampled at source pixels, then let OpenCV's bicubic
-  (a = -0.75) interpolate: 0.5-2 uint8 levels of mean absolute difference, where plain
-  `cv2.resize` aliases (3-25 levels, depending on the detail, and up to twice the energy in it).
+  (a = -0.75) interpolate: a mean absolute difference the tests keep under 2 uint8 levels, where
+  plain `cv2.resize` aliases (BENCHMARKS.md, 'Input pipeline beside PIL', has both measured).
 - Blur: a true Gaussian (truncated at 3 sigma) where PIL uses 3 box blurs of the same variance.
 - Hue: OpenCV's 8-bit HSV (hue in 1/256 turns) where PIL's is in 1/255 turns.
-- Grayscale rounds like PIL's except for about 0.1% of pixels (1 level), which contrast and
+- Grayscale rounds like PIL's except for rare pixels (1 level; BENCHMARKS.md), which contrast and
   saturation inherit; saturation's blend is otherwise PIL's up to float rounding (1 level, rare).
 Brightness, contrast and solarize are the reference's arithmetic exactly (float32, truncated).
 

@@ -144,7 +144,7 @@ class Block(nn.Module):
     ) -> tuple[jax.Array, jax.Array | None]:
         """x [B, N, D] float32 -> (x [B, Q, D] float32, attention [B, heads, Q, N] or None),
         Q = N or, with cls_only, 1: the cls token's output alone, which attends to all N tokens
-        (the others' outputs are never computed: ~7% of a 12-block ViT's FLOPs)."""
+        (the others' outputs are never computed: ~7% of a 12-block ViT's FLOPs, by count)."""
         layers = self.layers
         attention = Attention(self.num_heads, self.dtype, layers, name="attn")
         branch, attn = attention(layers.layer_norm("norm1")(x), need_weights, cls_only)
