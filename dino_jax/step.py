@@ -15,7 +15,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from dino_jax import device_augment, parallel, platform
+from dino_jax import device_augment, parallel, platforms
 from dino_jax.augment_laws import MultiCropConfig
 from dino_jax.config import steps_per_epoch, validate
 from dino_jax.methods import Method, get_method
@@ -244,7 +244,7 @@ def _bound(fn: Callable, config: ml_collections.ConfigDict, mesh: Mesh) -> Calla
     validate(config, mesh.size)
     steps_per_epoch(config)  # the schedules need it: fail now rather than while tracing
     method = get_method(config)
-    student, teacher = method.networks(platform.model_layers(config, mesh))
+    student, teacher = method.networks(platforms.model_layers(config, mesh))
     return partial(
         fn,
         config=config,

@@ -1,6 +1,7 @@
 """The attention-map command (the reference's `visualize_attention.py`): a ViT's last-block
 cls-attention maps of one image, per head, with the masks that keep 60% of each map's mass; or
-their Jaccard index against the true foreground masks of a dataset. The maths is eval/attention.py.
+their Jaccard index against the true foreground masks of a dataset. The maths is
+eval/maths/attention.py.
 
     # one image (a file, or scene --index of synthetic:shapes val when --image is left out)
     python -m dino_jax.visualize_attention --checkpoint runs/demo/export \\
@@ -35,8 +36,9 @@ from dino_jax.data.augment import decode_image
 from dino_jax.data.pipeline import eval_dataset
 from dino_jax.data.sources import DecodedSource, make_source
 from dino_jax.data.synthetic import ShapesSource
-from dino_jax.eval import attention, cli, figures
+from dino_jax.eval import cli, figures
 from dino_jax.eval.figures import TRUTH_COLOUR, figure_of, overlay
+from dino_jax.eval.maths import attention
 
 log = logging.getLogger("dino_jax")
 

@@ -12,7 +12,7 @@ from conftest import make_tiny_config
 from test_vit import assert_close, images
 from torch import nn as tnn
 
-from dino_jax import cpu, parallel, platform
+from dino_jax import cpu, parallel, platforms
 from dino_jax.cpu.layers import (
     QKV,
     gelu,
@@ -228,7 +228,7 @@ def test_cpu_step_equals_the_stock_step():
 
 def test_cpu_mesh_takes_the_cpu_layers_unless_switched_off():
     mesh = parallel.make_mesh((("data", -1),))
-    assert platform.model_layers(make_tiny_config(), mesh) is cpu.LAYERS
-    assert platform.model_layers(make_tiny_config(cpu_tuning=False), mesh) == stock.STOCK
+    assert platforms.model_layers(make_tiny_config(), mesh) is cpu.LAYERS
+    assert platforms.model_layers(make_tiny_config(cpu_tuning=False), mesh) == stock.STOCK
     # Named explicitly, the platform wins over the mesh's devices: a TPU's program on this host.
-    assert platform.model_layers(make_tiny_config(platform="tpu"), mesh) == stock.STOCK
+    assert platforms.model_layers(make_tiny_config(platform="tpu"), mesh) == stock.STOCK

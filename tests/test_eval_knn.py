@@ -16,7 +16,7 @@ from dino_jax.data.pipeline import MEAN, STD, resize_center_crop
 from dino_jax.data.sources import sample_indices
 from dino_jax.data.synthetic import ShapesSource
 from dino_jax.eval import knn
-from dino_jax.eval.knn_classifier import knn_classify
+from dino_jax.eval.maths.knn import knn_classify
 from dino_jax.hub import load_pretrained
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dino_jax.eval.knn_classifier import knn_classify, nearest_neighbours
+from dino_jax.eval.maths.knn import knn_classify, nearest_neighbours
 
 
 def reference_knn(train, train_labels, test, test_labels, k, t, num_classes):

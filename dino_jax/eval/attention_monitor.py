@@ -16,14 +16,15 @@ from matplotlib.figure import Figure
 from dino_jax import hub, parallel
 from dino_jax.data.pipeline import MEAN, STD, eval_dataset
 from dino_jax.data.sources import DecodedSource, Subset, make_source, sample_indices
-from dino_jax.eval import attention, figures
+from dino_jax.eval import figures
+from dino_jax.eval.maths import attention
 from dino_jax.models import VisionTransformer, build_dino
 
 log = logging.getLogger(__name__)
 
 
 class AttentionMonitor:
-    """The Jaccard index of the teacher's 60%-mass attention masks (eval/attention.py, the
+    """The Jaccard index of the teacher's 60%-mass attention masks (eval/maths/attention.py, the
     reference's visualize_attention.py) against the true foreground masks of
     eval.jaccard_examples scenes of data.eval_split of data.eval_source (default data.source): a
     seeded, class-balanced sample, the same in every run, resized and centre-cropped as in

@@ -26,7 +26,7 @@ from dino_jax import parallel
 from dino_jax.config import base_config
 from dino_jax.data.pipeline import eval_dataset
 from dino_jax.data.sources import DecodedSource, balanced_subset, make_source, shared_examples
-from dino_jax.eval.features import extract_features
+from dino_jax.eval.maths.features import extract_features
 from dino_jax.hub import load_pretrained
 
 log = logging.getLogger("dino_jax")

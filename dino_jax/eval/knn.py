@@ -1,5 +1,5 @@
 """The k-NN evaluation of a checkpoint's backbone as a command (the reference's `eval_knn.py`):
-features of a labelled train and val set, then the weighted k-NN vote of eval/knn_classifier.py.
+features of a labelled train and val set, then the weighted k-NN vote of eval/maths/knn.py.
 
     python -m dino_jax.eval.knn --checkpoint runs/demo/export --train synthetic:textures \\
         --resize 72 --crop 64 --out runs/demo/knn.json
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from dino_jax import parallel
 from dino_jax.eval import cli
-from dino_jax.eval.knn_classifier import KS, TEMPERATURE, knn_classify
+from dino_jax.eval.maths.knn import KS, TEMPERATURE, knn_classify
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

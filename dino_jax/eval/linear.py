@@ -1,5 +1,5 @@
 """The linear probe as a command (the reference's `eval_linear.py`): features of a checkpoint's
-backbone, then a linear classifier trained on them (eval/probe.py).
+backbone, then a linear classifier trained on them (eval/maths/linear_probe.py).
 
     python -m dino_jax.eval.linear --checkpoint runs/demo/export --train synthetic:textures \\
         --resize 72 --crop 64 --epochs 10 --out_dir runs/demo/linear
@@ -23,7 +23,7 @@ from dino_jax import parallel
 from dino_jax.data.pipeline import labelled_train_dataset
 from dino_jax.data.sources import balanced_subset
 from dino_jax.eval import cli
-from dino_jax.eval.probe import (
+from dino_jax.eval.maths.linear_probe import (
     LR,
     N_LAST_BLOCKS,
     ProbeFeatures,

@@ -22,8 +22,8 @@ from dino_jax.data.sources import (
 )
 from dino_jax.eval import figures
 from dino_jax.eval.attention_monitor import AttentionMonitor
-from dino_jax.eval.features import extract_features
-from dino_jax.eval.knn_classifier import knn_classify
+from dino_jax.eval.maths.features import extract_features
+from dino_jax.eval.maths.knn import knn_classify
 from dino_jax.metrics import MetricWriter, read_metrics
 from dino_jax.models import build_dino
 

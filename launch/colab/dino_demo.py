@@ -163,7 +163,7 @@ plt.show()
 #
 # The last block's attention of the cls token to the patches, one map per head
 # (`dino_jax.attention_maps`). Each head's mask keeps the patches holding 60% of its attention
-# mass, as in the paper (`dino_jax.eval.attention`); J is its Jaccard index with the scene's true
+# mass, as in the paper (`eval/maths/attention.py`); J is its Jaccard index with the scene's true
 # object mask (outlined in green in the first column). The last column is the mask of the heads'
 # mean map.
 
@@ -171,7 +171,7 @@ plt.show()
 from PIL import Image
 
 from dino_jax.data.synthetic import ShapesSource
-from dino_jax.eval import attention
+from dino_jax.eval.maths import attention
 from dino_jax.visualize_attention import overlay, square
 
 
