@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["dino_jax", "dino_jax.*"]),
     package_data={
         "dino_jax.cpu": ["*.cc"],  # compiled on first use (cpu/attention_kernel.py)
-        "dino_jax": ["target_specs/*.txtpb"],  # GPU device descriptions (targets.py)
+        "dino_jax.tools": ["target_specs/*.txtpb"],  # GPU device descriptions (targets.py)
     },
     python_requires=">=3.10",
     install_requires=[
@@ -44,8 +44,8 @@ setup(
         ],
         # Only for importing/exporting the official PyTorch checkpoints.
         "torch": ["torch>=2.1"],
-        # Compiling for targets this host lacks (`benchmark compile`, dino_jax/targets.py): libtpu
-        # for TPU slices, the CUDA plugin without NVIDIA's libraries for GPU nodes. JAX's own
+        # Compiling for targets this host lacks (`benchmark compile`, dino_jax/tools/targets.py):
+        # libtpu for TPU slices, the CUDA plugin without NVIDIA's libraries for GPU nodes. JAX's own
         # extras pin both to the installed jaxlib, which the plugins must match exactly. "tpu"
         # is also what a TPU VM needs to train.
         "tpu": ["jax[tpu]"],

@@ -64,7 +64,7 @@
 `:smoke` shrinks the recipe to a few CPU steps on the built-in data.
 """
 
-from dino_jax.config import apply_variants, base_config
+from dino_jax.core.config import apply_variants, base_config
 
 
 def one_gpu(c):

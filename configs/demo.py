@@ -10,7 +10,7 @@ in minutes; the object scenes of `synthetic:shapes` (with masks, for attention m
 longer run. BENCHMARKS.md ('CPU: the demo') records its time and k-NN on the CPUs it ran on.
 """
 
-from dino_jax.config import apply_variants, base_config
+from dino_jax.core.config import apply_variants, base_config
 
 
 def get_config(arg=None):

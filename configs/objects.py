@@ -15,7 +15,7 @@ across images (data/objects.py), and a short-run teacher (momentum 0.99) with a 
 (out_dim 1024). `:smoke` shrinks it to a few steps with the monitors on.
 """
 
-from dino_jax.config import apply_variants, base_config, smoke
+from dino_jax.core.config import apply_variants, base_config, smoke
 
 
 def get_config(arg=None):

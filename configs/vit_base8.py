@@ -16,7 +16,7 @@ Launch (launch/README.md):
         launch/tpu/run_with_restarts.sh --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 """
 
-from dino_jax.config import apply_variants, imagenet_config
+from dino_jax.core.config import apply_variants, imagenet_config
 
 
 def get_config(arg=None):

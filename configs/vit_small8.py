@@ -15,7 +15,7 @@ free (BENCHMARKS.md, 'TPU and GPU programs: compiled per recipe'). Launch (launc
         launch/tpu/run_with_restarts.sh --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 """
 
-from dino_jax.config import apply_variants, imagenet_config
+from dino_jax.core.config import apply_variants, imagenet_config
 
 
 def get_config(arg=None):

@@ -2,13 +2,14 @@
 
 __version__ = "0.1.0"
 
-# The public helpers of dino_jax.hub, imported on first use so that `import dino_jax` stays light.
+# The public helpers of dino_jax.interop.hub, imported on first use so that `import dino_jax`
+# stays light.
 _HUB = ("load_pretrained", "extract_features", "attention_maps", "intermediate_layers")
 
 
 def __getattr__(name: str):
     if name in _HUB:
-        from dino_jax import hub
+        from dino_jax.interop import hub
 
         return getattr(hub, name)
     raise AttributeError(f"module 'dino_jax' has no attribute {name!r}")

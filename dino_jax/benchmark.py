@@ -14,8 +14,9 @@ peak, and peak device memory. `--config.key=value` after a `--config` overrides 
 `--interleave` runs one step of each config in turn, so that A/B figures share the same minutes.
 
 `compile`: the real train step compiled on this host for a TPU slice or GPU node it does not
-have (dino_jax.targets: v4-8, v4-32, v5e-16, v5p-32, v6e-16, h100x8), per device: memory against
-the chip's HBM, XLA's FLOPs and bytes accessed, roofline bounds, collectives (dino_jax.aot).
+have (dino_jax.tools.targets: v4-8, v4-32, v5e-16, v5p-32, v6e-16, h100x8), per device: memory
+against the chip's HBM, XLA's FLOPs and bytes accessed, roofline bounds, collectives
+(dino_jax.tools.aot).
 Run TPU targets one process at a time (libtpu), e.g. under `flock /tmp/libtpu.lock`.
 
 `data`: single-process images/s (= per core) of JPEG decode + multi-crop, ours
@@ -36,8 +37,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from dino_jax import aot, input_benchmark, step_benchmark, targets
-from dino_jax.config import load_config, unknown_overrides
+from dino_jax.core.config import load_config, unknown_overrides
+from dino_jax.tools import aot, input_benchmark, step_benchmark, targets
 
 
 def override_config(

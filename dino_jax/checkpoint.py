@@ -24,9 +24,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from dino_jax.core.schedules import hyperparams_at
+from dino_jax.core.step import TrainState
 from dino_jax.models import registry
-from dino_jax.schedules import hyperparams_at
-from dino_jax.step import TrainState
 
 log = logging.getLogger("dino_jax")
 
@@ -243,7 +243,7 @@ class Checkpointer:
         data_iterator: grain.DatasetIterator | None = None,
     ) -> TrainState:
         """The TrainState of `step`, laid out as `abstract_state`
-        (`dino_jax.step.abstract_state(config, mesh)`: shapes, dtypes and mesh shardings).
+        (`dino_jax.core.step.abstract_state(config, mesh)`: shapes, dtypes and mesh shardings).
 
         `data_iterator`, if given, is moved in place to the position saved at `step` (grain's
         `set_state`), so that the run continues with the batch that followed the checkpoint.

@@ -14,9 +14,10 @@ import argparse
 
 import numpy as np
 
-from dino_jax import checkpoint, step
-from dino_jax.interop import export_backbone
-from dino_jax.state_dict import load_torch_backbone
+from dino_jax import checkpoint
+from dino_jax.core import step
+from dino_jax.interop.state_dict import load_torch_backbone
+from dino_jax.interop.training_state import export_backbone
 
 
 def _import_command(args: argparse.Namespace) -> None:

@@ -24,14 +24,15 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from dino_jax import interop, parallel
 from dino_jax.checkpoint import Checkpointer, export_teacher
-from dino_jax.config import load_config, unknown_overrides, validate
+from dino_jax.core import parallel
+from dino_jax.core.config import load_config, unknown_overrides, validate
+from dino_jax.core.step import abstract_batch, abstract_state, init_state, make_train_step
 from dino_jax.cpu import host_memory
 from dino_jax.data.pipeline import batches_per_epoch, train_dataset, train_source
 from dino_jax.eval.monitor import Monitors
+from dino_jax.interop import training_state as interop
 from dino_jax.metrics import MetricWriter
-from dino_jax.step import abstract_batch, abstract_state, init_state, make_train_step
 
 
 def define_flags(values: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None = None) -> None:

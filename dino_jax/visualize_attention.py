@@ -31,7 +31,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from dino_jax import hub, parallel
+from dino_jax.core import parallel
 from dino_jax.data.augment import decode_image
 from dino_jax.data.pipeline import eval_dataset
 from dino_jax.data.sources import DecodedSource, make_source
@@ -39,6 +39,7 @@ from dino_jax.data.synthetic import ShapesSource
 from dino_jax.eval import cli, figures
 from dino_jax.eval.figures import TRUTH_COLOUR, figure_of, overlay
 from dino_jax.eval.maths import attention
+from dino_jax.interop import hub
 
 log = logging.getLogger("dino_jax")
 

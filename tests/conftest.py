@@ -15,7 +15,7 @@ import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 
-from dino_jax.config import base_config  # noqa: E402
+from dino_jax.core.config import base_config  # noqa: E402
 
 
 def make_tiny_config(**overrides):
@@ -60,9 +60,9 @@ def tiny_config():
 def export_dir(tmp_path_factory):
     """A freshly initialised tiny teacher (ViT depth 2, width 64, 4 heads, 8-px patches), exported
     as training leaves it (`checkpoint.export_teacher`)."""
-    from dino_jax import parallel
     from dino_jax.checkpoint import export_teacher
-    from dino_jax.step import init_state
+    from dino_jax.core import parallel
+    from dino_jax.core.step import init_state
 
     config = make_tiny_config()
     path = tmp_path_factory.mktemp("run") / "export"

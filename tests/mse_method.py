@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dino_jax.core.optim import ParamRule
 from dino_jax.methods import METHODS
 from dino_jax.models import build_dino
-from dino_jax.optim import ParamRule
 
 
 def normalised(x):

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_jax import parallel, visualize_attention
+from dino_jax import visualize_attention
+from dino_jax.core import parallel
 from dino_jax.data.pipeline import MEAN, STD, eval_dataset, resize_center_crop
 from dino_jax.data.synthetic import ShapesSource
 from dino_jax.eval import cli
 from dino_jax.eval.maths import attention
-from dino_jax.hub import load_pretrained
+from dino_jax.interop.hub import load_pretrained
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_jax import parallel, train
-from dino_jax.config import load_config
+from dino_jax import train
+from dino_jax.core import parallel
+from dino_jax.core.config import load_config
+from dino_jax.core.step import init_state
 from dino_jax.data.pipeline import MEAN, STD, resize_center_crop
 from dino_jax.data.sources import DecodedSource
 from dino_jax.eval.attention_monitor import AttentionMonitor
 from dino_jax.eval.monitor import KnnMonitor
 from dino_jax.metrics import read_metrics
 from dino_jax.models import build_dino
-from dino_jax.step import init_state
 
 
 def hand_made_scenes(n: int, side: int, seed: int = 0) -> list[dict]:

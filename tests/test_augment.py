@@ -12,9 +12,9 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from scipy import stats
 
-from dino_jax.augment_laws import MultiCropConfig
+from dino_jax.core.augment_laws import MultiCropConfig
 from dino_jax.data import augment
-from dino_jax.input_benchmark import baseline_render_crop, synthetic_photo
+from dino_jax.tools.input_benchmark import baseline_render_crop, synthetic_photo
 
 P_MIN = 1e-3  # seeds are fixed, so statistical tests are deterministic; this is their margin
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_jax import benchmark, step_benchmark
+from dino_jax import benchmark
+from dino_jax.tools import step_benchmark
 
 
 def test_step_flops_of_a_matmul_are_2mnk():

@@ -17,10 +17,10 @@ import pytest
 from conftest import make_tiny_config
 from jax.sharding import SingleDeviceSharding
 
-from dino_jax import parallel
 from dino_jax.checkpoint import Checkpointer, export_teacher, load_exported
-from dino_jax.config import base_config
-from dino_jax.step import abstract_state, init_state, state_sharding
+from dino_jax.core import parallel
+from dino_jax.core.config import base_config
+from dino_jax.core.step import abstract_state, init_state, state_sharding
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -212,7 +212,7 @@ import os, signal, sys
 import jax.numpy as jnp
 from orbax.checkpoint._src.path import atomicity
 from dino_jax.checkpoint import Checkpointer
-from dino_jax.config import base_config
+from dino_jax.core.config import base_config
 
 def state(step):
     return {"w": jnp.full((1_000_000,), float(step)), "step": jnp.int32(step)}

@@ -1,6 +1,6 @@
-"""The train step compiled on this CPU host for a TPU slice and an 8-GPU node (dino_jax.aot): the
-accelerators' program (no CPU kernels, no per-block conditionals), float32 gradient reductions in
-bfloat16 runs, and the state split 4 ways under fsdp 4.
+"""The train step compiled on this CPU host for a TPU slice and an 8-GPU node (dino_jax.tools.aot):
+the accelerators' program (no CPU kernels, no per-block conditionals), float32 gradient reductions
+in bfloat16 runs, and the state split 4 ways under fsdp 4.
 
 Each compilation runs in a subprocess, once per session whatever the test workers: libtpu must
 not load into a test worker, and only one process at a time may load it, so TPU compilations
@@ -24,10 +24,10 @@ from pathlib import Path
 import jax
 import pytest
 
-from dino_jax import aot, targets
 from dino_jax.benchmark import parse_configs
+from dino_jax.core.step import init_state
 from dino_jax.cpu import attention_kernel
-from dino_jax.step import init_state
+from dino_jax.tools import aot, targets
 
 REPO = Path(__file__).resolve().parents[1]
 LIBTPU_LOCK = Path(tempfile.gettempdir()) / "libtpu.lock"
@@ -50,7 +50,7 @@ MESHES = {
 }
 COMPILE = """
 import pickle, sys
-from dino_jax import aot
+from dino_jax.tools import aot
 from dino_jax.benchmark import parse_configs
 label, config = parse_configs(sys.argv[3:])[0]
 report = aot.compile_report(config, sys.argv[1], label)

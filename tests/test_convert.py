@@ -26,10 +26,13 @@ from torch_reference import (
     train_iteration,
 )
 
-from dino_jax import convert, hub, interop, parallel, state_dict
+from dino_jax import convert
 from dino_jax.checkpoint import export_teacher
+from dino_jax.core import parallel
+from dino_jax.core.step import init_state, make_gradient_step, make_train_step
+from dino_jax.interop import hub, state_dict
+from dino_jax.interop import training_state as interop
 from dino_jax.models import backbone_of
-from dino_jax.step import init_state, make_gradient_step, make_train_step
 
 RTOL = 1e-5
 GRAD_RTOL = 2e-5

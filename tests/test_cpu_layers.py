@@ -12,7 +12,9 @@ from conftest import make_tiny_config
 from test_vit import assert_close, images
 from torch import nn as tnn
 
-from dino_jax import cpu, parallel, platforms
+from dino_jax import cpu
+from dino_jax.core import parallel, platforms
+from dino_jax.core.step import init_state, make_train_step
 from dino_jax.cpu.layers import (
     QKV,
     gelu,
@@ -24,7 +26,6 @@ from dino_jax.cpu.layers import (
 )
 from dino_jax.models import build_dino
 from dino_jax.models import layers as stock
-from dino_jax.step import init_state, make_train_step
 
 
 def test_gradient_barrier_is_the_identity():

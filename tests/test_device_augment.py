@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dino_jax import augment_laws, device_augment
+from dino_jax.core import augment_laws, device_augment
 from dino_jax.data import augment
 from dino_jax.data.pipeline import train_dataset
-from dino_jax.input_benchmark import synthetic_photo
+from dino_jax.tools.input_benchmark import synthetic_photo
 
 CFG = augment_laws.MultiCropConfig(local_crops_number=8)
 

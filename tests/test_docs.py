@@ -157,7 +157,7 @@ def _parse_train(args: list[str]) -> None:
     from absl import flags
 
     from dino_jax import train
-    from dino_jax.config import validate
+    from dino_jax.core.config import validate
 
     argv = ["train", *args]
     values = flags.FlagValues()
@@ -170,7 +170,7 @@ def _parse_train(args: list[str]) -> None:
 
 def _parse_benchmark(args: list[str]) -> None:
     from dino_jax import benchmark
-    from dino_jax.config import validate
+    from dino_jax.core.config import validate
 
     parsed, config_args = benchmark.parse_args(args)
     if config_args or parsed.command != "data":  # `benchmark data` alone times generated JPEGs

@@ -17,7 +17,7 @@ from dino_jax.data.sources import sample_indices
 from dino_jax.data.synthetic import ShapesSource
 from dino_jax.eval import knn
 from dino_jax.eval.maths.knn import knn_classify
-from dino_jax.hub import load_pretrained
+from dino_jax.interop.hub import load_pretrained
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,9 +11,10 @@ import pytest
 from conftest import make_tiny_config
 from jax.sharding import PartitionSpec as P
 
-from dino_jax import aot, parallel
-from dino_jax.config import load_config
-from dino_jax.step import abstract_state, init_state, make_train_step
+from dino_jax.core import parallel
+from dino_jax.core.config import load_config
+from dino_jax.core.step import abstract_state, init_state, make_train_step
+from dino_jax.tools import aot
 
 MESH = (("data", 2), ("fsdp", 4))
 FSDP = 4

@@ -17,10 +17,10 @@ import json, resource, sys
 from dino_jax.cpu import host_memory
 applied = host_memory.reuse_freed_memory() if sys.argv[1] == "reuse" else None
 import jax
-from dino_jax import parallel
-from dino_jax.step_benchmark import random_batch
-from dino_jax.config import load_config
-from dino_jax.step import init_state, make_train_step
+from dino_jax.core import parallel
+from dino_jax.tools.step_benchmark import random_batch
+from dino_jax.core.config import load_config
+from dino_jax.core.step import init_state, make_train_step
 config = load_config(sys.argv[2])
 config.steps_per_epoch, config.batch_size = 100, 16
 mesh = parallel.make_mesh(config.mesh)

@@ -8,9 +8,9 @@ import torch
 from torch_reference import save_release_vit
 
 import dino_jax
-from dino_jax import hub
 from dino_jax.checkpoint import Checkpointer, export_teacher
-from dino_jax.step import init_state
+from dino_jax.core.step import init_state
+from dino_jax.interop import hub
 
 RTOL = 1e-5
 

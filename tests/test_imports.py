@@ -28,14 +28,20 @@ CORE_FORBIDDEN = ("cv2", "PIL", "torch", "orbax", "grain", "tensorflow_datasets"
 
 LAYERS = {
     # core
-    "dino_jax.augment_laws": CORE,
-    "dino_jax.config": CORE,
+    "dino_jax.core": CORE,
+    "dino_jax.core.augment_laws": CORE,
+    "dino_jax.core.config": CORE,
+    "dino_jax.core.device_augment": CORE,
+    "dino_jax.core.loss": CORE,
+    "dino_jax.core.optim": CORE,
+    "dino_jax.core.parallel": CORE,
+    "dino_jax.core.platforms": CORE,
+    "dino_jax.core.schedules": CORE,
+    "dino_jax.core.step": CORE,
     "dino_jax.cpu": CORE,
     "dino_jax.cpu.attention_kernel": CORE,
     "dino_jax.cpu.host_memory": CORE,
     "dino_jax.cpu.layers": CORE,
-    "dino_jax.device_augment": CORE,
-    "dino_jax.loss": CORE,
     "dino_jax.methods": CORE,
     "dino_jax.methods.base": CORE,
     "dino_jax.methods.dino": CORE,
@@ -47,14 +53,8 @@ LAYERS = {
     "dino_jax.models.registry": CORE,
     "dino_jax.models.resnet": CORE,
     "dino_jax.models.vit": CORE,
-    "dino_jax.optim": CORE,
-    "dino_jax.parallel": CORE,
-    "dino_jax.platforms": CORE,
-    "dino_jax.schedules": CORE,
-    "dino_jax.step": CORE,
-    "dino_jax.targets": CORE,
+    "dino_jax.tools.targets": CORE,
     # middle
-    "dino_jax.aot": MIDDLE,
     "dino_jax.checkpoint": MIDDLE,
     "dino_jax.data": MIDDLE,
     "dino_jax.data.augment": MIDDLE,
@@ -72,10 +72,13 @@ LAYERS = {
     "dino_jax.eval.maths.knn": MIDDLE,
     "dino_jax.eval.maths.linear_probe": MIDDLE,
     "dino_jax.eval.monitor": MIDDLE,
-    "dino_jax.hub": MIDDLE,
     "dino_jax.interop": MIDDLE,
+    "dino_jax.interop.hub": MIDDLE,
+    "dino_jax.interop.state_dict": MIDDLE,
+    "dino_jax.interop.training_state": MIDDLE,
     "dino_jax.metrics": MIDDLE,
-    "dino_jax.state_dict": MIDDLE,
+    "dino_jax.tools": MIDDLE,
+    "dino_jax.tools.aot": MIDDLE,
     # shell
     "dino_jax": SHELL,  # re-exports hub's helpers for `dino_jax.load_pretrained`
     "dino_jax.benchmark": SHELL,
@@ -83,8 +86,8 @@ LAYERS = {
     "dino_jax.eval.cli": SHELL,
     "dino_jax.eval.knn": SHELL,
     "dino_jax.eval.linear": SHELL,
-    "dino_jax.input_benchmark": SHELL,
-    "dino_jax.step_benchmark": SHELL,
+    "dino_jax.tools.input_benchmark": SHELL,
+    "dino_jax.tools.step_benchmark": SHELL,
     "dino_jax.train": SHELL,
     "dino_jax.visualize_attention": SHELL,
 }
@@ -193,7 +196,12 @@ def test_no_import_cycle():
 
 
 @pytest.mark.parametrize(
-    "text", ["from dino_jax.hub import load_pretrained", "from dino_jax import train", "import cv2"]
+    "text",
+    [
+        "from dino_jax.interop.hub import load_pretrained",
+        "from dino_jax import train",
+        "import cv2",
+    ],
 )
 def test_the_checks_see_a_crossing(tmp_path, monkeypatch, text):
     """A core module that imports the middle layer, a command line, or OpenCV fails the checks."""
@@ -202,7 +210,7 @@ def test_the_checks_see_a_crossing(tmp_path, monkeypatch, text):
         target = package / path.relative_to(PACKAGE)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(path.read_text())
-    loss = package / "loss.py"
+    loss = package / "core" / "loss.py"
     loss.write_text(loss.read_text() + f"\n\ndef _crossing():\n    {text}\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
     check = (
@@ -210,5 +218,5 @@ def test_the_checks_see_a_crossing(tmp_path, monkeypatch, text):
         if text == "import cv2"
         else test_no_module_imports_a_higher_layer
     )
-    with pytest.raises(AssertionError, match=r"dino_jax\.loss"):
+    with pytest.raises(AssertionError, match=r"dino_jax\.core\.loss"):
         check()

@@ -19,11 +19,12 @@ from test_convert import (
 from test_train import REPO, cli, losses_by_step
 from torch_reference import TorchViT, randomize_, save_release_vit
 
-from dino_jax import parallel, state_dict
 from dino_jax import train as train_lib
 from dino_jax.checkpoint import Checkpointer, export_teacher
-from dino_jax.config import load_config
-from dino_jax.step import init_state
+from dino_jax.core import parallel
+from dino_jax.core.config import load_config
+from dino_jax.core.step import init_state
+from dino_jax.interop import state_dict
 
 
 def initial_state(config, workdir):

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_jax import hub, parallel
-from dino_jax.config import base_config
+from dino_jax.core import parallel
+from dino_jax.core.config import base_config
 from dino_jax.data.pipeline import MEAN, STD, labelled_train_dataset, resize_center_crop
 from dino_jax.data.sources import DecodedSource, balanced_subset
 from dino_jax.data.synthetic import ShapesSource
 from dino_jax.eval.maths import linear_probe as probe
+from dino_jax.interop import hub
 from dino_jax.models import VisionTransformer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dino_jax.loss import dino_loss, teacher_stats, update_center
+from dino_jax.core.loss import dino_loss, teacher_stats, update_center
 
 
 def np_softmax(x):

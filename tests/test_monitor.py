@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_jax import parallel
-from dino_jax.config import load_config
+from dino_jax.core import parallel
+from dino_jax.core.config import load_config
 from dino_jax.data.pipeline import MEAN, STD, resize_center_crop
 from dino_jax.data.sources import make_source
 from dino_jax.eval.monitor import KnnMonitor
-from dino_jax.hub import load_pretrained
+from dino_jax.interop.hub import load_pretrained
 from dino_jax.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,10 +10,10 @@ import torch
 from gradients import relative_gaps
 from torch_reference import reference_optimizer
 
-from dino_jax.config import base_config
+from dino_jax.core.config import base_config
+from dino_jax.core.optim import clip_per_tensor, make_optimizer, param_groups
+from dino_jax.core.schedules import Hyperparams
 from dino_jax.methods import Dino
-from dino_jax.optim import clip_per_tensor, make_optimizer, param_groups
-from dino_jax.schedules import Hyperparams
 
 FREEZE = 3  # epochs of frozen last layer in the loop tests (an epoch per step there)
 
@@ -187,7 +187,7 @@ def test_layerwise_decay_and_total_norm_clip_from_the_config_match_numpy():
     """layerwise_decay, patch_embed_lr_mult, a param_groups rule and clip_mode="total_norm", set
     as config keys, give each tensor the AdamW step NumPy computes with dinov2's multipliers
     (get_vit_lr_decay_rate) and torch's clip_grad_norm_ per sub-network, over three steps."""
-    from dino_jax.step import param_rules
+    from dino_jax.core.step import param_rules
 
     rng = np.random.default_rng(3)
     depth, rate = 2, 0.5

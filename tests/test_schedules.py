@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from torch_reference import cosine_scheduler as reference_cosine_scheduler  # utils.py's
 
-from dino_jax.config import base_config
+from dino_jax.core.config import base_config
+from dino_jax.core.schedules import cosine_scheduler, hyperparams_at, teacher_temp_schedule
 from dino_jax.methods import Dino
-from dino_jax.schedules import cosine_scheduler, hyperparams_at, teacher_temp_schedule
 
 
 def evaluate(schedule, n):

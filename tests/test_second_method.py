@@ -14,12 +14,12 @@ from mse_method import register
 from test_compile_targets import AOT_PYTHON, LIBTPU_LOCK, REPO
 from test_train import checkpoint_steps, losses_by_step
 
-from dino_jax import parallel
 from dino_jax import train as train_lib
-from dino_jax.config import load_config
+from dino_jax.core import parallel
+from dino_jax.core.config import load_config
+from dino_jax.core.step import init_state, make_train_step
 from dino_jax.methods import METHODS
 from dino_jax.models import build_dino
-from dino_jax.step import init_state, make_train_step
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +78,7 @@ def test_compiles_for_a_tpu_slice():
         "import sys; sys.path.insert(0, 'tests')\n"
         "from mse_method import register; register()\n"
         "from dino_jax import aot\n"
-        "from dino_jax.config import load_config\n"
+        "from dino_jax.core.config import load_config\n"
         "config = load_config('configs/vit_small16.py:smoke'); config.method = 'mse'\n"
         "compiled, _, mesh = aot.compile_step(config, 'v4-8')\n"
         "print('compiled for', mesh.devices.size, mesh.devices.flat[0].platform)\n"

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from gradients import assert_gradients_close, assert_updates_close, relative_gaps
 
-from dino_jax import parallel
+from dino_jax.core import parallel
+from dino_jax.core.step import init_state, make_gradient_step, make_train_step, state_sharding
 from dino_jax.models import build_dino
-from dino_jax.step import init_state, make_gradient_step, make_train_step, state_sharding
 
 
 def random_batch(config, seed=0):

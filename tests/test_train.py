@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dino_jax import train as train_lib
-from dino_jax.config import load_config, validate
+from dino_jax.core.config import load_config, validate
 from dino_jax.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -260,7 +260,7 @@ def test_unknown_config_key_is_one_line_with_the_nearest_keys(tmp_path):
         "error: Unknown config key 'data.sourc' in '--config.data.sourc=folder:x': "
         "did you mean data.source or data.eval_source or data.split?",
         "error: Unknown config key 'epoch' in '--config.epoch=3': did you mean epochs or depth?",
-        "error: Unknown config key 'zzzz' in '--config.zzzz=1': see dino_jax/config.py",
+        "error: Unknown config key 'zzzz' in '--config.zzzz=1': see dino_jax/core/config.py",
     ], out
     assert not (tmp_path / "checkpoints").exists()
 

@@ -405,7 +405,7 @@ def save_release_vit(path, *, patch_size=16, embed_dim=384, depth=2, num_heads=6
 
 
 # The network and crop sizes of the timed iteration: ViT-S/16 with the reference's head, and the
-# sizes of the `:smoke` config variant (dino_jax/config.py `smoke`), for checking the plumbing.
+# sizes of the `:smoke` config variant (dino_jax/core/config.py `smoke`), for checking the plumbing.
 VIT_S16 = dict(
     embed_dim=384, depth=12, num_heads=6, out_dim=65536, hidden_dim=2048, bottleneck_dim=256,
     global_size=224, local_size=96,
@@ -466,8 +466,8 @@ def time_beside_jax(steps=5, warmup=1, batch_size=8, local_crops=8):
     A second's pause after each lets the other's idle threads go to sleep first."""
     import time
 
-    from dino_jax import step_benchmark
-    from dino_jax.config import load_config
+    from dino_jax.core.config import load_config
+    from dino_jax.tools import step_benchmark
 
     config = load_config("configs/vit_small16.py")
     config.batch_size, config.local_crops_number, config.dtype = batch_size, local_crops, "float32"

@@ -3,7 +3,7 @@ out where XLA:CPU runs autodiff's form in more passes, and attention as a C++ ke
 
 Each op here computes what its stock counterpart in `dino_jax.models.layers` computes (tests
 compare values and gradients); only the program XLA:CPU is given differs. Used on CPU meshes only,
-where `dino_jax.platforms` picks them; accelerators get the stock layers.
+where `dino_jax.core.platforms` picks them; accelerators get the stock layers.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from dino_jax.augment_laws import (
+from dino_jax.core.augment_laws import (
     JITTER_OPS,
     SOLARIZE_THRESHOLD,
     UNIFORMS_PER_CROP,

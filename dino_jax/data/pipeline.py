@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from dino_jax.augment_laws import FLIP_P, IMAGENET_MEAN, IMAGENET_STD, MultiCropConfig
+from dino_jax.core.augment_laws import FLIP_P, IMAGENET_MEAN, IMAGENET_STD, MultiCropConfig
 from dino_jax.data.augment import (
     CropParams,
     multicrop,

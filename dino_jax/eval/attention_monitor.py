@@ -13,11 +13,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from matplotlib.figure import Figure
 
-from dino_jax import hub, parallel
+from dino_jax.core import parallel
 from dino_jax.data.pipeline import MEAN, STD, eval_dataset
 from dino_jax.data.sources import DecodedSource, Subset, make_source, sample_indices
 from dino_jax.eval import figures
 from dino_jax.eval.maths import attention
+from dino_jax.interop import hub
 from dino_jax.models import VisionTransformer, build_dino
 
 log = logging.getLogger(__name__)

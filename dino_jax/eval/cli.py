@@ -22,12 +22,12 @@ from absl import flags
 from etils import epath
 from jax.sharding import Mesh
 
-from dino_jax import parallel
-from dino_jax.config import base_config
+from dino_jax.core import parallel
+from dino_jax.core.config import base_config
 from dino_jax.data.pipeline import eval_dataset
 from dino_jax.data.sources import DecodedSource, balanced_subset, make_source, shared_examples
 from dino_jax.eval.maths.features import extract_features
-from dino_jax.hub import load_pretrained
+from dino_jax.interop.hub import load_pretrained
 
 log = logging.getLogger("dino_jax")
 

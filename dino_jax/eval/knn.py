@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from dino_jax import parallel
+from dino_jax.core import parallel
 from dino_jax.eval import cli
 from dino_jax.eval.maths.knn import KS, TEMPERATURE, knn_classify
 

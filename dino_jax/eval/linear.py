@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from dino_jax import parallel
+from dino_jax.core import parallel
 from dino_jax.data.pipeline import labelled_train_dataset
 from dino_jax.data.sources import balanced_subset
 from dino_jax.eval import cli

@@ -1,5 +1,6 @@
 """Self-distillation methods: what DINO (and later DINOv2, DINOv3) compute inside the generic
-train step of `dino_jax.step`, each behind the `Method` interface, chosen by `config.method`."""
+train step of `dino_jax.core.step`, each behind the `Method` interface, chosen by
+`config.method`."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """The interface between the generic train step and a method.
 
-One iteration of the step (`dino_jax.step.train_step`) is: the shared schedules at `state.step` →
-`teacher_outputs` (no gradient) → the gradient of `loss` for the student's parameters → the
-optimizer, its parameter groups from `param_rules` → the teacher as an EMA of the student →
-`update_state`. A method never sees parameters, shardings or the optimizer: it calls the
-networks it built through `Apply` functions, which the step binds to the current parameters,
-their BatchNorm statistics and the step's random key.
+One iteration of the step (`dino_jax.core.step.train_step`) is: the shared schedules at
+`state.step` → `teacher_outputs` (no gradient) → the gradient of `loss` for the student's
+parameters → the optimizer, its parameter groups from `param_rules` → the teacher as an EMA of
+the student → `update_state`. A method never sees parameters, shardings or the optimizer: it
+calls the networks it built through `Apply` functions, which the step binds to the current
+parameters, their BatchNorm statistics and the step's random key.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any, Protocol
 import flax.linen as nn
 import jax
 
+from dino_jax.core.optim import ParamRule
+from dino_jax.core.schedules import Hyperparams
 from dino_jax.models import Layers
-from dino_jax.optim import ParamRule
-from dino_jax.schedules import Hyperparams
 
 # `apply(*inputs, rng=None)`: a network of the method on the current parameters, in training
 # mode; `rng` (the student's only) replaces the step's stochastic-depth key.
@@ -68,5 +68,5 @@ class Method(Protocol):
         ...
 
     def param_rules(self) -> Sequence[ParamRule]:
-        """The method's parameter groups (`dino_jax.optim.ParamRule`), before the config's."""
+        """The method's parameter groups (`dino_jax.core.optim.ParamRule`), before the config's."""
         ...

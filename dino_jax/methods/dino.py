@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dino_jax import loss as dino
+from dino_jax.core import loss as dino
+from dino_jax.core.optim import ParamRule
+from dino_jax.core.schedules import Hyperparams, teacher_temp_schedule
 from dino_jax.methods.base import Apply
 from dino_jax.models import Layers, build_dino
-from dino_jax.optim import ParamRule
-from dino_jax.schedules import Hyperparams, teacher_temp_schedule
 
 # utils.py: get_params_groups leaves biases and 1-D tensors (norm scales) undecayed; in Flax
 # those are exactly the leaves named bias or scale.

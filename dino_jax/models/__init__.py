@@ -50,7 +50,7 @@ def build_backbone(
 
     `vit_overrides` (embed_dim, depth, num_heads) replace a ViT's size where non-zero; `remat`
     (ViTs only) recomputes blocks in the backward pass; `layers` (ViTs only) are the platform's
-    blocks (`dino_jax.platforms.model_layers`), stock Flax by default.
+    blocks (`dino_jax.core.platforms.model_layers`), stock Flax by default.
     """
     if arch in VIT_ARCHS:
         vit = _VITS[arch](
@@ -83,7 +83,7 @@ def build_dino(
     config: ml_collections.ConfigDict, *, teacher: bool = False, layers: Layers = STOCK
 ) -> MultiCrop:
     """The student (with stochastic depth) or the teacher (without) network of `config`, built
-    from `layers` (the platform's, `dino_jax.platforms.model_layers`)."""
+    from `layers` (the platform's, `dino_jax.core.platforms.model_layers`)."""
     dtype = jnp.dtype(config.dtype)
     backbone = build_backbone(
         config.arch,

@@ -3,7 +3,7 @@
 `Layers` names each block the ViT and the DINO head use. `stock()` gives Flax's and JAX's own,
 the program XLA optimises for TPUs and GPUs; `dino_jax.cpu.LAYERS` gives XLA:CPU-tuned ones with
 the same parameters and the same numbers. The platform's set is chosen once, in the shell, from
-the mesh (`dino_jax.platforms`), never inside traced code.
+the mesh (`dino_jax.core.platforms`), never inside traced code.
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ class VisionTransformer(nn.Module):
     img_size: int = 224  # pos_embed is built for (img_size // patch_size) ** 2 patches
     dtype: Any = jnp.float32  # matmul compute dtype; params, residuals and outputs stay float32
     remat: str = "none"  # recompute in the backward pass: "none", "block" or "dots_saveable"
-    layers: Layers = STOCK  # the platform's blocks (`dino_jax.platforms.model_layers`)
+    layers: Layers = STOCK  # the platform's blocks (`dino_jax.core.platforms.model_layers`)
 
     def setup(self) -> None:
         if self.embed_dim % self.num_heads:

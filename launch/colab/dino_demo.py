@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -105,7 +105,7 @@ import signal
 from absl import flags
 from absl import logging as absl_logging
 
-from dino_jax.config import load_config
+from dino_jax.core.config import load_config
 from dino_jax.eval import cli
 from dino_jax.train import train
 
@@ -269,7 +269,8 @@ print(f"k-NN (k=20) of the trained teacher: top-1 {top['top1']:.1f}%, top-5 {top
 # %%
 import urllib.request
 
-from dino_jax import interop, state_dict
+from dino_jax.interop import state_dict
+from dino_jax.interop import training_state as interop
 
 RELEASE_URL = (
     "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"

@@ -28,7 +28,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from dino_jax import hub, parallel
+from dino_jax.core import parallel
+from dino_jax.interop import hub
 
 THRESHOLD = 0.6
 

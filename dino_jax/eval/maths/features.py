@@ -11,7 +11,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from dino_jax import parallel
+from dino_jax.core import parallel
 
 
 def make_feature_fn(backbone: nn.Module, mesh: Mesh):

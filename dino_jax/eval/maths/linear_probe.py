@@ -30,7 +30,8 @@ from etils import epath
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from dino_jax import hub, parallel
+from dino_jax.core import parallel
+from dino_jax.interop import hub
 from dino_jax.models import VisionTransformer
 
 N_LAST_BLOCKS = 4

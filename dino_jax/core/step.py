@@ -15,19 +15,19 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from dino_jax import device_augment, parallel, platforms
-from dino_jax.augment_laws import MultiCropConfig
-from dino_jax.config import steps_per_epoch, validate
-from dino_jax.methods import Method, get_method
-from dino_jax.models import backbone_of
-from dino_jax.models.layers import STOCK
-from dino_jax.optim import (
+from dino_jax.core import device_augment, parallel, platforms
+from dino_jax.core.augment_laws import MultiCropConfig
+from dino_jax.core.config import steps_per_epoch, validate
+from dino_jax.core.optim import (
     ParamRule,
     init_hyperparams,
     layerwise_decay_rules,
     make_optimizer,
 )
-from dino_jax.schedules import Hyperparams, hyperparams_at
+from dino_jax.core.schedules import Hyperparams, hyperparams_at
+from dino_jax.methods import Method, get_method
+from dino_jax.models import backbone_of
+from dino_jax.models.layers import STOCK
 
 Batch = dict[str, jax.Array]  # the method's batch spec: DINO's {"global", "local"} crops
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dino_jax.schedules import Hyperparams
+from dino_jax.core.schedules import Hyperparams
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,9 +17,9 @@ import numpy as np
 from etils import epath
 
 from dino_jax import checkpoint
-from dino_jax.augment_laws import IMAGENET_MEAN, IMAGENET_STD
+from dino_jax.core.augment_laws import IMAGENET_MEAN, IMAGENET_STD
+from dino_jax.interop.state_dict import check_requested, load_torch_backbone
 from dino_jax.models import VisionTransformer, backbone_of
-from dino_jax.state_dict import check_requested, load_torch_backbone
 
 # ImageNet normalisation of the reference's transforms, for uint8 input.
 WHICH = ("teacher", "student")

@@ -19,13 +19,12 @@ import numpy as np
 import optax
 from etils import epath
 
-from dino_jax import checkpoint, hub
-from dino_jax import step as dino_step
-from dino_jax.config import steps_per_epoch
-from dino_jax.methods import get_method
-from dino_jax.models import model_spec
-from dino_jax.optim import group_of, init_hyperparams
-from dino_jax.state_dict import (
+from dino_jax import checkpoint
+from dino_jax.core import step as dino_step
+from dino_jax.core.config import steps_per_epoch
+from dino_jax.core.optim import group_of, init_hyperparams
+from dino_jax.interop import hub
+from dino_jax.interop.state_dict import (
     IGNORED_BUFFERS,
     NETWORKS,
     VIT_WIDTHS,
@@ -48,6 +47,8 @@ from dino_jax.state_dict import (
     torch_load,
     torch_shape,
 )
+from dino_jax.methods import get_method
+from dino_jax.models import model_spec
 
 log = logging.getLogger("dino_jax")
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dino_jax.config import steps_per_epoch
+from dino_jax.core.config import steps_per_epoch
 
 
 def cosine_scheduler(

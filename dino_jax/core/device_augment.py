@@ -15,7 +15,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dino_jax.augment_laws import SOLARIZE_THRESHOLD, UNIFORMS_PER_CROP, MultiCropConfig, crop_laws
+from dino_jax.core.augment_laws import (
+    SOLARIZE_THRESHOLD,
+    UNIFORMS_PER_CROP,
+    MultiCropConfig,
+    crop_laws,
+)
 
 
 def gray(x: jax.Array) -> jax.Array:

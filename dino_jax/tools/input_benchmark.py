@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from tqdm import tqdm
 
-from dino_jax.augment_laws import SOLARIZE_THRESHOLD, MultiCropConfig
-from dino_jax.config import crops_summary
+from dino_jax.core.augment_laws import SOLARIZE_THRESHOLD, MultiCropConfig
+from dino_jax.core.config import crops_summary
 from dino_jax.data import augment
 from dino_jax.data import pipeline as data_pipeline
 from dino_jax.data.sources import DecodedSource

@@ -1,5 +1,5 @@
-"""The train step compiled ahead of time for a target's devices (dino_jax.targets), and its report:
-memory per device against the chip's HBM, XLA's cost, roofline bounds and collectives.
+"""The train step compiled ahead of time for a target's devices (dino_jax.tools.targets), and its
+report: memory per device against the chip's HBM, XLA's cost, roofline bounds and collectives.
 
 Nothing runs: the state and batch are ShapeDtypeStructs with the step's shardings, so a CPU host
 compiles the exact program of a TPU slice or GPU node, at any batch size. The figures are XLA's
@@ -15,8 +15,9 @@ import time
 
 import ml_collections
 
-from dino_jax import parallel, targets
-from dino_jax.step import abstract_batch, abstract_state, make_train_step
+from dino_jax.core import parallel
+from dino_jax.core.step import abstract_batch, abstract_state, make_train_step
+from dino_jax.tools import targets
 
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "collective-permute", "all-to-all")
 DTYPE_BYTES = {

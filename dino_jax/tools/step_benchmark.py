@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dino_jax import parallel
-from dino_jax.config import crops_summary
+from dino_jax.core import parallel
+from dino_jax.core.config import crops_summary
+from dino_jax.core.step import abstract_batch, init_state, make_train_step
 from dino_jax.cpu import attention_kernel, host_memory
-from dino_jax.step import abstract_batch, init_state, make_train_step
 
 # Dense peak FLOP/s per chip by matmul input dtype (vendor data sheets; GPUs: SXM parts, without
 # sparsity; float32 on GPUs is TF32 on the tensor cores, XLA's default precision there; TPUs do

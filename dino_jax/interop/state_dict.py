@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from dino_jax.config import base_config
+from dino_jax.core.config import base_config
 from dino_jax.models import ARCH_SPECS, backbone_of
 
 # Embedding width -> (arch, heads) of the reference's ViTs (heads cannot be read off the weights).

@@ -97,7 +97,7 @@ def abstract_devices(target: Target | str) -> list[jax.Device]:
     if len(devices) != target.chips:
         raise RuntimeError(
             f"target {target.name}: topology {target.topology} gave {len(devices)} devices, "
-            f"expected {target.chips}; fix its entry in dino_jax/targets.py."
+            f"expected {target.chips}; fix its entry in dino_jax/tools/targets.py."
         )
     return devices
 

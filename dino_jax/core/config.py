@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     # "per_tensor" clips each gradient tensor to clip_grad (main_dino.py: utils.clip_gradients);
     # "total_norm" each sub-network's gradients (backbone, head) by their joint norm (DINOv2).
     c.clip_mode = "per_tensor"
-    # Parameter groups beyond the method's own (dino_jax.optim.ParamRule): (path pattern,
+    # Parameter groups beyond the method's own (dino_jax.core.optim.ParamRule): (path pattern,
     # lr multiplier, weight-decay multiplier, frozen epochs) tuples; every matching rule applies.
     c.param_groups = ()
     # Layer-wise lr decay (DINOv2's layerwise_decay): block i of a depth-L ViT gets lr times
@@ -213,7 +213,7 @@ def unknown_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) ->
         key = arg[len("--config.") :].partition("=")[0]
         if key not in known:
             near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(near)}?" if near else "see dino_jax/config.py"
+            hint = f"did you mean {' or '.join(near)}?" if near else "see dino_jax/core/config.py"
             messages.append(f"Unknown config key {key!r} in {arg!r}: {hint}")
     return messages
 
