@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import grain.checkpoint
@@ -92,6 +93,10 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
+class SaveFailed(OSError):
+    """A checkpoint could not be written; the ones saved before are intact."""
+
+
 class Checkpointer:
     """Saves and restores a run's checkpoints under `workdir/checkpoints`, asynchronously.
 
@@ -151,10 +156,11 @@ class Checkpointer:
 
         Call before compiling, so that a wrong --workdir fails at once; it reads only the config.
         """
-        step = self.latest_step()
-        if step is None:
+        found = self._newest_readable_config()
+        if found is None:
             return
-        saved, requested = self.saved_config(step), config_to_dict(config)
+        step, saved = found
+        requested = config_to_dict(config)
         if "method" not in saved:
             raise ValueError(
                 f"{self.directory} holds checkpoints (latest step {step}) of a run saved before "
@@ -204,6 +210,66 @@ class Checkpointer:
             after.weight_decay,
         )
 
+    def _newest_readable_config(self) -> tuple[int, dict[str, Any]] | None:
+        """(step, saved config) of the newest checkpoint whose config reads; None if none does
+        (`restore_latest` then says why)."""
+        for step in reversed(self.all_steps()):
+            try:
+                return step, self.saved_config(step)
+            except Exception:  # damaged: restore_latest names it and sets it aside
+                continue
+        return None
+
+    def restore_latest(
+        self, abstract_state: TrainState, data_iterator: grain.DatasetIterator | None = None
+    ) -> TrainState | None:
+        """The state of the newest checkpoint that reads whole (its config, every array and the
+        data position), as `restore` gives it; None without checkpoints.
+
+        Newer checkpoints that cannot be read (files truncated or missing, as a full disk or a
+        killed copy leaves them) are named in one line each and moved aside to
+        `workdir/damaged/`, never deleted. If none can be read, nothing is moved and a
+        ValueError names each checkpoint and what failed: the cause is then likely not the files.
+        """
+        failures = []
+        for step in reversed(self.all_steps()):
+            try:
+                self.saved_config(step)
+                state = self.restore(step, abstract_state, data_iterator)
+            except Exception as e:  # tensorstore, orbax, JSON and grain each raise their own
+                failures.append((step, _first_line(e)))
+                continue
+            for bad, reason in failures:
+                self._set_aside(bad, reason, step)
+            return state
+        if failures:
+            raise ValueError(
+                f"No checkpoint in {self.directory} can be read: "
+                + "; ".join(f"step {step}: {reason}" for step, reason in failures)
+                + ". Nothing was moved. Check the files (or the storage), or start a new --workdir."
+            )
+        return None
+
+    def _set_aside(self, step: int, reason: str, resumed: int) -> None:
+        """Moves the unreadable checkpoint of `step` to workdir/damaged/<step>-<UTC time>."""
+        target = (
+            self.directory.parent
+            / "damaged"
+            / f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        )
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        log.warning(
+            "The checkpoint of step %d cannot be read (%s): moved aside to %s; resuming from "
+            "step %d.",
+            step,
+            reason,
+            target,
+            resumed,
+        )
+        self._manager.reload()
+
     def should_save(self, step: int) -> bool:
         """True if `save` would save at this step: on schedule or at a preemption, and newer
         than the latest checkpoint."""
@@ -234,7 +300,10 @@ class Checkpointer:
         if data_iterator is not None:
             # grain's handler writes one file per process: each host owns its data shard.
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # the disk, the bucket or a permission: the user's to fix
+            raise self._save_failed(e) from e
 
     def restore(
         self,
@@ -250,6 +319,18 @@ class Checkpointer:
         """
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         items = {_STATE: ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args)}
+        saved_by = self._data_processes(step)
+        if data_iterator is not None and saved_by not in (None, jax.process_count()):
+            # Each process's position is its own shard's: another count has other shards.
+            log.warning(
+                "The data position of step %d was saved by %d processes and this run has %d: "
+                "the data stream starts again from its beginning; the state resumes at step %d.",
+                step,
+                saved_by,
+                jax.process_count(),
+                step,
+            )
+            data_iterator = None
         if data_iterator is not None:
             if _DATA not in self._manager.item_metadata(step):
                 raise ValueError(
@@ -259,17 +340,40 @@ class Checkpointer:
             items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))[_STATE]
 
+    def _data_processes(self, step: int) -> int | None:
+        """How many processes saved the data position of `step` (grain writes one
+        process_<i>-of-<n>.json each); None without one."""
+        names = [p.name for p in (self.directory / str(step) / _DATA).glob("process_*-of-*.json")]
+        return int(names[0].rsplit("-of-", 1)[1].removesuffix(".json")) if names else None
+
     def reached_preemption(self, step: int) -> bool:
         """True when JAX's preemption service asks every process to stop after this step."""
         return self._manager.reached_preemption(int(step))
 
     def wait(self) -> None:
-        """Blocks until every started save is complete on storage."""
-        self._manager.wait_until_finished()
+        """Blocks until every started save is complete on storage; a save that failed in the
+        background raises `SaveFailed` here."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(e) from e
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager's threads."""
-        self._manager.close()
+        try:
+            self._manager.close()
+        except Exception as e:
+            raise self._save_failed(e) from e
+
+    def _save_failed(self, error: Exception) -> SaveFailed:
+        self._manager.reload()
+        latest = self.latest_step()
+        kept = "no checkpoint was saved before" if latest is None else f"latest step {latest}"
+        return SaveFailed(
+            f"Saving a checkpoint to {self.directory} failed ({_first_line(error)}); the "
+            f"checkpoints saved before are intact ({kept}). Free space or fix the workdir's "
+            "permissions, then rerun the command to resume."
+        )
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -287,15 +391,21 @@ def export_teacher(
     Every process must call it (each writes its shards of the params).
     """
     path = _absolute(path)
-    path.mkdir(parents=True, exist_ok=True)
     variables = {
         "params": state.teacher,
         "batch_stats": state.batch_stats["teacher"] if state.batch_stats else {},
     }
-    with ocp.Checkpointer(_pytree_handler()) as checkpointer:
-        checkpointer.save(path / "variables", args=ocp.args.PyTreeSave(variables), force=True)
-    if jax.process_index() == 0:
-        (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with ocp.Checkpointer(_pytree_handler()) as checkpointer:
+            checkpointer.save(path / "variables", args=ocp.args.PyTreeSave(variables), force=True)
+        if jax.process_index() == 0:
+            (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    except Exception as e:  # the disk, the bucket or a permission: the user's to fix
+        raise SaveFailed(
+            f"Writing the export to {path} failed ({_first_line(e)}). Free space or fix the "
+            "permissions, then rerun the command: it exports again from its last checkpoint."
+        ) from e
 
 
 def load_exported(path: str | epath.PathLike) -> tuple[ml_collections.ConfigDict, Any, Any]:
@@ -334,3 +444,9 @@ def latest_arrays(directory: epath.Path, names: tuple[str, ...]):
             ),
         )
     return config, restored
+
+
+def _first_line(error: Exception) -> str:
+    """An exception as one short line: its type and the start of its message."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {message[:160]}" if message else type(error).__name__

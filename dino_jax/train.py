@@ -24,7 +24,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from dino_jax.checkpoint import Checkpointer, export_teacher
+from dino_jax.checkpoint import Checkpointer, SaveFailed, export_teacher
 from dino_jax.core import parallel
 from dino_jax.core.config import load_config, unknown_overrides, validate
 from dino_jax.core.step import abstract_batch, abstract_state, init_state, make_train_step
@@ -33,6 +33,7 @@ from dino_jax.data.pipeline import batches_per_epoch, train_dataset, train_sourc
 from dino_jax.eval.monitor import Monitors
 from dino_jax.interop import training_state as interop
 from dino_jax.metrics import MetricWriter
+from dino_jax.run_lock import RunLock
 
 
 def define_flags(values: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None = None) -> None:
@@ -133,24 +134,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # Built first, so that a monitor refusing its data (unlabelled, or queries that sit in the
     # memory) stops the run before anything is written.
     monitor = Monitors(config, mesh, workdir) if config.eval.knn_every_steps >= 0 else None
-    ckpt = Checkpointer(
-        workdir, save_every=config.checkpoint.every_steps, keep=config.checkpoint.keep
-    )
-    data = None
-    try:
-        ckpt.check_compatible(config)
-        with compilation_cache(workdir, config.compilation_cache_dir):
-            data = iter(train_dataset(config, source))
-            state = _initial_state(config, mesh, ckpt, data)
-            resumed = int(state.step) or None
-            enabled = jax.process_index() == 0
-            with MetricWriter(workdir, enabled=enabled, resume_step=resumed) as writer:
-                writer.write_hparams(config)
-                return _loop(config, workdir, mesh, state, data, ckpt, writer, monitor)
-    finally:
-        ckpt.close()  # waits for saves in flight: even after an error the last one is complete
-        if data is not None:
-            data.close()  # stops the data workers
+    with RunLock(workdir):
+        ckpt = Checkpointer(
+            workdir, save_every=config.checkpoint.every_steps, keep=config.checkpoint.keep
+        )
+        data = None
+        try:
+            ckpt.check_compatible(config)
+            with compilation_cache(workdir, config.compilation_cache_dir):
+                data = iter(train_dataset(config, source))
+                state = _initial_state(config, mesh, ckpt, data)
+                resumed = int(state.step) or None
+                enabled = jax.process_index() == 0
+                with MetricWriter(workdir, enabled=enabled, resume_step=resumed) as writer:
+                    writer.write_hparams(config)
+                    return _loop(config, workdir, mesh, state, data, ckpt, writer, monitor)
+        finally:
+            ckpt.close()  # waits for saves in flight: even after an error the last one is whole
+            if data is not None:
+                data.close()  # stops the data workers
 
 
 class CacheHits:
@@ -231,6 +233,7 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer, monitor) -> dict[str
     step = int(state.step)
     ckpt.save(step, state, data, config, force=True)
     if step == total_steps:
+        ckpt.wait()  # a final save that failed stops the run here, before the export
         export_teacher(os.path.join(workdir, "export"), state, config)
         if monitor:
             last.update(monitor(step, *_teacher(state), writer))
@@ -239,22 +242,24 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer, monitor) -> dict[str
 
 
 def _initial_state(config, mesh, ckpt: Checkpointer, data):
-    """The latest checkpoint's state (and data position), else the weights of
+    """The newest readable checkpoint's state (and data position), else the weights of
     `config.init_checkpoint` or a fresh state, at step 0."""
-    step = ckpt.latest_step()
+    state = ckpt.restore_latest(abstract_state(config, mesh), data)
+    if state is not None:
+        if config.init_checkpoint:
+            log.info(
+                "init_checkpoint=%s ignored: the workdir has a checkpoint", config.init_checkpoint
+            )
+        log.info("Resuming from the checkpoint of step %d", int(state.step))
+        return state
     rng = jax.random.key(config.seed)
-    if step is None and config.init_checkpoint:
+    if config.init_checkpoint:
         # What utils.py: restart_from_checkpoint restores, less the optimizer, epoch and fp16
         # scaler: a new run with its own schedules.
         state, what = interop.init_state_from(config.init_checkpoint, config, rng, mesh)
         log.info("Starting at step 0 from %s: %s", config.init_checkpoint, what)
         return state
-    if step is None:
-        return init_state(config, rng, mesh)
-    if config.init_checkpoint:
-        log.info("init_checkpoint=%s ignored: the workdir has a checkpoint", config.init_checkpoint)
-    log.info("Resuming from the checkpoint of step %d", step)
-    return ckpt.restore(step, abstract_state(config, mesh), data)
+    return init_state(config, rng, mesh)
 
 
 def _compile(config, mesh, state):
@@ -303,6 +308,7 @@ def main(argv: list[str]) -> None:
     parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
     # Our progress at INFO on process 0; the libraries' (orbax, grain) only when they warn.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.get_absl_handler().addFilter(_without_checkpointer_tracebacks)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -310,12 +316,20 @@ def main(argv: list[str]) -> None:
     log.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     try:
         final = train(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+    except (ValueError, FileNotFoundError, NonFiniteLoss, SaveFailed) as e:
         # Bad settings and data are the user's to fix: the message, not a traceback.
         log.error("%s", e)
         sys.exit(1)
     if jax.process_index() == 0:
         print("final:", " ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())))
+
+
+def _without_checkpointer_tracebacks(record: logging.LogRecord) -> bool:
+    """orbax logs a failed background write with its traceback; the run reports the failure
+    once, in one line (checkpoint.SaveFailed), so the library's record keeps its message only."""
+    if "orbax" in record.pathname:
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def parse_flags(argv: list[str]) -> list[str]:

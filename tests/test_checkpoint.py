@@ -3,7 +3,9 @@ different model, surviving a save killed before its commit, and the teacher expo
 
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -303,3 +305,139 @@ def test_export_holds_the_teacher_and_its_config(tmp_path, sharded, monkeypatch)
         for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert isinstance(x, np.ndarray)
             np.testing.assert_array_equal(x, np.asarray(y))
+
+
+def largest_file(directory: Path) -> Path:
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def damage_truncated(step_dir: Path) -> None:
+    """The array file cut in half, as a full disk or a killed copy leaves it."""
+    array = largest_file(step_dir / "state")
+    os.truncate(array, array.stat().st_size // 2)
+
+
+def damage_metadata(step_dir: Path) -> None:
+    """The array store's index gone (orbax rebuilds a missing _METADATA, not this)."""
+    (step_dir / "state" / "manifest.ocdbt").unlink()
+
+
+def damage_config(step_dir: Path) -> None:
+    shutil.rmtree(step_dir / "config")
+
+
+def damage_data_position(step_dir: Path) -> None:
+    for position in (step_dir / "data").iterdir():
+        position.write_text("{not json")
+
+
+def noise(step):
+    """1M floats of noise: a file the size of its data (a constant would compress to bytes)."""
+    return np.random.default_rng(step).normal(size=1_000_000).astype(np.float32)
+
+
+def saved_run(tmp_path, config, steps=(1, 2, 3)):
+    """Checkpoints of `steps` (each state its own `noise`) with a data position."""
+    data = counter_iterator()
+    with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+        for step in steps:
+            next(data)
+            state = {"w": jnp.asarray(noise(step)), "step": jnp.int32(step)}
+            ckpt.save(step, state, data, config)
+            ckpt.wait()
+    return on_one_device({"w": jnp.zeros((1_000_000,)), "step": jnp.int32(0)})
+
+
+@pytest.mark.parametrize(
+    "damage", [damage_truncated, damage_metadata, damage_config, damage_data_position]
+)
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(
+    tmp_path, tiny_config, caplog, damage
+):
+    abstract = saved_run(tmp_path, tiny_config())
+    damage(tmp_path / "checkpoints" / "3")
+    data = counter_iterator()
+    with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+        ckpt.check_compatible(tiny_config())  # reads the newest config that reads
+        with caplog.at_level(logging.INFO, logger="dino_jax"):
+            state = ckpt.restore_latest(abstract, data)
+        assert ckpt.all_steps() == [1, 2]
+    assert int(state["step"]) == 2
+    np.testing.assert_array_equal(state["w"], noise(2))
+    assert next(data) == 2  # the data position saved at step 2
+    (moved,) = (tmp_path / "damaged").iterdir()
+    assert moved.name.startswith("3-") and (moved / "state").exists()  # kept, not deleted
+    (line,) = [r.message for r in caplog.records if "cannot be read" in r.message]
+    assert line.startswith("The checkpoint of step 3 cannot be read (")
+    assert line.endswith(f"moved aside to {moved}; resuming from step 2.")
+
+
+def test_when_no_checkpoint_reads_nothing_is_moved_and_one_line_names_each(tmp_path, tiny_config):
+    abstract = saved_run(tmp_path, tiny_config(), steps=(1, 2))
+    damage_truncated(tmp_path / "checkpoints" / "2")
+    damage_metadata(tmp_path / "checkpoints" / "1")
+    with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+        with pytest.raises(ValueError) as err:
+            ckpt.restore_latest(abstract)
+        assert ckpt.all_steps() == [1, 2]
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"No checkpoint in {tmp_path / 'checkpoints'} can be read: step 2: ")
+    assert "; step 1: " in message and "Nothing was moved." in message
+    assert not (tmp_path / "damaged").exists()
+
+
+@pytest.mark.parametrize(
+    ("saved_on", "restored_on"),
+    [
+        ((("data", 8), ("fsdp", 1)), (("data", 4), ("fsdp", 1))),  # 8 devices onto 4
+        ((("data", 8), ("fsdp", 1)), (("data", 4), ("fsdp", 2))),  # fsdp 1 onto fsdp 2
+        ((("data", 2), ("fsdp", 4)), (("data", 8), ("fsdp", 1))),  # split onto replicated
+    ],
+)
+def test_a_checkpoint_restores_onto_another_mesh(tmp_path, tiny_config, saved_on, restored_on):
+    """A slice that comes back in another size: the same values, laid out for the new mesh,
+    and the data position with them."""
+    config = tiny_config()
+    devices = jax.devices()
+    saved_mesh = parallel.make_mesh(saved_on, devices[: math.prod(n for _, n in saved_on)])
+    state = randomized(init_state(config, jax.random.key(0), saved_mesh), seed=3)
+    expected = jax.device_get(state)
+    data = counter_iterator()
+    next(data)
+    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+        ckpt.save(7, state, data, config)
+    mesh = parallel.make_mesh(restored_on, devices[: math.prod(n for _, n in restored_on)])
+    resumed_data = counter_iterator()
+    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+        restored = ckpt.restore_latest(abstract_state(config, mesh), resumed_data)
+    assert next(resumed_data) == 1
+    for got, want, sharding in zip(
+        jax.tree.leaves(restored),
+        jax.tree.leaves(expected),
+        jax.tree.leaves(state_sharding(config, mesh)),
+        strict=True,
+    ):
+        assert got.sharding == sharding
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_another_process_count_restarts_the_data_stream(tmp_path, tiny_config, caplog):
+    """Saved by two processes (grain's process_<i>-of-2.json files), resumed by one: the state
+    resumes, the data stream starts again, and one line says so."""
+    abstract = saved_run(tmp_path, tiny_config(), steps=(1,))
+    data_dir = tmp_path / "checkpoints" / "1" / "data"
+    (position,) = data_dir.glob("process_0-of-1.json")
+    position.rename(data_dir / "process_0-of-2.json")
+    shutil.copy(data_dir / "process_0-of-2.json", data_dir / "process_1-of-2.json")
+    data = counter_iterator()
+    with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+        with caplog.at_level(logging.INFO, logger="dino_jax"):
+            state = ckpt.restore_latest(abstract, data)
+    np.testing.assert_array_equal(state["w"], noise(1))
+    assert next(data) == 0  # from the beginning
+    (line,) = [r.message for r in caplog.records if "data position" in r.message]
+    assert line == (
+        "The data position of step 1 was saved by 2 processes and this run has 1: the data "
+        "stream starts again from its beginning; the state resumes at step 1."
+    )

@@ -77,6 +77,7 @@ LAYERS = {
     "dino_jax.interop.state_dict": MIDDLE,
     "dino_jax.interop.training_state": MIDDLE,
     "dino_jax.metrics": MIDDLE,
+    "dino_jax.run_lock": MIDDLE,
     "dino_jax.tools": MIDDLE,
     "dino_jax.tools.aot": MIDDLE,
     # shell

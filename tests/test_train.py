@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -276,3 +277,76 @@ def test_unprepared_tfds_dataset_names_tfds_build(tmp_path):
     (line,) = [line for line in out.splitlines() if " ERROR " in line]
     assert "tfds:mnist split 'train' is not prepared as ArrayRecord" in line
     assert "`tfds build mnist --file_format=array_record`" in line and "data.data_dir" in line
+
+
+@pytest.mark.slow
+def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(tmp_path):
+    """The newest checkpoint's array file cut in half (a full disk, a killed copy): the rerun
+    names it in one line, sets it aside and repeats the steps after the one before, with the
+    losses of the first run."""
+    code, out = cli(tmp_path)
+    assert code == 0, out
+    first = losses_by_step(tmp_path)
+    state = tmp_path / "checkpoints" / "4" / "state"
+    array = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(array, array.stat().st_size // 2)
+    code, out = cli(tmp_path)
+    assert code == 0, out
+    assert "The checkpoint of step 4 cannot be read (" in out
+    assert "Resuming from the checkpoint of step 2" in out
+    assert "Traceback" not in out
+    assert checkpoint_steps(tmp_path) == [2, 4]  # step 4 saved again
+    assert [p.name.split("-")[0] for p in (tmp_path / "damaged").iterdir()] == ["4"]
+    assert losses_by_step(tmp_path) == first
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_with_one_line_and_keeps_the_saved_checkpoint(tmp_path):
+    """The workdir on a 6 MiB file system of its own (a mount namespace): the checkpoint of step
+    2 fits, step 4's does not. One line, exit 1, and step 2 still restores."""
+    workdir = tmp_path / "disk" / "run"
+    (tmp_path / "disk").mkdir()
+    train = (
+        f"{sys.executable} -m dino_jax.train --config=configs/demo.py:smoke "
+        f"--workdir={workdir} --config.compilation_cache_dir="
+    )
+    check = (
+        f"{sys.executable} -c 'from dino_jax.checkpoint import Checkpointer; "
+        f'print("latest", Checkpointer("{workdir}", save_every=1, keep=1).latest_step())\''
+    )
+    mount = f"mount -t tmpfs -o size=6m tmpfs {tmp_path / 'disk'}"
+    script = f"{mount} && {train}; echo exit=$?; {check}"
+    unshare = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    result = subprocess.run(
+        [*unshare, "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    out = result.stdout + result.stderr
+    assert "exit=1" in out, out
+    assert "Traceback" not in out, out
+    (line,) = [line for line in out.splitlines() if " ERROR " in line]
+    assert f"Saving a checkpoint to {workdir / 'checkpoints'} failed (" in line, line
+    assert "the checkpoints saved before are intact (latest step 2)" in line, line
+    assert "latest 2" in out, out
+
+
+@pytest.mark.slow
+def test_one_run_per_workdir_and_a_dead_holder_is_taken_over(tmp_path):
+    first = cli(tmp_path, "--config.steps_per_epoch=100000", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not losses_by_step_safe(tmp_path):
+        time.sleep(0.1)
+    code, out = cli(tmp_path)  # a relaunch while the first run lives
+    first.send_signal(signal.SIGKILL)  # it dies holding the workdir
+    first.wait()
+    assert code == 1, out
+    assert "Traceback" not in out, out
+    (line,) = [line for line in out.splitlines() if " ERROR " in line]
+    host = socket.gethostname()
+    assert f"{tmp_path} is held by a run on {host} (process {first.pid}, started " in line
+    assert "stop that run first, or give this one another --workdir." in line
+    assert not [s for s in losses_by_step(tmp_path) if s > 100000]  # the second wrote no step
+    # The next run takes the workdir over (and, re-planned to the smoke's 4 steps, ends).
+    code, out = cli(tmp_path, "--config.checkpoint.replan_schedules=true")
+    assert code == 0, out
+    assert f"Taking over {tmp_path} from the run on {host} (process {first.pid}" in out, out
+    assert "its process is gone." in out, out
