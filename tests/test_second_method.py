@@ -77,7 +77,7 @@ def test_compiles_for_a_tpu_slice():
     script = (
         "import sys; sys.path.insert(0, 'tests')\n"
         "from mse_method import register; register()\n"
-        "from dino_jax import aot\n"
+        "from dino_jax.tools import aot\n"
         "from dino_jax.core.config import load_config\n"
         "config = load_config('configs/vit_small16.py:smoke'); config.method = 'mse'\n"
         "compiled, _, mesh = aot.compile_step(config, 'v4-8')\n"
