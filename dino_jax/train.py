@@ -64,6 +64,13 @@ def define_flags(values: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | N
     flags.DEFINE_integer(
         "process_id", None, "This process's index in a multi-process run.", flag_values=values
     )
+    flags.DEFINE_integer(
+        "heartbeat_timeout_s",
+        parallel.HEARTBEAT_TIMEOUT_S,
+        "Seconds after which the processes of a multi-process run stop when one of them is "
+        "gone (a lost host), rather than wait on it.",
+        flag_values=values,
+    )
     flags.mark_flags_as_required(["config", "workdir"], flag_values=values)
 
 
@@ -305,7 +312,9 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if f.config.cpu_tuning and host_memory.cpu_run(f.config.platform):
         host_memory.reuse_freed_memory()  # before JAX's threads allocate: see host_memory
-    parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+    parallel.initialize_distributed(
+        f.coordinator_address, f.num_processes, f.process_id, f.heartbeat_timeout_s
+    )
     # Our progress at INFO on process 0; the libraries' (orbax, grain) only when they warn.
     absl_logging.set_verbosity(absl_logging.WARNING)
     absl_logging.get_absl_handler().addFilter(_without_checkpointer_tracebacks)

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -118,3 +119,38 @@ def test_knn_on_two_processes_matches_one(export_dir, tmp_path):
     assert json.loads((tmp_path / "two_0.json").read_text()) == one
     assert not (tmp_path / "two_1.json").exists()  # process 0 writes the results
     assert "top-1" in outputs[0]
+
+
+@pytest.mark.slow
+def test_a_lost_process_stops_the_other_and_the_rerun_continues_exactly(tmp_path):
+    """One of two processes killed mid-run (a lost host): the other stops within the heartbeat
+    timeout with a message instead of waiting in a collective; rerunning both resumes from the
+    last checkpoint with the losses of an uninterrupted run."""
+    flags = (
+        "--config.steps_per_epoch=200",
+        "--config.checkpoint.every_steps=10",
+        "--config.log.every_steps=1",
+        "--heartbeat_timeout_s=10",
+    )
+    two = tmp_path / "two"
+    port = free_port()
+    procs = [start(two, 4, *cluster_flags(port, i), *flags) for i in range(2)]
+    deadline = time.time() + 300
+    while time.time() < deadline and not (two / "checkpoints" / "10").exists():
+        time.sleep(0.05)
+    procs[1].kill()
+    killed_at = time.time()
+    out, _ = procs[0].communicate(timeout=300)
+    waited = time.time() - killed_at
+    procs[1].wait()
+    assert procs[0].returncode != 0, out
+    assert waited < 10 + 60, f"process 0 waited {waited:.0f} s on the lost process"
+    assert "another task died" in out or "heartbeat" in out.lower(), out[-3000:]
+    port = free_port()
+    procs = [start(two, 4, *cluster_flags(port, i), *flags) for i in range(2)]
+    outs = [finish(proc) for proc in procs]
+    assert "Resuming from the checkpoint of step" in outs[0], outs[0]
+    finish(start(tmp_path / "one", 8, *flags))
+    resumed, straight = logged(two), logged(tmp_path / "one")
+    assert sorted(resumed) == sorted(straight) == list(range(1, 201))
+    np.testing.assert_allclose([resumed[s] for s in straight], list(straight.values()), rtol=1e-6)

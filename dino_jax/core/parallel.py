@@ -38,17 +38,27 @@ FSDP_RULES: tuple[tuple[str, int], ...] = (
 )
 
 
+# JAX's default: long enough for a slow checkpoint write or compilation on one host.
+HEARTBEAT_TIMEOUT_S = 100
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
 ) -> None:
     """Connect the processes of a multi-host run: explicitly (all three given), or from the
-    environment on TPU pods, SLURM and JAX_COORDINATOR_ADDRESS clusters; else a no-op."""
+    environment on TPU pods, SLURM and JAX_COORDINATOR_ADDRESS clusters; else a no-op.
+
+    When a process stops answering for `heartbeat_timeout_s` (a lost host), JAX's coordination
+    service ends the others with a message, so that none waits on it in a collective forever;
+    rerunning the command resumes from the last checkpoint."""
+    timeout = {"heartbeat_timeout_seconds": int(heartbeat_timeout_s)}
     if coordinator_address:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, **timeout)
     elif _in_cluster():
-        jax.distributed.initialize()  # JAX reads the cluster from its environment
+        jax.distributed.initialize(**timeout)  # JAX reads the cluster from its environment
 
 
 def _in_cluster() -> bool:
