@@ -366,9 +366,13 @@ class Checkpointer:
             raise self._save_failed(e) from e
 
     def _save_failed(self, error: Exception) -> SaveFailed:
-        self._manager.reload()
-        latest = self.latest_step()
-        kept = "no checkpoint was saved before" if latest is None else f"latest step {latest}"
+        """The one-line error of a failed save, naming the checkpoint that remains."""
+        try:
+            self._manager.reload()  # forget the step that was not written
+            latest = self.latest_step()
+            kept = "no checkpoint was saved before" if latest is None else f"latest step {latest}"
+        except Exception:  # storage unreachable: the message must still reach the user
+            kept = "the latest one could not be listed"
         return SaveFailed(
             f"Saving a checkpoint to {self.directory} failed ({_first_line(error)}); the "
             f"checkpoints saved before are intact ({kept}). Free space or fix the workdir's "

@@ -181,16 +181,22 @@ def test_compilation_cache_is_the_runs_own_and_given_back(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_the_current_step(tmp_path):
-    proc = cli(tmp_path, "--config.steps_per_epoch=100000", wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and not losses_by_step_safe(tmp_path):
-        time.sleep(0.1)
+    proc = endless_run(tmp_path)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     last_logged = max(losses_by_step(tmp_path))
     assert checkpoint_steps(tmp_path)[-1] == last_logged
     assert last_logged < 100000
+
+
+def endless_run(workdir):
+    """A training process of 100000 steps, returned once it has logged its first step."""
+    proc = cli(workdir, "--config.steps_per_epoch=100000", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not losses_by_step_safe(workdir):
+        time.sleep(0.1)
+    return proc
 
 
 def losses_by_step_safe(workdir):
@@ -335,10 +341,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_saved_checkpoint(tmp_path
 
 @pytest.mark.slow
 def test_one_run_per_workdir_and_a_dead_holder_is_taken_over(tmp_path):
-    first = cli(tmp_path, "--config.steps_per_epoch=100000", wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and not losses_by_step_safe(tmp_path):
-        time.sleep(0.1)
+    first = endless_run(tmp_path)
     code, out = cli(tmp_path)  # a relaunch while the first run lives
     first.send_signal(signal.SIGKILL)  # it dies holding the workdir
     first.wait()
