@@ -20,24 +20,26 @@ from dino_jax.core.config import apply_variants, base_config, smoke
 
 def get_config(arg=None):
     c = base_config()
-    c.arch, c.patch_size, c.img_size = "vit_small", 8, 64
-    c.embed_dim, c.depth, c.num_heads = 128, 4, 4
-    c.drop_path_rate = 0.1
-    c.out_dim = 1024
+    c.student.arch, c.student.patch_size, c.student.img_size = "vit_small", 8, 64
+    c.student.embed_dim, c.student.depth, c.student.num_heads = 128, 4, 4
+    c.student.drop_path_rate = 0.1
+    c.dino.head_n_prototypes = 1024
     c.data.source = "synthetic:objects"
-    c.data.global_crop_size, c.data.local_crop_size = 64, 32
+    c.crops.global_crops_size, c.crops.local_crops_size = 64, 32
     c.data.blur_sigma = (0.1, 0.6)  # the reference's range scaled from 224-px to 64-px crops
     c.data.eval_resize_size, c.data.eval_crop_size = 64, 64  # the whole scene
-    c.local_crops_number = 6
+    c.crops.local_crops_number = 6
     c.data.num_workers = 1
-    c.batch_size = 64
-    c.epochs = 20  # schedule epochs of 30 steps (one pass over the 20,000 scenes is ~300 steps)
-    c.steps_per_epoch = 30
-    c.warmup_epochs = 1
-    c.lr = 2e-3
-    c.min_lr = 1e-5
-    c.freeze_last_layer = 1
-    c.momentum_teacher = 0.99  # a short run: the teacher must follow the student faster
+    c.train.batch_size = 64
+    c.optim.epochs = (
+        20  # schedule epochs of 30 steps (one pass over the 20,000 scenes is ~300 steps)
+    )
+    c.train.OFFICIAL_EPOCH_LENGTH = 30
+    c.optim.warmup_epochs = 1
+    c.optim.lr = 2e-3
+    c.optim.min_lr = 1e-5
+    c.optim.freeze_last_layer_epochs = 1
+    c.teacher.momentum_teacher = 0.99  # a short run: the teacher must follow the student faster
     c.checkpoint.every_steps = 100
     c.log.every_steps = 10
     c.eval.knn_every_steps = 150

@@ -21,11 +21,11 @@ from dino_jax.core.config import apply_variants, imagenet_config
 
 def get_config(arg=None):
     c = imagenet_config()
-    c.arch = "resnet50"
-    c.optimizer = "sgd"
-    c.lr = 0.03
-    c.weight_decay = c.weight_decay_end = 1e-4
-    c.global_crops_scale = (0.14, 1.0)
-    c.local_crops_scale = (0.05, 0.14)
-    c.batch_size = 512
+    c.student.arch = "resnet50"
+    c.optim.optimizer = "sgd"
+    c.optim.lr = 0.03
+    c.optim.weight_decay = c.optim.weight_decay_end = 1e-4
+    c.crops.global_crops_scale = (0.14, 1.0)
+    c.crops.local_crops_scale = (0.05, 0.14)
+    c.train.batch_size = 512
     return apply_variants(c, arg)

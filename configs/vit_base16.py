@@ -20,8 +20,8 @@ from dino_jax.core.config import apply_variants, imagenet_config
 
 def get_config(arg=None):
     c = imagenet_config()
-    c.arch, c.patch_size = "vit_base", 16
-    c.clip_grad = 0.3
-    c.dtype = "float32"
-    c.batch_size = 1024
+    c.student.arch, c.student.patch_size = "vit_base", 16
+    c.optim.clip_grad = 0.3
+    c.compute.dtype = "float32"
+    c.train.batch_size = 1024
     return apply_variants(c, arg)

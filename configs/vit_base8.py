@@ -6,7 +6,7 @@
 ViT-B/16's settings (clip 0.3) with patch 8. `:smoke` shrinks it to a few CPU steps on the
 built-in data.
 
-Sized for a TPU v5p-32 (16 chips, 64 images per chip at batch 1024) with `remat="block"`:
+Sized for a TPU v5p-32 (16 chips, 64 images per chip at batch 1024) with `compute.remat="block"`:
 compiled there, it leaves HBM to spare, where a v4-32 with the same remat falls under the bar of
 10% of HBM free (BENCHMARKS.md, 'TPU and GPU programs: compiled per recipe').
 Launch (launch/README.md):
@@ -21,10 +21,10 @@ from dino_jax.core.config import apply_variants, imagenet_config
 
 def get_config(arg=None):
     c = imagenet_config()
-    c.arch, c.patch_size = "vit_base", 8
-    c.clip_grad = 0.3
-    c.batch_size = 1024
+    c.student.arch, c.student.patch_size = "vit_base", 8
+    c.optim.clip_grad = 0.3
+    c.train.batch_size = 1024
     # 64 images of 785-token crops per chip need it even on a v5p: without it XLA asks for more
     # temporaries than the chip's HBM (BENCHMARKS.md). Recomputing the blocks adds FLOPs.
-    c.remat = "block"
+    c.compute.remat = "block"
     return apply_variants(c, arg)

@@ -5,7 +5,8 @@
 
 Variants: `configs/vit_small16.py:boosted` is the 300-epoch recipe (teacher temperature 0.07 after
 30 warm-up epochs, trainable last-layer norm; 73.3% k-NN, 76.0% linear); `:smoke` shrinks it to a
-few CPU steps on the built-in data. `batch_size` is global: the reference's 64 per GPU x 8 GPUs.
+few CPU steps on the built-in data. `train.batch_size` is global: the reference's 64 per GPU x 8
+GPUs.
 
 Sized for a TPU v4-32 (16 chips): 32 images per chip at batch 512, 64 per chip for `:boosted` at
 1024; compiled there, both leave HBM to spare (BENCHMARKS.md, 'TPU and GPU programs: compiled
@@ -20,16 +21,16 @@ from dino_jax.core.config import apply_variants, imagenet_config
 
 
 def boosted(c):
-    c.epochs = 300
-    c.teacher_temp = 0.07
-    c.warmup_teacher_temp_epochs = 30
-    c.norm_last_layer = False
-    c.batch_size = 1024  # 64 per GPU x 16 GPUs
+    c.optim.epochs = 300
+    c.teacher.teacher_temp = 0.07
+    c.teacher.warmup_teacher_temp_epochs = 30
+    c.dino.norm_last_layer = False
+    c.train.batch_size = 1024  # 64 per GPU x 16 GPUs
     return c
 
 
 def get_config(arg=None):
     c = imagenet_config()
-    c.arch, c.patch_size = "vit_small", 16
-    c.batch_size = 512
+    c.student.arch, c.student.patch_size = "vit_small", 16
+    c.train.batch_size = 512
     return apply_variants(c, arg, {"boosted": boosted})

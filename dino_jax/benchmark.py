@@ -3,7 +3,7 @@
     python -m dino_jax.benchmark data [--images 200] [--local-crops 10] [--seed 0] [--repeats 5]
     python -m dino_jax.benchmark data --config configs/custom.py \\
         --config.data.source=folder:/data/pets [--images 200] [--seed 0] [--repeats 5]
-    python -m dino_jax.benchmark step --config configs/vit_small16.py --config.batch_size=8 \\
+    python -m dino_jax.benchmark step --config configs/vit_small16.py --config.train.batch_size=8 \\
         [--config configs/other.py ...] [--steps 5] [--warmup 1] [--interleave]
     python -m dino_jax.benchmark compile --config configs/vit_small16.py --target v4-32 \\
         [--config.key=value ...] [--config configs/other.py ...]
@@ -45,8 +45,9 @@ def override_config(
     config: ml_collections.ConfigDict, overrides: list[str]
 ) -> ml_collections.ConfigDict:
     """`config` with `--config.key=value` overrides applied by ml_collections' config_flags, as the
-    training command applies them: each value parsed as its field's type (`--config.dtype=bfloat16`,
-    `--config.local_crops_scale=(0.05,0.4)`), unknown keys and ill-typed values refused."""
+    training command applies them: each value parsed as its field's type
+    (`--config.compute.dtype=bfloat16`, `--config.crops.local_crops_scale=(0.05,0.4)`), unknown
+    keys and ill-typed values refused."""
     unknown = unknown_overrides(config, overrides)
     if unknown:
         raise ValueError("; ".join(unknown))
@@ -94,7 +95,9 @@ def run_data(args: argparse.Namespace, config_args: list[str]) -> None:
         input_benchmark.run_generated(args)
         return
     if args.local_crops is not None:
-        raise ValueError("--local-crops: with --config, set --config.local_crops_number instead")
+        raise ValueError(
+            "--local-crops: with --config, set --config.crops.local_crops_number instead"
+        )
     configs = parse_configs(config_args)
     if len(configs) > 1:
         raise ValueError("benchmark data measures one --config at a time")

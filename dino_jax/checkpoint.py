@@ -25,6 +25,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from dino_jax.core import config as config_lib
+from dino_jax.core.config import lookup
 from dino_jax.core.schedules import hyperparams_at
 from dino_jax.core.step import TrainState
 from dino_jax.models import registry
@@ -32,24 +34,24 @@ from dino_jax.models import registry
 log = logging.getLogger("dino_jax")
 
 # Keys that define the model and its optimizer state: the saved arrays only fit a config that
-# agrees on all of them (plus every `head_*` key). The optimizer state is laid out by parameter
-# group, so the keys that make the groups are among them. Data and other values may change.
+# agrees on all of them (plus every `head_*` key of any section). The optimizer state is laid out
+# by parameter group, so the keys that make the groups are among them. Data and other values may
+# change.
 MODEL_KEYS = (
     "method",
     *registry.CONFIG_KEYS,
-    "out_dim",
-    "use_bn_in_head",
-    "norm_last_layer",
-    "optimizer",
-    "param_groups",
-    "layerwise_decay",
-    "patch_embed_lr_mult",
-    "freeze_last_layer",
+    "dino.use_bn_in_head",
+    "dino.norm_last_layer",
+    "optim.optimizer",
+    "optim.param_groups",
+    "optim.layerwise_decay",
+    "optim.patch_embed_lr_mult",
+    "optim.freeze_last_layer_epochs",
 )
 # Keys that fix the length of every schedule (lr, weight decay, teacher momentum and temperature,
 # the frozen last layer): a resume that changes one evaluates the schedules of another run at
 # the saved step, so their values jump. Refused unless `checkpoint.replan_schedules` says so.
-SCHEDULE_KEYS = ("epochs", "steps_per_epoch", "batch_size")
+SCHEDULE_KEYS = ("optim.epochs", "train.OFFICIAL_EPOCH_LENGTH", "train.batch_size")
 _STATE, _DATA, _CONFIG = "state", "data", "config"
 _MISSING = "<absent>"
 
@@ -143,11 +145,11 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def saved_config(self, step: int) -> dict[str, Any]:
-        """The config saved with the checkpoint of `step`, as a JSON dict."""
+        """The config saved with the checkpoint of `step`, as a JSON dict in the current layout."""
         restored = self._manager.restore(
             step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
         )
-        return restored[_CONFIG]
+        return config_lib.upgrade(restored[_CONFIG])
 
     def check_compatible(self, config: ml_collections.ConfigDict) -> None:
         """Raises ValueError if the latest checkpoint holds a different model than `config`, or
@@ -166,14 +168,23 @@ class Checkpointer:
                 f"{self.directory} holds checkpoints (latest step {step}) of a run saved before "
                 "methods had a state of their own (its state keeps the center where this version "
                 "keeps method_state), so it cannot resume here. Continue from its weights in a "
-                f"new --workdir with --config.init_checkpoint={self.directory.parent} (step 0, "
-                "fresh optimizer), or resume it with the dino_jax it was trained with."
+                "new --workdir with "
+                f"--config.train.init_checkpoint={self.directory.parent} (step 0, fresh "
+                "optimizer), or resume it with the dino_jax it was trained with."
             )
-        head_keys = sorted(k for k in {*saved, *requested} if k.startswith("head_"))
+        head_keys = sorted(
+            f"{section}.{leaf}"
+            for tree in (saved, requested)
+            for section, values in tree.items()
+            if isinstance(values, dict)
+            for leaf in values
+            if leaf.startswith("head_")
+        )
         diffs = [
-            f"{key}: saved {saved.get(key, _MISSING)!r}, requested {requested.get(key, _MISSING)!r}"
-            for key in (*MODEL_KEYS, *head_keys)
-            if saved.get(key, _MISSING) != requested.get(key, _MISSING)
+            f"{key}: saved {lookup(saved, key, _MISSING)!r}, "
+            f"requested {lookup(requested, key, _MISSING)!r}"
+            for key in dict.fromkeys((*MODEL_KEYS, *head_keys))
+            if lookup(saved, key, _MISSING) != lookup(requested, key, _MISSING)
         ]
         if diffs:
             raise ValueError(
@@ -182,9 +193,9 @@ class Checkpointer:
                 "resume that run."
             )
         changed = [
-            f"{key}={requested[key]} (saved {key}={saved[key]})"
+            f"{key}={lookup(requested, key)} (saved {key}={lookup(saved, key)})"
             for key in SCHEDULE_KEYS
-            if key in saved and saved[key] != requested[key]
+            if lookup(saved, key, _MISSING) not in (_MISSING, lookup(requested, key))
         ]
         if not changed:
             return
@@ -419,7 +430,8 @@ def load_exported(path: str | epath.PathLike) -> tuple[ml_collections.ConfigDict
     `jax.device_put` them where they are needed. `batch_stats` is {} for models without BN.
     """
     path = _absolute(path)
-    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    saved = json.loads((path / "config.json").read_text())
+    config = ml_collections.ConfigDict(config_lib.upgrade(saved))
     with ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.metadata(path / "variables").item_metadata.tree
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
@@ -436,7 +448,9 @@ def latest_arrays(directory: epath.Path, names: tuple[str, ...]):
     if not steps:
         raise ValueError(f"{directory} holds no complete checkpoint yet.")
     step_dir = directory / str(max(steps))
-    config = ml_collections.ConfigDict(json.loads((step_dir / "config" / "metadata").read_text()))
+    config = ml_collections.ConfigDict(
+        config_lib.upgrade(json.loads((step_dir / "config" / "metadata").read_text()))
+    )
     with ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
         wanted = {name: tree.get(name, {}) for name in names}

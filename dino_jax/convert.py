@@ -34,7 +34,7 @@ def _import_command(args: argparse.Namespace) -> None:
         batch_stats={"teacher": stats} if stats else {},
     )
     checkpoint.export_teacher(args.out, state, config)
-    print(f"Wrote the {config.arch} backbone of {args.pth} to {args.out}")
+    print(f"Wrote the {config.student.arch} backbone of {args.pth} to {args.out}")
 
 
 def _export_command(args: argparse.Namespace) -> None:

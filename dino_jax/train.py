@@ -135,12 +135,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         # Called from Python (a notebook): grain's worker processes read absl flags.
         flags.FLAGS.mark_as_parsed()
     source = train_source(config)
-    if config.steps_per_epoch <= 0:
-        config.steps_per_epoch = batches_per_epoch(config, len(source))
-    mesh = parallel.make_mesh(config.mesh)
+    if config.train.OFFICIAL_EPOCH_LENGTH is None:
+        config.train.OFFICIAL_EPOCH_LENGTH = batches_per_epoch(config, len(source))
+    mesh = parallel.make_mesh(config.compute.mesh)
     # Built first, so that a monitor refusing its data (unlabelled, or queries that sit in the
     # memory) stops the run before anything is written.
-    monitor = Monitors(config, mesh, workdir) if config.eval.knn_every_steps >= 0 else None
+    monitor = Monitors(config, mesh, workdir) if config.eval.knn_every_steps is not None else None
     with RunLock(workdir):
         ckpt = Checkpointer(
             workdir, save_every=config.checkpoint.every_steps, keep=config.checkpoint.keep
@@ -148,7 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         data = None
         try:
             ckpt.check_compatible(config)
-            with compilation_cache(workdir, config.compilation_cache_dir):
+            with compilation_cache(workdir, config.compute.compilation_cache_dir):
                 data = iter(train_dataset(config, source))
                 state = _initial_state(config, mesh, ckpt, data)
                 resumed = int(state.step) or None
@@ -201,7 +201,7 @@ def compilation_cache(workdir: str, cache_dir: str):
 
 def _loop(config, workdir, mesh, state, data, ckpt, writer, monitor) -> dict[str, float]:
     """Steps from `state.step` to the end (or a stop signal), then the final save and export."""
-    start, total_steps = int(state.step), config.epochs * config.steps_per_epoch
+    start, total_steps = int(state.step), config.optim.epochs * config.train.OFFICIAL_EPOCH_LENGTH
     if monitor and start == 0:
         _log_monitors("the teacher at initialisation", monitor(0, *_teacher(state), writer))
     # Several processes must stop at the same step: JAX's preemption service (which handles
@@ -214,7 +214,7 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer, monitor) -> dict[str
     log.info("Steps %d..%d, %s in %.1f s", start, total_steps, how, compile_time)
     last = {}
     bar = tqdm(total=total_steps, initial=start, disable=jax.process_index() != 0, unit="step")
-    window = Throughput(config.batch_size)
+    window = Throughput(config.train.batch_size)
     with stop or contextlib.nullcontext():
         for step in range(start + 1, total_steps + 1):
             batch = parallel.to_global(_step_inputs(config, next(data)), mesh)
@@ -250,21 +250,22 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer, monitor) -> dict[str
 
 def _initial_state(config, mesh, ckpt: Checkpointer, data):
     """The newest readable checkpoint's state (and data position), else the weights of
-    `config.init_checkpoint` or a fresh state, at step 0."""
+    `config.train.init_checkpoint` or a fresh state, at step 0."""
     state = ckpt.restore_latest(abstract_state(config, mesh), data)
     if state is not None:
-        if config.init_checkpoint:
+        if config.train.init_checkpoint:
             log.info(
-                "init_checkpoint=%s ignored: the workdir has a checkpoint", config.init_checkpoint
+                "init_checkpoint=%s ignored: the workdir has a checkpoint",
+                config.train.init_checkpoint,
             )
         log.info("Resuming from the checkpoint of step %d", int(state.step))
         return state
-    rng = jax.random.key(config.seed)
-    if config.init_checkpoint:
+    rng = jax.random.key(config.train.seed)
+    if config.train.init_checkpoint:
         # What utils.py: restart_from_checkpoint restores, less the optimizer, epoch and fp16
         # scaler: a new run with its own schedules.
-        state, what = interop.init_state_from(config.init_checkpoint, config, rng, mesh)
-        log.info("Starting at step 0 from %s: %s", config.init_checkpoint, what)
+        state, what = interop.init_state_from(config.train.init_checkpoint, config, rng, mesh)
+        log.info("Starting at step 0 from %s: %s", config.train.init_checkpoint, what)
         return state
     return init_state(config, rng, mesh)
 
@@ -310,7 +311,7 @@ def _check_finite(metrics: dict, step: int) -> dict[str, float]:
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
-    if f.config.cpu_tuning and host_memory.cpu_run(f.config.platform):
+    if f.config.compute.cpu_tuning and host_memory.cpu_run(f.config.compute.platform):
         host_memory.reuse_freed_memory()  # before JAX's threads allocate: see host_memory
     parallel.initialize_distributed(
         f.coordinator_address, f.num_processes, f.process_id, f.heartbeat_timeout_s

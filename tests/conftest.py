@@ -17,19 +17,30 @@ import pytest  # noqa: E402
 
 from dino_jax.core.config import base_config  # noqa: E402
 
+# Sections whose leaf names `make_tiny_config` takes as keywords (each leaf is in one of them).
+_KEYWORD_SECTIONS = ("student", "teacher", "dino", "optim", "crops", "train", "compute")
+
 
 def make_tiny_config(**overrides):
-    """A ViT of depth 2 and width 64 with out_dim 256 on 32/16 px crops: behaviour, not size."""
+    """A ViT of depth 2 and width 64 with 256 prototypes on 32/16 px crops: behaviour, not size.
+
+    Keywords are the leaf names of the config's model and training sections (`lr=1e-3` sets
+    optim.lr) or `method`."""
     c = base_config()
-    c.arch, c.patch_size, c.img_size = "vit_small", 8, 32
-    c.embed_dim, c.depth, c.num_heads = 64, 2, 4
-    c.out_dim, c.head_hidden_dim, c.head_bottleneck_dim = 256, 256, 64
-    c.data.global_crop_size, c.data.local_crop_size = 32, 16
-    c.local_crops_number = 2
-    c.batch_size, c.epochs, c.steps_per_epoch, c.warmup_epochs = 8, 4, 3, 1
-    c.freeze_last_layer = 0
+    s, d, crops = c.student, c.dino, c.crops
+    s.arch, s.patch_size, s.img_size = "vit_small", 8, 32
+    s.embed_dim, s.depth, s.num_heads = 64, 2, 4
+    d.head_n_prototypes, d.head_hidden_dim, d.head_bottleneck_dim = 256, 256, 64
+    crops.global_crops_size, crops.local_crops_size, crops.local_crops_number = 32, 16, 2
+    c.train.batch_size, c.train.OFFICIAL_EPOCH_LENGTH = 8, 3
+    c.optim.epochs, c.optim.warmup_epochs, c.optim.freeze_last_layer_epochs = 4, 1, 0
     for key, value in overrides.items():
-        c[key] = value
+        if key == "method":
+            c.method = value
+            continue
+        sections = [name for name in _KEYWORD_SECTIONS if key in c[name]]
+        assert len(sections) == 1, f"make_tiny_config: {key!r} is in sections {sections}"
+        c[sections[0]][key] = value
     return c
 
 
@@ -66,6 +77,6 @@ def export_dir(tmp_path_factory):
 
     config = make_tiny_config()
     path = tmp_path_factory.mktemp("run") / "export"
-    mesh = parallel.make_mesh(config.mesh)  # with a mesh, init is one jitted call
+    mesh = parallel.make_mesh(config.compute.mesh)  # with a mesh, init is one jitted call
     export_teacher(path, init_state(config, jax.random.key(0), mesh), config)
     return path

@@ -26,8 +26,8 @@ class MeanSquaredError:
 
     def batch_spec(self):
         c = self.config
-        size = c.data.global_crop_size
-        return {"global": jax.ShapeDtypeStruct((c.batch_size, 2, size, size, 3), np.float32)}
+        size = c.crops.global_crops_size
+        return {"global": jax.ShapeDtypeStruct((c.train.batch_size, 2, size, size, 3), np.float32)}
 
     def networks(self, layers):
         return build_dino(self.config, layers=layers), build_dino(
@@ -35,7 +35,7 @@ class MeanSquaredError:
         )
 
     def init_inputs(self):
-        size = self.config.data.global_crop_size
+        size = self.config.crops.global_crops_size
         return (jnp.zeros((1, 2, size, size, 3), jnp.float32),)
 
     def init_state(self):

@@ -53,10 +53,10 @@ def numpy_jaccard(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def test_jaccard_equals_numpy_on_hand_made_masks(tiny_config):
     config = tiny_config()
-    side, patch = config.data.eval_crop_size, config.patch_size
+    side, patch = config.data.eval_crop_size, config.student.patch_size
     config.data.eval_resize_size = side
     config.eval.jaccard_examples, config.eval.batch_size = 10, 8
-    mesh = parallel.make_mesh(config.mesh)
+    mesh = parallel.make_mesh(config.compute.mesh)
     scenes = hand_made_scenes(10, side)
     monitor = AttentionMonitor(config, mesh, source=DecodedSource(scenes))
     state = init_state(config, jax.random.key(0), mesh)
@@ -82,7 +82,7 @@ def test_jaccard_equals_numpy_on_hand_made_masks(tiny_config):
     assert len({round(j, 6) for row in per_image for j in row}) > 5
 
     figure = monitor.figure(state.teacher, 3, "hand-made")
-    assert len(figure.axes) == 3 * (config.num_heads + 2)
+    assert len(figure.axes) == 3 * (config.student.num_heads + 2)
     assert figure.axes[-1].get_title() == f"mean map  J={per_image[2][-1]:.2f}"
 
 
@@ -91,7 +91,7 @@ def test_a_source_without_masks_is_refused(tiny_config):
     config.data.source = "synthetic:textures"
     config.eval.jaccard_examples = 8
     with pytest.raises(ValueError, match=r"has no foreground masks.*jaccard_examples=0"):
-        AttentionMonitor(config, parallel.make_mesh(config.mesh))
+        AttentionMonitor(config, parallel.make_mesh(config.compute.mesh))
 
 
 def test_a_resnet_is_refused(tiny_config):
@@ -99,14 +99,14 @@ def test_a_resnet_is_refused(tiny_config):
     config.data.source = "synthetic:shapes"
     config.eval.jaccard_examples = 8
     with pytest.raises(ValueError, match=r"needs a ViT's attention maps.*jaccard_examples=0"):
-        AttentionMonitor(config, parallel.make_mesh(config.mesh))
+        AttentionMonitor(config, parallel.make_mesh(config.compute.mesh))
 
 
 @pytest.mark.slow
 def test_training_logs_jaccard_beside_knn_and_draws_the_figures(tmp_path):
     config = load_config("configs/demo.py:smoke")
     config.data.source = "synthetic:shapes"
-    config.epochs, config.steps_per_epoch = 1, 4
+    config.optim.epochs, config.train.OFFICIAL_EPOCH_LENGTH = 1, 4
     config.eval.knn_every_steps, config.eval.jaccard_examples = 2, 12
     config.eval.figure_scenes = 2
     train.train(config, str(tmp_path))
@@ -139,7 +139,7 @@ def test_monitors_score_fsdp_split_parameters_as_replicated_ones(tiny_config):
     teacher = init_state(split, jax.random.key(0), fsdp_mesh).teacher
     assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(teacher))
     host = jax.device_get(teacher)
-    data_mesh = parallel.make_mesh(config.mesh)
+    data_mesh = parallel.make_mesh(config.compute.mesh)
     knn = [
         KnnMonitor(c, m)(t) for c, m, t in ((split, fsdp_mesh, teacher), (config, data_mesh, host))
     ]

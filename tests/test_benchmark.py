@@ -63,31 +63,41 @@ def test_config_overrides():
         [
             "--config",
             "configs/vit_small16.py",
-            "--config.batch_size=8",
-            "--config.dtype=float32",
-            "--config.data.local_crop_size=64",
-            "--config.local_crops_scale=(0.1, 0.3)",
+            "--config.train.batch_size=8",
+            "--config.compute.dtype=float32",
+            "--config.crops.local_crops_size=64",
+            "--config.crops.local_crops_scale=(0.1, 0.3)",
         ]
     )
-    assert config.batch_size == 8 and config.dtype == "float32"
-    assert config.data.local_crop_size == 64 and tuple(config.local_crops_scale) == (0.1, 0.3)
-    assert label.startswith("configs/vit_small16.py batch_size=8")
-    with pytest.raises(ValueError, match=r"Unknown config key 'bath_size'.*did you mean"):
-        benchmark.parse_configs(["--config", "configs/vit_small16.py", "--config.bath_size=8"])
+    assert config.train.batch_size == 8 and config.compute.dtype == "float32"
+    assert config.crops.local_crops_size == 64 and tuple(config.crops.local_crops_scale) == (
+        0.1,
+        0.3,
+    )
+    assert label.startswith("configs/vit_small16.py train.batch_size=8")
+    with pytest.raises(ValueError, match=r"Unknown config key 'train.bath_size'.*did you mean"):
+        benchmark.parse_configs(
+            ["--config", "configs/vit_small16.py", "--config.train.bath_size=8"]
+        )
+    # A key of the flat layout names its section.
+    with pytest.raises(ValueError, match=r"'batch_size' is now 'train.batch_size'"):
+        benchmark.parse_configs(["--config", "configs/vit_small16.py", "--config.batch_size=8"])
     # Values are parsed as their field's type, as the training command parses them.
     with pytest.raises(ValueError, match="batch_size=eight"):
-        benchmark.parse_configs(["--config", "configs/vit_small16.py", "--config.batch_size=eight"])
+        benchmark.parse_configs(
+            ["--config", "configs/vit_small16.py", "--config.train.batch_size=eight"]
+        )
     [(_, config)] = benchmark.parse_configs(
         ["--config", "configs/vit_small16.py", "--config.data.source=123"]
     )
     assert config.data.source == "123"
     with pytest.raises(ValueError, match="before any --config"):
-        benchmark.parse_configs(["--config.batch_size=8"])
+        benchmark.parse_configs(["--config.train.batch_size=8"])
 
 
 @pytest.mark.slow
 def test_step_command_prints_the_table(capsys):
-    args = ["--config", "configs/vit_small16.py:smoke", "--config.dtype=float32"]
+    args = ["--config", "configs/vit_small16.py:smoke", "--config.compute.dtype=float32"]
     benchmark.main(["step", *args, "--steps", "2", "--warmup", "1"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| configs/")]
@@ -104,9 +114,9 @@ def test_step_command_prints_the_table(capsys):
 
 @pytest.mark.slow
 def test_benchmark_step_report_is_consistent(tiny_config):
-    config = tiny_config(steps_per_epoch=0)
+    config = tiny_config(OFFICIAL_EPOCH_LENGTH=None)
     report = step_benchmark.benchmark_step(config, steps=2, warmup=1)
-    assert config.steps_per_epoch > 0
+    assert config.train.OFFICIAL_EPOCH_LENGTH > 0
     assert report.flops_per_s == pytest.approx(report.flops / report.step_s)
     assert report.mfu == pytest.approx(report.flops_per_s / report.peak_flops)
     assert report.peak_memory_bytes > 0 and report.memory_source == "memory_analysis"
@@ -117,9 +127,18 @@ def vit_dino_step_matmul_flops(config) -> int:
     multiply-add): the teacher's forward on the 2 global crops, the student's forward and backward
     on the global and local crops. The backward of a matmul is two matmuls of its size (input and
     weight gradients), except the patch embedding's: no one needs the pixels' gradient."""
-    d, p, depth, mlp = config.embed_dim, config.patch_size, config.depth, 4 * config.embed_dim
-    hidden, bottleneck, out = config.head_hidden_dim, config.head_bottleneck_dim, config.out_dim
-    assert config.head_nlayers == 3
+    d, p, depth, mlp = (
+        config.student.embed_dim,
+        config.student.patch_size,
+        config.student.depth,
+        4 * config.student.embed_dim,
+    )
+    hidden, bottleneck, out = (
+        config.dino.head_hidden_dim,
+        config.dino.head_bottleneck_dim,
+        config.dino.head_n_prototypes,
+    )
+    assert config.dino.head_nlayers == 3
 
     def backbone_and_head(size: int) -> tuple[int, int]:
         """(patch embedding, blocks + head) FLOPs of one crop of `size` px."""
@@ -134,13 +153,13 @@ def vit_dino_step_matmul_flops(config) -> int:
         head = 2 * (d * hidden + hidden * hidden + hidden * bottleneck + bottleneck * out)
         return patch, (depth - 1) * block + last + head
 
-    g_patch, g_rest = backbone_and_head(config.data.global_crop_size)
-    l_patch, l_rest = backbone_and_head(config.data.local_crop_size)
-    n_local = config.local_crops_number
+    g_patch, g_rest = backbone_and_head(config.crops.global_crops_size)
+    l_patch, l_rest = backbone_and_head(config.crops.local_crops_size)
+    n_local = config.crops.local_crops_number
     teacher = 2 * (g_patch + g_rest)
     student_forward = 2 * (g_patch + g_rest) + n_local * (l_patch + l_rest)
     student_backward = 2 * (g_patch + 2 * g_rest) + n_local * (l_patch + 2 * l_rest)
-    return config.batch_size * (teacher + student_forward + student_backward)
+    return config.train.batch_size * (teacher + student_forward + student_backward)
 
 
 @pytest.mark.slow
@@ -149,7 +168,7 @@ def test_benchmark_step_flops_match_the_vits_matmuls(tiny_config):
     # 64 images: the per-parameter work (AdamW, the teacher EMA), which every data-parallel
     # device repeats, is spread over more images, so that the matmuls dominate the count.
     # Stock layers: one compile, and the program the CPU kernel's step is counted on anyway.
-    config = tiny_config(steps_per_epoch=0, batch_size=64, cpu_tuning=False)
+    config = tiny_config(OFFICIAL_EPOCH_LENGTH=None, batch_size=64, cpu_tuning=False)
     report = step_benchmark.benchmark_step(config, steps=1, warmup=0)
     ratio = report.flops / vit_dino_step_matmul_flops(config)
     # XLA counts each dot as exactly 2mnk (test above), so the step holds at least the matmuls;
@@ -162,8 +181,8 @@ def test_benchmark_step_flops_match_the_vits_matmuls(tiny_config):
 @pytest.mark.slow
 def test_interleaved_configs_each_get_their_steps(capsys):
     """Two configs in turn: a row each and the speed ratio, and the CPU kernel's FLOPs counted."""
-    tiny = ["--config", "configs/vit_small16.py:smoke", "--config.dtype=float32"]
-    args = [*tiny, *tiny, "--config.cpu_tuning=False"]
+    tiny = ["--config", "configs/vit_small16.py:smoke", "--config.compute.dtype=float32"]
+    args = [*tiny, *tiny, "--config.compute.cpu_tuning=False"]
     benchmark.main(["step", *args, "--steps", "2", "--warmup", "1", "--interleave"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| configs/")]
@@ -181,7 +200,7 @@ def test_interleaving_alternates_the_steps(tiny_config, monkeypatch):
     run = step_benchmark.PreparedStep.run
 
     def logged(self, timed):
-        order.append(self.config.seed)
+        order.append(self.config.train.seed)
         run(self, timed)
 
     monkeypatch.setattr(step_benchmark.PreparedStep, "run", logged)

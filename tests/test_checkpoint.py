@@ -135,15 +135,17 @@ def test_check_compatible_names_each_changed_model_key(tmp_path, tiny_config):
     with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
         before = snapshot(tmp_path)
         ckpt.check_compatible(tiny_config(lr=1e-3, min_lr=0.0))  # same model, other values
-        with pytest.raises(ValueError, match=r"out_dim: saved 256, requested 512") as err:
-            ckpt.check_compatible(tiny_config(out_dim=512))
+        with pytest.raises(
+            ValueError, match=r"dino.head_n_prototypes: saved 256, requested 512"
+        ) as err:
+            ckpt.check_compatible(tiny_config(head_n_prototypes=512))
         assert "--workdir" in str(err.value)
         with pytest.raises(ValueError) as err:
             ckpt.check_compatible(tiny_config(arch="vit_tiny", head_nlayers=2))
         message = str(err.value)
-        assert "arch: saved 'vit_small', requested 'vit_tiny'" in message
-        assert "head_nlayers: saved 3, requested 2" in message
-        assert "out_dim" not in message
+        assert "student.arch: saved 'vit_small', requested 'vit_tiny'" in message
+        assert "dino.head_nlayers: saved 3, requested 2" in message
+        assert "head_n_prototypes" not in message
         assert snapshot(tmp_path) == before
 
 
@@ -158,15 +160,18 @@ def test_a_run_saved_before_methods_is_refused_in_one_line(tmp_path, tiny_config
     message = str(err.value)
     assert "\n" not in message
     assert "saved before methods had a state of their own" in message
-    assert f"--config.init_checkpoint={tmp_path}" in message
+    assert f"--config.train.init_checkpoint={tmp_path}" in message
 
 
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
-        ({"epochs": 9}, "epochs=9 (saved epochs=4)"),
-        ({"steps_per_epoch": 5}, "steps_per_epoch=5 (saved steps_per_epoch=3)"),
-        ({"batch_size": 16}, "batch_size=16 (saved batch_size=8)"),
+        ({"epochs": 9}, "optim.epochs=9 (saved optim.epochs=4)"),
+        (
+            {"OFFICIAL_EPOCH_LENGTH": 5},
+            "train.OFFICIAL_EPOCH_LENGTH=5 (saved train.OFFICIAL_EPOCH_LENGTH=3)",
+        ),
+        ({"batch_size": 16}, "train.batch_size=16 (saved train.batch_size=8)"),
     ],
 )
 def test_other_schedule_lengths_are_refused_unless_replanned(
@@ -195,12 +200,12 @@ def test_other_schedule_lengths_are_refused_unless_replanned(
 
 def reference_lr(config, it):
     """utils.py: cosine_scheduler's lr at iteration `it`, written out."""
-    base = config.lr * config.batch_size / 256
-    warmup = config.warmup_epochs * config.steps_per_epoch
+    base = config.optim.lr * config.train.batch_size / 256
+    warmup = config.optim.warmup_epochs * config.train.OFFICIAL_EPOCH_LENGTH
     if it < warmup:
         return np.linspace(0, base, warmup)[it]
-    total = config.epochs * config.steps_per_epoch - warmup
-    return config.min_lr + 0.5 * (base - config.min_lr) * (
+    total = config.optim.epochs * config.train.OFFICIAL_EPOCH_LENGTH - warmup
+    return config.optim.min_lr + 0.5 * (base - config.optim.min_lr) * (
         1 + np.cos(np.pi * (it - warmup) / total)
     )
 
@@ -296,10 +301,10 @@ def test_export_holds_the_teacher_and_its_config(tmp_path, sharded, monkeypatch)
     export_teacher(tmp_path / "export", state, config)
 
     on_disk = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert (on_disk["out_dim"], on_disk["patch_size"]) == (256, 8)
+    assert (on_disk["dino"]["head_n_prototypes"], on_disk["student"]["patch_size"]) == (256, 8)
     monkeypatch.chdir(tmp_path)  # a relative path, as in `--checkpoint runs/demo/export`
     loaded_config, params, batch_stats = load_exported("export")
-    assert loaded_config.arch == "vit_small" and loaded_config.embed_dim == 64
+    assert loaded_config.student.arch == "vit_small" and loaded_config.student.embed_dim == 64
     for want, got in [(state.teacher, params), (state.batch_stats["teacher"], batch_stats)]:
         assert jax.tree.structure(got) == jax.tree.structure(want)
         for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):

@@ -40,13 +40,13 @@ FSDP = 4
 RECIPE = [
     "--config",
     "configs/vit_small16.py:smoke",
-    "--config.dtype=bfloat16",
-    "--config.embed_dim=128",
+    "--config.compute.dtype=bfloat16",
+    "--config.student.embed_dim=128",
 ]
 MESHES = {
     # Parameters replicated: every cross-device sum is a gradient or a batch statistic.
-    "data": "--config.mesh=(('data', -1), ('fsdp', 1))",
-    "fsdp": f"--config.mesh=(('data', -1), ('fsdp', {FSDP}))",
+    "data": "--config.compute.mesh=(('data', -1), ('fsdp', 1))",
+    "fsdp": f"--config.compute.mesh=(('data', -1), ('fsdp', {FSDP}))",
 }
 COMPILE = """
 import pickle, sys

@@ -20,6 +20,7 @@ from torch_reference import (
     TorchMultiCrop,
     TorchViT,
     get_params_groups,
+    main_dino_args,
     randomize_,
     reference_optimizer,
     save_release_vit,
@@ -29,6 +30,7 @@ from torch_reference import (
 from dino_jax import convert
 from dino_jax.checkpoint import export_teacher
 from dino_jax.core import parallel
+from dino_jax.core.config import lookup
 from dino_jax.core.step import init_state, make_gradient_step, make_train_step
 from dino_jax.interop import hub, state_dict
 from dino_jax.interop import training_state as interop
@@ -78,7 +80,12 @@ def test_infers_the_released_vits(arch, patch, dim, heads, params):
     with torch.device("meta"):
         state = shapes_only(TorchViT(patch, dim, 12, heads, img_size=224))
     config = state_dict.infer_backbone_config(state)
-    assert (config.arch, config.patch_size, config.img_size, config.depth) == (arch, patch, 224, 0)
+    assert (
+        config.student.arch,
+        config.student.patch_size,
+        config.student.img_size,
+        config.student.depth,
+    ) == (arch, patch, 224, None)
     model = backbone_of(config)
     assert (model.embed_dim, model.depth, model.num_heads) == (dim, 12, heads)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
@@ -92,7 +99,12 @@ def test_infers_depth_and_grid():
     with torch.device("meta"):
         state = shapes_only(TorchViT(8, 192, 3, 3, img_size=96))
     config = state_dict.infer_backbone_config(state)
-    assert (config.arch, config.patch_size, config.img_size, config.depth) == ("vit_tiny", 8, 96, 3)
+    assert (
+        config.student.arch,
+        config.student.patch_size,
+        config.student.img_size,
+        config.student.depth,
+    ) == ("vit_tiny", 8, 96, 3)
 
 
 def test_infers_resnet50_with_running_stats():
@@ -101,7 +113,7 @@ def test_infers_resnet50_with_running_stats():
     state = shapes_only(torch_model)
     assert "layer1.0.bn1.num_batches_tracked" in state and "fc.weight" not in state
     config = state_dict.infer_backbone_config(state)
-    assert config.arch == "resnet50"
+    assert config.student.arch == "resnet50"
     model = backbone_of(config)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     paths = state_dict.match_keys(state, abstract, state_dict.backbone_key, "resnet50")
@@ -150,7 +162,13 @@ def test_export_of_a_run_loads_strictly_and_computes_the_same(tiny_config, tmp_p
     state = init_state(config, jax.random.key(1))
     export_teacher(tmp_path / "export", state, config)
     exported = interop.export_backbone(tmp_path, tmp_path / "teacher.pth")  # the workdir
-    twin = TorchViT(config.patch_size, config.embed_dim, config.depth, config.num_heads, 32)
+    twin = TorchViT(
+        config.student.patch_size,
+        config.student.embed_dim,
+        config.student.depth,
+        config.student.num_heads,
+        32,
+    )
     twin.load_state_dict(torch.load(tmp_path / "teacher.pth", weights_only=True), strict=True)
     assert set(exported) == set(twin.state_dict())
     images = np.random.default_rng(0).normal(size=(2, 32, 48, 3)).astype(np.float32)
@@ -208,59 +226,67 @@ def test_cli_help():
 
 def torch_network(config, seed):
     backbone = TorchViT(
-        config.patch_size, config.embed_dim, config.depth, config.num_heads, config.img_size
+        config.student.patch_size,
+        config.student.embed_dim,
+        config.student.depth,
+        config.student.num_heads,
+        config.student.img_size,
     )
     head = TorchDINOHead(
-        config.embed_dim,
-        config.out_dim,
-        config.use_bn_in_head,
-        config.norm_last_layer,
-        config.head_nlayers,
-        config.head_hidden_dim,
-        config.head_bottleneck_dim,
+        config.student.embed_dim,
+        config.dino.head_n_prototypes,
+        config.dino.use_bn_in_head,
+        config.dino.norm_last_layer,
+        config.dino.head_nlayers,
+        config.dino.head_hidden_dim,
+        config.dino.head_bottleneck_dim,
     )
-    return randomize_(TorchMultiCrop(backbone, head), seed, keep_weight_g=config.norm_last_layer)
+    return randomize_(
+        TorchMultiCrop(backbone, head), seed, keep_weight_g=config.dino.norm_last_layer
+    )
 
 
 def full_checkpoint(config, seed=0):
     """The reference's checkpoint dict: DDP-prefixed student, teacher, optimizer, center, ..."""
     student, teacher = torch_network(config, seed), torch_network(config, seed + 1)
-    center = 0.1 * torch.randn(1, config.out_dim, generator=torch.Generator().manual_seed(seed))
+    center = 0.1 * torch.randn(
+        1, config.dino.head_n_prototypes, generator=torch.Generator().manual_seed(seed)
+    )
     return {
         "student": {f"module.{k}": v for k, v in student.state_dict().items()},
         "teacher": teacher.state_dict(),
         "optimizer": torch.optim.AdamW(get_params_groups(student)).state_dict(),
         "epoch": EPOCH,
-        "args": argparse.Namespace(arch=config.arch, patch_size=config.patch_size),
+        "args": argparse.Namespace(arch=config.student.arch, patch_size=config.student.patch_size),
         "dino_loss": {"center": center},
     }
 
 
 def random_batch(config, seed=0):
     rng = np.random.default_rng(seed)
-    b, g, l = config.batch_size, config.data.global_crop_size, config.data.local_crop_size
+    b, g, l = config.train.batch_size, config.crops.global_crops_size, config.crops.local_crops_size
     return {
         "global": rng.normal(size=(b, 2, g, g, 3)).astype(np.float32),
-        "local": rng.normal(size=(b, config.local_crops_number, l, l, 3)).astype(np.float32),
+        "local": rng.normal(size=(b, config.crops.local_crops_number, l, l, 3)).astype(np.float32),
     }
 
 
 def _torch_crops(config, batch):
     return [
         torch.from_numpy(batch[group][:, i].transpose(0, 3, 1, 2)).double()
-        for group, n in (("global", 2), ("local", config.local_crops_number))
+        for group, n in (("global", 2), ("local", config.crops.local_crops_number))
         for i in range(n)
     ]
 
 
 def _torch_dino_loss(config):
     return TorchDINOLoss(
-        config.out_dim,
-        2 + config.local_crops_number,
-        config.warmup_teacher_temp,
-        config.teacher_temp,
-        config.warmup_teacher_temp_epochs,
-        config.epochs,
+        config.dino.head_n_prototypes,
+        2 + config.crops.local_crops_number,
+        config.teacher.warmup_teacher_temp,
+        config.teacher.teacher_temp,
+        config.teacher.warmup_teacher_temp_epochs,
+        config.optim.epochs,
     ).double()
 
 
@@ -275,13 +301,14 @@ def reference_step(config, checkpoint, batch, epoch=EPOCH):
     teacher.load_state_dict(checkpoint["teacher"])
     dino_loss = _torch_dino_loss(config)
     dino_loss.center = checkpoint["dino_loss"]["center"].double()
-    optimizer = reference_optimizer(config.optimizer, get_params_groups(student))
+    optimizer = reference_optimizer(config.optim.optimizer, get_params_groups(student))
     optimizer.load_state_dict(checkpoint["optimizer"])  # casts the moments to float64
     crops = _torch_crops(config, batch)
-    it = epoch * config.steps_per_epoch
+    it = epoch * config.train.OFFICIAL_EPOCH_LENGTH
     grads = {}
+    args = main_dino_args(config)
     loss = train_iteration(
-        student, teacher, dino_loss, optimizer, crops, it, epoch, config, gradients=grads
+        student, teacher, dino_loss, optimizer, crops, it, epoch, args, gradients=grads
     )
     grads = {k: g.numpy() for k, g in grads.items()}
     return loss, student.state_dict(), teacher.state_dict(), dino_loss.center[0].numpy(), grads
@@ -294,10 +321,12 @@ def reference_run_checkpoint(config, seed=0):
     student = torch_network(config, seed).double()
     teacher = torch_network(config, seed + 1).double()
     dino_loss = _torch_dino_loss(config)
-    optimizer = reference_optimizer(config.optimizer, get_params_groups(student))
-    for it in range(config.steps_per_epoch):
+    optimizer = reference_optimizer(config.optim.optimizer, get_params_groups(student))
+    for it in range(config.train.OFFICIAL_EPOCH_LENGTH):
         crops = _torch_crops(config, random_batch(config, seed=100 + it))
-        train_iteration(student, teacher, dino_loss, optimizer, crops, it, 0, config)
+        train_iteration(
+            student, teacher, dino_loss, optimizer, crops, it, 0, main_dino_args(config)
+        )
     as_float = lambda tree: {  # noqa: E731
         k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
         for k, v in tree.items()
@@ -309,7 +338,7 @@ def reference_run_checkpoint(config, seed=0):
         "teacher": as_float(teacher.state_dict()),
         "optimizer": saved,
         "epoch": 1,
-        "args": argparse.Namespace(arch=config.arch, patch_size=config.patch_size),
+        "args": argparse.Namespace(arch=config.student.arch, patch_size=config.student.patch_size),
         "dino_loss": {"center": dino_loss.center.float()},
     }
 
@@ -379,7 +408,7 @@ def step_from(state, config, mesh, batch):
         {
             "use_bn_in_head": True,
             "norm_last_layer": False,
-            "freeze_last_layer": 3,
+            "freeze_last_layer_epochs": 3,
             "teacher_temp": 0.07,
             "warmup_teacher_temp_epochs": 3,
         },
@@ -392,7 +421,7 @@ def test_full_checkpoint_continues_like_the_reference(tiny_config, tmp_path, ove
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
     mesh = parallel.make_mesh((("data", 8),))
     state = interop.import_full_checkpoint(tmp_path / "checkpoint.pth", config, mesh)
-    assert int(state.step) == EPOCH * config.steps_per_epoch
+    assert int(state.step) == EPOCH * config.train.OFFICIAL_EPOCH_LENGTH
     batch = random_batch(config)
     ours = step_from(state, config, mesh, batch)
     assert_step_is_the_references(config, *ours, reference_step(config, checkpoint, batch))
@@ -406,7 +435,7 @@ def test_full_checkpoint_continues_like_the_reference(tiny_config, tmp_path, ove
         {"optimizer": "sgd"},
         {"optimizer": "lars", "use_bn_in_head": True},
         # The last layer frozen through the saved epoch and the next: it has no saved state.
-        {"freeze_last_layer": 2, "norm_last_layer": False},
+        {"freeze_last_layer_epochs": 2, "norm_last_layer": False},
     ],
     ids=["adamw", "sgd", "lars_bn_head", "adamw_frozen_last_layer"],
 )
@@ -419,7 +448,7 @@ def test_a_reference_run_continues_with_its_optimizer_state(tiny_config, tmp_pat
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
     mesh = parallel.make_mesh((("data", 8),))
     state = interop.import_full_checkpoint(tmp_path / "checkpoint.pth", config, mesh)
-    assert int(state.step) == config.steps_per_epoch
+    assert int(state.step) == config.train.OFFICIAL_EPOCH_LENGTH
     batch = random_batch(config)
     ours = step_from(state, config, mesh, batch)
     assert_step_is_the_references(config, *ours, reference_step(config, checkpoint, batch, 1))
@@ -427,7 +456,7 @@ def test_a_reference_run_continues_with_its_optimizer_state(tiny_config, tmp_pat
 
 def test_an_optimizer_of_another_kind_or_model_is_refused(tiny_config, tmp_path, caplog):
     config = tiny_config()
-    checkpoint = reference_run_checkpoint(tiny_config(optimizer="sgd", steps_per_epoch=1))
+    checkpoint = reference_run_checkpoint(tiny_config(optimizer="sgd", OFFICIAL_EPOCH_LENGTH=1))
     torch.save(checkpoint, tmp_path / "sgd.pth")
     with pytest.raises(ValueError, match=r"holds \['momentum_buffer'\].*optimizer='adamw'"):
         interop.import_full_checkpoint(tmp_path / "sgd.pth", config)
@@ -449,7 +478,7 @@ def test_full_checkpoint_errors_list_every_bad_key(tiny_config, tmp_path):
     student = checkpoint["student"]
     student["module.backbone.blocks.0.attn.extra.weight"] = torch.zeros(3)
     del student["module.backbone.norm.bias"]
-    student["module.backbone.pos_embed"] = torch.zeros(1, 5, config.embed_dim)
+    student["module.backbone.pos_embed"] = torch.zeros(1, 5, config.student.embed_dim)
     torch.save(checkpoint, tmp_path / "bad.pth")
     with pytest.raises(ValueError) as error:
         interop.import_full_checkpoint(tmp_path / "bad.pth", config)
@@ -463,7 +492,7 @@ def test_full_checkpoint_errors_list_every_bad_key(tiny_config, tmp_path):
 def test_trained_weight_g_needs_norm_last_layer_false(tiny_config, tmp_path):
     checkpoint = full_checkpoint(tiny_config(norm_last_layer=False))
     torch.save(checkpoint, tmp_path / "trained_g.pth")
-    with pytest.raises(ValueError, match=r"Set config\.norm_last_layer=False"):
+    with pytest.raises(ValueError, match=r"Set config\.dino\.norm_last_layer=False"):
         interop.import_full_checkpoint(tmp_path / "trained_g.pth", tiny_config())
     state = interop.import_full_checkpoint(
         tmp_path / "trained_g.pth", tiny_config(norm_last_layer=False)
@@ -477,8 +506,12 @@ def test_full_checkpoint_mismatches(tiny_config, tmp_path, release_vit):
         interop.import_full_checkpoint(release_vit[0], tiny_config())
     checkpoint = full_checkpoint(tiny_config())
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
-    with pytest.raises(ValueError, match=r"center .* has shape \(1, 256\).*out_dim=512"):
-        interop.import_full_checkpoint(tmp_path / "checkpoint.pth", tiny_config(out_dim=512))
+    with pytest.raises(
+        ValueError, match=r"center .* has shape \(1, 256\).*dino.head_n_prototypes=512"
+    ):
+        interop.import_full_checkpoint(
+            tmp_path / "checkpoint.pth", tiny_config(head_n_prototypes=512)
+        )
     with pytest.raises(ValueError, match=r"missing keys \(12\): blocks\.2\.attn"):
         interop.import_full_checkpoint(tmp_path / "checkpoint.pth", tiny_config(depth=3))
 
@@ -489,15 +522,15 @@ def test_checkpoint_config_reads_the_model_keys(tiny_config, tmp_path):
     torch.save(full_checkpoint(config), tmp_path / "checkpoint.pth")
     got = interop.checkpoint_config(tmp_path / "checkpoint.pth")
     for key in (
-        "arch",
-        "patch_size",
-        "img_size",
-        "depth",
-        "out_dim",
-        "use_bn_in_head",
-        "norm_last_layer",
-        "head_nlayers",
-        "head_hidden_dim",
-        "head_bottleneck_dim",
+        "student.arch",
+        "student.patch_size",
+        "student.img_size",
+        "student.depth",
+        "dino.head_n_prototypes",
+        "dino.use_bn_in_head",
+        "dino.norm_last_layer",
+        "dino.head_nlayers",
+        "dino.head_hidden_dim",
+        "dino.head_bottleneck_dim",
     ):
-        assert got[key] == config[key], key
+        assert lookup(got, key) == lookup(config, key), key

@@ -36,8 +36,6 @@ def test_gradient_barrier_is_the_identity():
     np.testing.assert_array_equal(jax.jit(vjp)(cotangent)[0], cotangent)
 
 
-
-
 @pytest.mark.parametrize("qkv", [QKV, functools.partial(stock.qkv, dtype=jnp.float32, name=None)])
 def test_qkv_is_one_linear_layer_split_like_the_reference(qkv):
     """One [D, 3D] kernel split as the reference's qkv(x).reshape(B, N, 3, h, hd): the CPU's
@@ -178,7 +176,7 @@ def test_model_values_and_gradients_equal_the_stock_layers(use_bn):
     config = make_tiny_config(use_bn_in_head=use_bn, drop_path_rate=0.2, norm_last_layer=False)
     global_crops = jax.random.normal(jax.random.key(1), (4, 2, 32, 32, 3))
     local_crops = jax.random.normal(jax.random.key(2), (4, 2, 16, 16, 3))
-    weights = jax.random.normal(jax.random.key(3), (4, 4, config.out_dim))
+    weights = jax.random.normal(jax.random.key(3), (4, 4, config.dino.head_n_prototypes))
     variables = build_dino(config).init(jax.random.key(0), global_crops)
 
     def loss_and_grads(layers):
@@ -186,8 +184,12 @@ def test_model_values_and_gradients_equal_the_stock_layers(use_bn):
 
         def loss(params):
             logits, _ = model.apply(
-                {**variables, "params": params}, global_crops, local_crops, train=True,
-                rngs={"drop_path": jax.random.key(4)}, mutable=["batch_stats"],
+                {**variables, "params": params},
+                global_crops,
+                local_crops,
+                train=True,
+                rngs={"drop_path": jax.random.key(4)},
+                mutable=["batch_stats"],
             )
             return jnp.sum(logits * weights), logits
 
@@ -213,7 +215,7 @@ def test_cpu_step_equals_the_stock_step():
     runs = []
     for tuning in (True, False):
         config = make_tiny_config(cpu_tuning=tuning)
-        mesh = parallel.make_mesh(config.mesh)
+        mesh = parallel.make_mesh(config.compute.mesh)
         state = init_state(config, jax.random.key(0), mesh)
         step = make_train_step(config, mesh)
         metrics = []

@@ -127,7 +127,7 @@ def test_a_lost_process_stops_the_other_and_the_rerun_continues_exactly(tmp_path
     timeout with a message instead of waiting in a collective; rerunning both resumes from the
     last checkpoint with the losses of an uninterrupted run."""
     flags = (
-        "--config.steps_per_epoch=200",
+        "--config.train.OFFICIAL_EPOCH_LENGTH=200",
         "--config.checkpoint.every_steps=10",
         "--config.log.every_steps=1",
         "--heartbeat_timeout_s=10",

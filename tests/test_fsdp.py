@@ -24,7 +24,7 @@ WIDTH = 128  # qkv [128, 384] is over parallel.MIN_FSDP_SIZE, so it is split
 def wide_config():
     """The tiny ViT at width 128: every kernel split over fsdp 4."""
     config = make_tiny_config(embed_dim=WIDTH)
-    config.mesh = MESH
+    config.compute.mesh = MESH
     return config
 
 
@@ -44,7 +44,7 @@ def test_qkv_kernel_teacher_and_moments_split_the_input_axis():
     state = abstract_state(config, parallel.make_mesh(MESH))
     qkv = leaves_ending(state, "attn/qkv/kernel")
     # Per block: student, teacher, Adam's mu and nu.
-    assert len(qkv) == 4 * config.depth, sorted(qkv)
+    assert len(qkv) == 4 * config.student.depth, sorted(qkv)
     for name, leaf in qkv.items():
         assert leaf.shape == (WIDTH, 3 * WIDTH), name
         assert leaf.sharding.spec == P("fsdp", None), name

@@ -88,8 +88,9 @@ def test_dry_run_prints_the_gpu_commands_and_runs_nothing(tmp_path):
     assert install.startswith("+ python3 -m pip install -q --no-index")
     assert ours.startswith("+ timeout --kill-after=10 270 python3 -m dino_jax.benchmark step ")
     assert (
-        "--config configs/vit_small16.py --config.batch_size=64 --config.local_crops_number=10 "
-        "--config.dtype=bfloat16 --steps 20 --warmup 3" in ours
+        "--config configs/vit_small16.py --config.train.batch_size=64 "
+        "--config.crops.local_crops_number=10 --config.compute.dtype=bfloat16 "
+        "--steps 20 --warmup 3" in ours
     )
     assert reference.startswith("+ timeout --kill-after=10 150 python3 tests/torch_reference.py ")
     sizes = "--batch-size 64 --local-crops 10 --steps 20 --warmup 3"

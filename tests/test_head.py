@@ -134,9 +134,7 @@ def init_head(head: DINOHead, seed: int = 0):
 )
 @pytest.mark.parametrize("layers", [STOCK, cpu.LAYERS], ids=["stock", "cpu"])
 def test_matches_reference_outputs_stats_and_grads(use_bn, norm_last_layer, nlayers, layers):
-    head = make_head(
-        use_bn=use_bn, norm_last_layer=norm_last_layer, nlayers=nlayers, layers=layers
-    )
+    head = make_head(use_bn=use_bn, norm_last_layer=norm_last_layer, nlayers=nlayers, layers=layers)
     variables = perturbed_variables(init_head(head))
     params, stats = variables["params"], variables.get("batch_stats", {})
     ref = torch_head_like(head, params)

@@ -22,8 +22,8 @@ from dino_jax.tools.step_benchmark import random_batch
 from dino_jax.core.config import load_config
 from dino_jax.core.step import init_state, make_train_step
 config = load_config(sys.argv[2])
-config.steps_per_epoch, config.batch_size = 100, 16
-mesh = parallel.make_mesh(config.mesh)
+config.train.OFFICIAL_EPOCH_LENGTH, config.train.batch_size = 100, 16
+mesh = parallel.make_mesh(config.compute.mesh)
 state = init_state(config, jax.random.key(0), mesh)
 batch = parallel.to_global(random_batch(config), mesh)
 step = make_train_step(config, mesh).lower(state, batch).compile()

@@ -1,4 +1,4 @@
-"""`--config.init_checkpoint`: a new run started from trained weights (an official full
+"""`--config.train.init_checkpoint`: a new run started from trained weights (an official full
 checkpoint, a backbone-only release file, a dino_jax workdir or export) at step 0 with a fresh
 optimizer; a checkpoint in --workdir still wins; a file of another model is one line."""
 
@@ -47,20 +47,24 @@ def test_full_checkpoint_starts_at_step_0_like_the_reference(tiny_config, tmp_pa
     config = tiny_config(drop_path_rate=0.0, warmup_epochs=0)
     checkpoint = full_checkpoint(config)
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
-    config.init_checkpoint = str(tmp_path / "checkpoint.pth")
+    config.train.init_checkpoint = str(tmp_path / "checkpoint.pth")
     state, mesh = initial_state(config, tmp_path / "run")
     assert_fresh_optimizer(state)
     batch = random_batch(config)
     ours = step_from(state, config, mesh, batch)
     lr = float(ours[2]["lr"])
-    assert lr == pytest.approx(config.lr * config.batch_size / 256, rel=1e-6)
+    assert lr == pytest.approx(config.optim.lr * config.train.batch_size / 256, rel=1e-6)
     assert_step_is_the_references(config, *ours, reference_step(config, checkpoint, batch, epoch=0))
 
 
 def release_backbone(config, seed=3):
     """A reference ViT of the config's size with random weights (a release file's network)."""
     vit = TorchViT(
-        config.patch_size, config.embed_dim, config.depth, config.num_heads, config.img_size
+        config.student.patch_size,
+        config.student.embed_dim,
+        config.student.depth,
+        config.student.num_heads,
+        config.student.img_size,
     )
     return randomize_(vit, seed)
 
@@ -77,7 +81,7 @@ def test_backbone_file_gives_student_and_teacher_its_backbone(tiny_config, tmp_p
         saved = {"teacher": {f"module.{k}": v for k, v in network.items()}, "epoch": 7}
         backbone = {k.removeprefix("backbone."): v for k, v in network.items() if "backbone" in k}
     torch.save(saved, tmp_path / "backbone.pth")
-    config.init_checkpoint = str(tmp_path / "backbone.pth")
+    config.train.init_checkpoint = str(tmp_path / "backbone.pth")
     state, mesh = initial_state(config, tmp_path / "run")
     assert_fresh_optimizer(state)
     state = jax.device_get(state)
@@ -87,7 +91,7 @@ def test_backbone_file_gives_student_and_teacher_its_backbone(tiny_config, tmp_p
         for key, tensor in backbone.items():
             assert torch.equal(got[key], tensor), (which, key)
     # The head as a fresh run's (the teacher a copy of the student's), the center at 0.
-    fresh = jax.device_get(init_state(config, jax.random.key(config.seed), mesh))
+    fresh = jax.device_get(init_state(config, jax.random.key(config.train.seed), mesh))
     for which in ("student", "teacher"):
         jax.tree.map(
             np.testing.assert_array_equal, getattr(state, which)["head"], fresh.student["head"]
@@ -111,14 +115,14 @@ def test_dino_jax_workdir_and_export(tiny_config, tmp_path):
         ckpt.save(9, run, None, config, force=True)
     export_teacher(tmp_path / "old" / "export", run, config)
 
-    config.init_checkpoint = str(tmp_path / "old")  # the workdir: its latest checkpoint
+    config.train.init_checkpoint = str(tmp_path / "old")  # the workdir: its latest checkpoint
     state, _ = initial_state(config, tmp_path / "run")
     assert_fresh_optimizer(state)
     state = jax.device_get(state)
     for field in ("student", "teacher", "method_state", "batch_stats"):
         jax.tree.map(np.testing.assert_array_equal, getattr(state, field), getattr(run, field))
 
-    config.init_checkpoint = str(tmp_path / "old" / "export")  # the teacher only
+    config.train.init_checkpoint = str(tmp_path / "old" / "export")  # the teacher only
     state, _ = initial_state(config, tmp_path / "run2")
     assert_fresh_optimizer(state)
     state = jax.device_get(state)
@@ -137,8 +141,10 @@ def test_files_of_another_model_are_refused(tiny_config, tmp_path):
         ValueError, match=r"has depth 2; the config \(arch vit_small\) builds depth 3"
     ):
         initial_state(tiny_config(depth=3, init_checkpoint=path), tmp_path / "a")
-    with pytest.raises(ValueError, match=r"center of .* has shape \(256,\).*out_dim=512"):
-        initial_state(tiny_config(out_dim=512, init_checkpoint=path), tmp_path / "b")
+    with pytest.raises(
+        ValueError, match=r"center of .* has shape \(256,\).*dino.head_n_prototypes=512"
+    ):
+        initial_state(tiny_config(head_n_prototypes=512, init_checkpoint=path), tmp_path / "b")
     with pytest.raises(ValueError, match=r"student head .*mismatched shapes.*mlp\.0\.weight"):
         initial_state(tiny_config(head_hidden_dim=128, init_checkpoint=path), tmp_path / "c")
     backbone = release_backbone(tiny_config()).state_dict()
@@ -156,26 +162,28 @@ def test_a_checkpoint_in_the_workdir_wins(tiny_config, tmp_path, caplog):
     with Checkpointer(tmp_path / "run", save_every=100, keep=1) as ckpt:
         ckpt.save(5, saved, None, config, force=True)
     torch.save(full_checkpoint(config), tmp_path / "checkpoint.pth")
-    config.init_checkpoint = str(tmp_path / "checkpoint.pth")
+    config.train.init_checkpoint = str(tmp_path / "checkpoint.pth")
     with caplog.at_level(logging.INFO, logger="dino_jax"):
         state, _ = initial_state(config, tmp_path / "run")
     assert int(state.step) == 5
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.student), saved.student)
-    assert f"init_checkpoint={config.init_checkpoint} ignored" in caplog.text
+    assert f"init_checkpoint={config.train.init_checkpoint} ignored" in caplog.text
 
 
 @pytest.mark.slow
 def test_training_command(tmp_path):
     config = load_config(f"{REPO / 'configs' / 'demo.py'}:smoke")
     torch.save(full_checkpoint(config), tmp_path / "checkpoint.pth")
-    code, out = cli(tmp_path / "run", f"--config.init_checkpoint={tmp_path / 'checkpoint.pth'}")
+    code, out = cli(
+        tmp_path / "run", f"--config.train.init_checkpoint={tmp_path / 'checkpoint.pth'}"
+    )
     assert code == 0, out
     assert f"Starting at step 0 from {tmp_path / 'checkpoint.pth'}: the student, teacher" in out
     assert sorted(losses_by_step(tmp_path / "run")) == [1, 2, 3, 4]
     # A ViT-S/16 release file for the smoke ViT (width 64, 8-px patches): one line, no traceback.
     save_release_vit(tmp_path / "dino_deitsmall16_pretrain.pth")
     release = tmp_path / "dino_deitsmall16_pretrain.pth"
-    code, out = cli(tmp_path / "other", f"--config.init_checkpoint={release}")
+    code, out = cli(tmp_path / "other", f"--config.train.init_checkpoint={release}")
     assert code == 1, out
     assert "Traceback" not in out, out
     (line,) = [line for line in out.splitlines() if " ERROR " in line]

@@ -149,7 +149,9 @@ def test_train_refuses_a_local_workdir(fake):
 
 def test_dry_run_prints_create_setup_train_and_runs_nothing(fake):
     result = fake(
-        "tpu/run_with_restarts.sh", {**TPU, "DRY_RUN": "1", "SPOT": "1"}, "--config.batch_size=1024"
+        "tpu/run_with_restarts.sh",
+        {**TPU, "DRY_RUN": "1", "SPOT": "1"},
+        "--config.train.batch_size=1024",
     )
     assert result.returncode == 0, result.stderr
     assert calls(fake) == []
@@ -160,7 +162,7 @@ def test_dry_run_prints_create_setup_train_and_runs_nothing(fake):
     assert "--accelerator-type v4-32" in create and "--spot" in create
     assert "--worker=all" in setup and "git clone" in setup and "jax[tpu]" in setup
     assert "--worker=all" in train and "dino_jax.train" in train
-    assert "--config.batch_size=1024" in train
+    assert "--config.train.batch_size=1024" in train
 
 
 def test_queued_resource_create_and_delete(fake):
@@ -195,7 +197,7 @@ def kind(call):
 def test_restart_loop_recreates_after_preemption_and_relaunches_the_same_command(fake):
     queue(fake, "states", "NOT_FOUND", "READY", "READY", "PREEMPTED", "PREEMPTED", "READY")
     queue(fake, "status", "running", "finished")
-    result = fake("tpu/run_with_restarts.sh", TPU, "--config.batch_size=1024")
+    result = fake("tpu/run_with_restarts.sh", TPU, "--config.train.batch_size=1024")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "training finished" in result.stdout
     log = calls(fake)
@@ -220,7 +222,7 @@ def test_restart_loop_recreates_after_preemption_and_relaunches_the_same_command
     first, second = [c for c in log if kind(c) == "train"]
     assert first == second
     assert "--worker=all" in first
-    assert "--workdir gs://bucket/dino/vits16 --config.batch_size=1024" in first
+    assert "--workdir gs://bucket/dino/vits16 --config.train.batch_size=1024" in first
 
 
 def test_restart_loop_gives_up_after_max_restarts(fake):
@@ -232,7 +234,7 @@ def test_restart_loop_gives_up_after_max_restarts(fake):
 
 
 def test_slurm_starts_one_process_per_task_with_the_coordinator(fake):
-    result = fake("gpu/slurm.sbatch", SLURM, "--config.batch_size=1024")
+    result = fake("gpu/slurm.sbatch", SLURM, "--config.train.batch_size=1024")
     assert result.returncode == 0, result.stderr
     scontrol, srun, *pythons = calls(fake)
     assert scontrol == "scontrol show hostnames gpu-[07-08]"
@@ -240,7 +242,7 @@ def test_slurm_starts_one_process_per_task_with_the_coordinator(fake):
     assert "--coordinator_address gpu-07:4321" in srun
     train = (
         "python -m dino_jax.train --config configs/vit_small16.py --workdir /shared/vits16 "
-        "--coordinator_address gpu-07:4321 --config.batch_size=1024 --num_processes 2"
+        "--coordinator_address gpu-07:4321 --config.train.batch_size=1024 --num_processes 2"
     )
     assert pythons == [f"{train} --process_id 0", f"{train} --process_id 1"]
 
@@ -258,9 +260,9 @@ def test_single_node_runs_the_train_command(fake):
     env = {"CONFIG": "configs/vit_small16.py", "WORKDIR": "runs/vits16"}
     assert fake("gpu/single_node.sh", {**env, "DRY_RUN": "1"}).returncode == 0
     assert calls(fake) == []
-    result = fake("gpu/single_node.sh", env, "--config.batch_size=64")
+    result = fake("gpu/single_node.sh", env, "--config.train.batch_size=64")
     assert result.returncode == 0, result.stderr
     assert calls(fake) == [
         "python -m dino_jax.train --config configs/vit_small16.py "
-        "--workdir runs/vits16 --config.batch_size=64"
+        "--workdir runs/vits16 --config.train.batch_size=64"
     ]

@@ -106,14 +106,14 @@ def test_config_goes_to_json_and_tensorboard_text(tmp_path, tiny_config):
         writer.write_hparams(tiny_config())
 
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert (saved["out_dim"], saved["data"]["global_crop_size"]) == (256, 32)
+    assert (saved["dino"]["head_n_prototypes"], saved["crops"]["global_crops_size"]) == (256, 32)
     texts = [
         v.tensor.string_val[0].decode()
         for e in tensorboard_events(tmp_path)
         for v in e.summary.value
         if v.tag.startswith("config")
     ]
-    assert len(texts) == 1 and '"out_dim": 256' in texts[0]
+    assert len(texts) == 1 and '"head_n_prototypes": 256' in texts[0]
 
 
 def test_disabled_writer_writes_nothing(tmp_path):

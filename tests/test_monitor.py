@@ -107,7 +107,7 @@ def test_train_and_val_folders_are_memory_and_queries_and_the_vote_is_numpys(tmp
 
     # Which images: the monitor's own choice, rebuilt here from the same settings.
     config = smoke_config(**{"data.source": f"folder:{root}"})
-    monitor = KnnMonitor(config, parallel.make_mesh(config.mesh))
+    monitor = KnnMonitor(config, parallel.make_mesh(config.compute.mesh))
     memory = [make_source(f"folder:{root}", "train").paths[i] for i in monitor.indices["train"]]
     queries = [make_source(f"folder:{root}", "val").paths[i] for i in monitor.indices["val"]]
     assert all(p.parent.parent == root / "train" for p in memory)

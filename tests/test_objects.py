@@ -1,7 +1,6 @@
 """The built-in objects dataset: determinism, format, masks that match the pixels, a class that
 shows in the object but not in the background, and an object that recurs within its class."""
 
-
 import numpy as np
 import pytest
 from PIL import Image

@@ -55,7 +55,7 @@ def test_clip_per_tensor_hand_computed():
 def test_dino_groups_decay_and_freeze_like_the_reference():
     params = make_params(np.random.default_rng(0))
     config = base_config()
-    config.freeze_last_layer = FREEZE
+    config.optim.freeze_last_layer_epochs = FREEZE
     found = groups(params, config)
     assert {k for k, g in found.items() if g.wd_mult == 1.0} == {
         "['backbone']['dense']['kernel']",
@@ -76,7 +76,7 @@ def test_dino_rules_decay_exactly_the_tensors_of_more_than_one_dimension(arch):
     from dino_jax.models import build_dino
 
     config = base_config()
-    config.arch, config.use_bn_in_head, config.norm_last_layer = arch, True, False
+    config.student.arch, config.dino.use_bn_in_head, config.dino.norm_last_layer = arch, True, False
     size = 32 if arch == "resnet50" else 224
     shapes = jax.eval_shape(
         build_dino(config).init, jax.random.key(0), jnp.zeros((1, 2, size, size, 3))
@@ -122,7 +122,11 @@ def test_chain_matches_torch_over_steps_with_freeze(name):
     rng = np.random.default_rng(1)
     params = make_params(rng)
     config = base_config()
-    config.optimizer, config.clip_grad, config.freeze_last_layer = name, 2.0, FREEZE
+    config.optim.optimizer, config.optim.clip_grad, config.optim.freeze_last_layer_epochs = (
+        name,
+        2.0,
+        FREEZE,
+    )
     n_steps = 6
     grads_seq = [
         jax.tree.map(lambda p: rng.normal(scale=1.5, size=p.shape).astype(np.float32), params)
@@ -160,7 +164,7 @@ def test_chain_matches_torch_over_steps_with_freeze(name):
 def test_frozen_last_layer_keeps_its_adam_state():
     params = make_params(np.random.default_rng(2))
     config = base_config()
-    config.freeze_last_layer = FREEZE
+    config.optim.freeze_last_layer_epochs = FREEZE
     frozen = Hyperparams(*(jnp.float32(0.1),) * 3, epoch=jnp.int32(FREEZE - 1))
     tx = make_optimizer(config, dino_rules(config), frozen, params)
     state = tx.init(params)
@@ -207,10 +211,14 @@ def test_layerwise_decay_and_total_norm_clip_from_the_config_match_numpy():
         is_leaf=lambda x: isinstance(x, tuple),
     )
     config = base_config()
-    config.arch, config.depth, config.freeze_last_layer = "vit_small", depth, 0
-    config.layerwise_decay, config.patch_embed_lr_mult = rate, 0.2
-    config.param_groups = (("^head/mlp_0/", 3.0, 0.5, 0),)
-    config.clip_grad, config.clip_mode = 1.5, "total_norm"
+    config.student.arch, config.student.depth, config.optim.freeze_last_layer_epochs = (
+        "vit_small",
+        depth,
+        0,
+    )
+    config.optim.layerwise_decay, config.optim.patch_embed_lr_mult = rate, 0.2
+    config.optim.param_groups = (("^head/mlp_0/", 3.0, 0.5, 0),)
+    config.optim.clip_grad, config.optim.clip_mode = 1.5, "total_norm"
     # dinov2: lr * rate^(depth + 1 - layer_id); layer 0 the embeddings, i + 1 block i, the rest
     # depth + 1; then the patch embedding's own multiplier; no decay on biases and norms.
     lr_mult = {

@@ -75,7 +75,7 @@ def test_resume_from_saved_iterator_state(config):
 
 def test_processes_get_disjoint_slices_of_the_same_global_batches(config):
     source = in_memory_source(16)
-    config.batch_size = 8
+    config.train.batch_size = 8
     single = take(train_dataset(config, source, process_index=0, process_count=1), 2)
     parts = [
         take(train_dataset(config, source, process_index=p, process_count=2), 2) for p in (0, 1)

@@ -56,11 +56,11 @@ def test_teacher_temp_schedule_matches_reference(warmup_epochs):
 
 def test_hyperparams_at_indexes_iterations_and_epochs():
     c = base_config()
-    c.batch_size, c.epochs, c.steps_per_epoch = 64, 6, 5
-    c.warmup_epochs, c.warmup_teacher_temp_epochs = 2, 3
-    c.teacher_temp, c.freeze_last_layer = 0.07, 2
+    c.train.batch_size, c.optim.epochs, c.train.OFFICIAL_EPOCH_LENGTH = 64, 6, 5
+    c.optim.warmup_epochs, c.teacher.warmup_teacher_temp_epochs = 2, 3
+    c.teacher.teacher_temp, c.optim.freeze_last_layer_epochs = 0.07, 2
     niter = 5
-    lr = reference_cosine_scheduler(c.lr * 64 / 256, c.min_lr, 6, niter, 2)
+    lr = reference_cosine_scheduler(c.optim.lr * 64 / 256, c.optim.min_lr, 6, niter, 2)
     wd = reference_cosine_scheduler(0.04, 0.4, 6, niter)
     mom = reference_cosine_scheduler(0.996, 1.0, 6, niter)
     temp = np.concatenate((np.linspace(0.04, 0.07, 3), np.ones(3) * 0.07))
@@ -75,5 +75,5 @@ def test_hyperparams_at_indexes_iterations_and_epochs():
 
 def test_hyperparams_need_steps_per_epoch():
     c = base_config()
-    with pytest.raises(ValueError, match="steps_per_epoch=0"):
+    with pytest.raises(ValueError, match=r"train\.OFFICIAL_EPOCH_LENGTH=None"):
         hyperparams_at(c, jnp.int32(0))

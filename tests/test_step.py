@@ -16,10 +16,12 @@ from dino_jax.models import build_dino
 
 def random_batch(config, seed=0):
     rng = np.random.default_rng(seed)
-    b, g, l = config.batch_size, config.data.global_crop_size, config.data.local_crop_size
+    b, g, l = config.train.batch_size, config.crops.global_crops_size, config.crops.local_crops_size
     batch = {"global": rng.normal(size=(b, 2, g, g, 3)).astype(np.float32)}
-    if config.local_crops_number:
-        batch["local"] = rng.normal(size=(b, config.local_crops_number, l, l, 3)).astype(np.float32)
+    if config.crops.local_crops_number:
+        batch["local"] = rng.normal(size=(b, config.crops.local_crops_number, l, l, 3)).astype(
+            np.float32
+        )
     return batch
 
 
@@ -192,7 +194,7 @@ def test_step_follows_the_formulas(tiny_config):
 
 @pytest.mark.slow
 def test_last_layer_frozen_during_first_epochs(tiny_config):
-    config = tiny_config(freeze_last_layer=1, warmup_epochs=0)
+    config = tiny_config(freeze_last_layer_epochs=1, warmup_epochs=0)
     state0 = jax.device_get(init_state(config, jax.random.key(0)))
     frozen, _ = run_steps(config, (("data", 8),), 8, start_step=1)  # epoch 0
     kernel = lambda s: s.student["head"]["last_layer"]["kernel_v"]  # noqa: E731
@@ -200,7 +202,9 @@ def test_last_layer_frozen_during_first_epochs(tiny_config):
     assert not np.array_equal(
         frozen.student["head"]["mlp_0"]["kernel"], state0.student["head"]["mlp_0"]["kernel"]
     )
-    thawed, _ = run_steps(config, (("data", 8),), 8, start_step=config.steps_per_epoch)  # epoch 1
+    thawed, _ = run_steps(
+        config, (("data", 8),), 8, start_step=config.train.OFFICIAL_EPOCH_LENGTH
+    )  # epoch 1
     assert not np.array_equal(kernel(thawed), kernel(state0))
 
 
@@ -258,7 +262,7 @@ def test_student_chunks_equal_the_whole_batch(tiny_config):
     as the whole batch on one device (no drop path, the only per-chunk randomness)."""
     config = tiny_config(batch_size=16, drop_path_rate=0.0)
     whole, m_whole = run_steps(config, (("data", 1),), 1, 2, start_step=3)
-    config.student_chunks = 2
+    config.compute.student_chunks = 2
     chunked, m_chunked = run_steps(config, (("data", 8),), 8, 2, start_step=3)
     for a, b in zip(m_chunked, m_whole, strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
@@ -267,7 +271,7 @@ def test_student_chunks_equal_the_whole_batch(tiny_config):
     # rounding noise there into updates of ~1e-6 whose sign depends on the summation order.
     assert_trees_close(chunked, whole, atol=5e-6)
     chunked_step = one_step(config, (("data", 8),), 8)
-    config.student_chunks = 1
+    config.compute.student_chunks = 1
     assert_same_step(chunked_step, one_step(config, (("data", 1),), 1))
 
 
@@ -281,20 +285,30 @@ def test_remat_step_equals_plain_step(tiny_config):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"batch_size": 12}, "batch_size=12 is not divisible by 8 devices"),
+        ({"train.batch_size": 12}, "train.batch_size=12 is not divisible by 8 devices"),
         (
-            {"patch_size": 16, "img_size": 32, "data.local_crop_size": 24},
-            "local_crop_size=24 is not divisible by patch_size=16",
+            {"student.patch_size": 16, "student.img_size": 32, "crops.local_crops_size": 24},
+            "crops.local_crops_size=24 is not divisible by student.patch_size=16",
         ),
-        ({"patch_size": 16, "img_size": 48, "data.global_crop_size": 40}, "global_crop_size=40"),
-        ({"patch_size": 16, "img_size": 40}, "img_size=40"),
-        ({"arch": "vit_huge"}, "Unknown arch='vit_huge'"),
-        ({"optimizer": "adam"}, "Unknown optimizer='adam'"),
-        ({"dtype": "float16"}, "Unknown dtype='float16'"),
-        ({"steps_per_epoch": 0}, "steps_per_epoch=0"),
-        ({"student_chunks": 2}, "student_chunks=2 does not divide the images per device (1 ="),
-        ({"student_chunks": 2, "use_bn_in_head": True}, "BatchNorm the statistics of each chunk"),
-        ({"student_chunks": 0}, "student_chunks=0 must be >= 1"),
+        (
+            {"student.patch_size": 16, "student.img_size": 48, "crops.global_crops_size": 40},
+            "crops.global_crops_size=40",
+        ),
+        ({"student.patch_size": 16, "student.img_size": 40}, "student.img_size=40"),
+        ({"student.arch": "vit_huge"}, "Unknown student.arch='vit_huge'"),
+        ({"student.depth": 0}, "student.depth=0 must be positive, or None"),
+        ({"optim.optimizer": "adam"}, "Unknown optim.optimizer='adam'"),
+        ({"compute.dtype": "float16"}, "Unknown compute.dtype='float16'"),
+        ({"train.OFFICIAL_EPOCH_LENGTH": 0}, "train.OFFICIAL_EPOCH_LENGTH=0"),
+        (
+            {"compute.student_chunks": 2},
+            "compute.student_chunks=2 does not divide the images per device (1 =",
+        ),
+        (
+            {"compute.student_chunks": 2, "dino.use_bn_in_head": True},
+            "BatchNorm the statistics of each chunk",
+        ),
+        ({"compute.student_chunks": 0}, "compute.student_chunks=0 must be >= 1"),
     ],
 )
 def test_bad_config_fails_before_compilation(tiny_config, overrides, message):

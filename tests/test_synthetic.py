@@ -1,7 +1,6 @@
 """The built-in shapes dataset: determinism, format, masks that match the pixels, and a class
 that shows in the silhouette but not in the colours."""
 
-
 import numpy as np
 import pytest
 from PIL import Image

@@ -1,7 +1,6 @@
 """The built-in textures dataset: determinism, format, balance, and a class that every crop shows
 (measured by an independent spectral probe), while no colour tells images apart."""
 
-
 import numpy as np
 import pytest
 from ridge import ridge_accuracy

@@ -90,7 +90,7 @@ def test_cli_writes_checkpoints_metrics_events_and_export(tmp_path):
 def test_every_recipe_runs_in_smoke_form(tmp_path, recipe):
     sep = "," if ":" in recipe else ":"
     config = load_config(f"{REPO / 'configs' / recipe}{sep}smoke")
-    config.epochs, config.steps_per_epoch = 1, 2
+    config.optim.epochs, config.train.OFFICIAL_EPOCH_LENGTH = 1, 2
     final = train_lib.train(config, str(tmp_path))
     assert np.isfinite(final["loss"])
 
@@ -111,7 +111,11 @@ def test_relative_workdir_and_signal_handlers_given_back(tmp_path, monkeypatch):
     SIGINT handler working again once train() returns."""
     monkeypatch.chdir(tmp_path)
     config = load_config(f"{REPO / 'configs' / 'demo.py'}:smoke")
-    config.epochs, config.steps_per_epoch, config.eval.knn_every_steps = 1, 2, -1
+    config.optim.epochs, config.train.OFFICIAL_EPOCH_LENGTH, config.eval.knn_every_steps = (
+        1,
+        2,
+        None,
+    )
 
     def kernel_handler(signum, frame):
         pass
@@ -128,7 +132,7 @@ def test_relative_workdir_and_signal_handlers_given_back(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
-    overrides = ["--config.steps_per_epoch=60", "--config.checkpoint.every_steps=10"]
+    overrides = ["--config.train.OFFICIAL_EPOCH_LENGTH=60", "--config.checkpoint.every_steps=10"]
     code, out = cli(tmp_path / "straight", *overrides)
     assert code == 0, out
     expected = losses_by_step(tmp_path / "straight")
@@ -192,7 +196,7 @@ def test_sigterm_saves_the_current_step(tmp_path):
 
 def endless_run(workdir):
     """A training process of 100000 steps, returned once it has logged its first step."""
-    proc = cli(workdir, "--config.steps_per_epoch=100000", wait=False)
+    proc = cli(workdir, "--config.train.OFFICIAL_EPOCH_LENGTH=100000", wait=False)
     deadline = time.time() + 300
     while time.time() < deadline and not losses_by_step_safe(workdir):
         time.sleep(0.1)
@@ -209,7 +213,7 @@ def losses_by_step_safe(workdir):
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_message(tmp_path, monkeypatch):
     config = load_config(f"{REPO / 'configs' / 'demo.py'}:smoke")
-    config.steps_per_epoch = 6
+    config.train.OFFICIAL_EPOCH_LENGTH = 6
     to_global = train_lib.parallel.to_global
     calls = []
 
@@ -229,9 +233,9 @@ def test_non_finite_loss_stops_with_message(tmp_path, monkeypatch):
 def test_bad_config_keys_and_types_are_named(tmp_path):
     code, out = cli(tmp_path, "--config.no_such_key=1")
     assert code != 0 and "no_such_key" in out
-    code, out = cli(tmp_path, "--config.batch_size=abc")
+    code, out = cli(tmp_path, "--config.train.batch_size=abc")
     assert code != 0 and "batch_size" in out
-    code, out = cli(tmp_path, "--config.batch_size=12")
+    code, out = cli(tmp_path, "--config.train.batch_size=12")
     assert code != 0 and "batch_size=12 is not divisible by 8 devices" in out
     assert not (tmp_path / "checkpoints").exists()
 
@@ -241,7 +245,7 @@ def test_workdir_of_another_model_is_refused(tmp_path):
     code, out = cli(tmp_path)
     assert code == 0, out
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    code, out = cli(tmp_path, "--config.out_dim=512")
+    code, out = cli(tmp_path, "--config.dino.head_n_prototypes=512")
     assert code != 0 and "out_dim" in out
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
@@ -249,7 +253,7 @@ def test_workdir_of_another_model_is_refused(tmp_path):
 @pytest.mark.slow
 def test_knn_monitor_during_training_with_head_batchnorm(tmp_path):
     config = load_config(f"{REPO / 'configs' / 'demo.py'}:smoke")
-    config.use_bn_in_head = True  # batch statistics in the head only, none in the backbone
+    config.dino.use_bn_in_head = True  # batch statistics in the head only, none in the backbone
     config.eval.knn_every_steps = 2
     final = train_lib.train(config, str(tmp_path))
     knn = [m["knn_top1"] for m in read_metrics(tmp_path) if "knn_top1" in m]
@@ -315,7 +319,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_saved_checkpoint(tmp_path
     (tmp_path / "disk").mkdir()
     train = (
         f"{sys.executable} -m dino_jax.train --config=configs/demo.py:smoke "
-        f"--workdir={workdir} --config.compilation_cache_dir="
+        f"--workdir={workdir} --config.compute.compilation_cache_dir="
     )
     check = (
         f"{sys.executable} -c 'from dino_jax.checkpoint import Checkpointer; "

@@ -3,6 +3,7 @@ shared by the tests: the ViT, the DINO head with the reference's weight-norm key
 multi-crop wrapper, and one training iteration of main_dino.py (loss, clipping, AdamW, EMAs)."""
 
 import math
+import types
 
 import numpy as np
 import torch
@@ -330,6 +331,20 @@ def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
             p.grad = None
 
 
+def main_dino_args(config):
+    """main_dino.py's arguments that train_iteration reads, from a dino_jax config's sections."""
+    optim = config.optim
+    return types.SimpleNamespace(
+        steps_per_epoch=config.train.OFFICIAL_EPOCH_LENGTH,
+        batch_size=config.train.batch_size,
+        **{k: optim[k] for k in ("lr", "min_lr", "epochs", "warmup_epochs", "clip_grad")},
+        weight_decay=optim.weight_decay,
+        weight_decay_end=optim.weight_decay_end,
+        momentum_teacher=config.teacher.momentum_teacher,
+        freeze_last_layer=optim.freeze_last_layer_epochs,
+    )
+
+
 def train_iteration(
     student,
     teacher,
@@ -470,7 +485,11 @@ def time_beside_jax(steps=5, warmup=1, batch_size=8, local_crops=8):
     from dino_jax.tools import step_benchmark
 
     config = load_config("configs/vit_small16.py")
-    config.batch_size, config.local_crops_number, config.dtype = batch_size, local_crops, "float32"
+    config.train.batch_size, config.crops.local_crops_number, config.compute.dtype = (
+        batch_size,
+        local_crops,
+        "float32",
+    )
     ours = step_benchmark.prepare_step(config)
     reference = make_iteration(batch_size, local_crops)
     times = []

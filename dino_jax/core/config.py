@@ -1,8 +1,11 @@
-"""The base configuration (the reference's defaults) and its validation.
+"""The base configuration (the references' defaults), its sections and its validation.
 
-Recipe files in `configs/` start from `base_config()` and change what their recipe changes.
-Keys keep the names of the reference's `main_dino.py` arguments; `batch_size` is the GLOBAL
-batch (the reference's is per GPU).
+The config is grouped as DINOv2's `ssl_default_config.yaml` groups it, with the references' leaf
+names: `student` (the backbone), `teacher` (its momentum and temperature), `dino` (DINO's head
+and loss), `optim`, `crops` and `train`; dino_jax adds `data`, `compute`, `checkpoint`, `log` and
+`eval`. Recipe files in `configs/` start from `base_config()` and change what their recipe
+changes. `train.batch_size` is the GLOBAL batch (the references' is per GPU). An unset value is
+None, never a 0 or "" that means "unset".
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -28,123 +32,260 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # The method the generic step runs (dino_jax.methods): "dino".
     c.method = "dino"
-    # Model.
-    c.arch = "vit_small"
-    c.patch_size = 16
-    c.img_size = 224  # the resolution pos_embed is built for; other crop sizes interpolate it
-    c.drop_path_rate = 0.1
-    # ViT size overrides (0 keeps the arch's): for small experiments and tests.
-    c.embed_dim = 0
-    c.depth = 0
-    c.num_heads = 0
-    c.out_dim = 65536
-    c.norm_last_layer = True
-    c.use_bn_in_head = False
-    c.head_nlayers = 3
-    c.head_hidden_dim = 2048
-    c.head_bottleneck_dim = 256
-    # Loss.
-    c.student_temp = 0.1
-    c.warmup_teacher_temp = 0.04
-    c.teacher_temp = 0.04
-    c.warmup_teacher_temp_epochs = 0
-    c.center_momentum = 0.9
-    # Optimisation.
-    c.optimizer = "adamw"
-    c.batch_size = 512  # global
-    c.epochs = 100
-    c.steps_per_epoch = 0  # 0: derived from the dataset size (drop_last)
-    c.lr = 5e-4  # for a global batch of 256; scaled linearly
-    c.min_lr = 1e-6
-    c.warmup_epochs = 10
-    c.weight_decay = 0.04
-    c.weight_decay_end = 0.4
-    c.clip_grad = 3.0  # 0 disables clipping
+
+    c.student = s = ml_collections.ConfigDict()
+    s.arch = "vit_small"  # vit_tiny, vit_small, vit_base (vision_transformer.py) or resnet50
+    s.patch_size = 16
+    s.img_size = 224  # the resolution pos_embed is built for; other crop sizes interpolate it
+    s.drop_path_rate = 0.1  # stochastic depth, rising linearly over the blocks
+    # ViT size overrides (None keeps the arch's): for small experiments and tests.
+    s.embed_dim = optional(int)
+    s.depth = optional(int)
+    s.num_heads = optional(int)
+
+    c.teacher = t = ml_collections.ConfigDict()
+    # The EMA's momentum, raised to 1 over training by a cosine (main_dino.py: momentum_schedule).
+    t.momentum_teacher = 0.996
+    # The teacher's softmax temperature, raised linearly from warmup_teacher_temp to teacher_temp
+    # over the first warmup_teacher_temp_epochs (main_dino.py: DINOLoss).
+    t.warmup_teacher_temp = 0.04
+    t.teacher_temp = 0.04
+    t.warmup_teacher_temp_epochs = 0
+
+    c.dino = d = ml_collections.ConfigDict()
+    d.head_n_prototypes = 65536  # main_dino.py's out_dim: the head's output width
+    d.head_hidden_dim = 2048
+    d.head_bottleneck_dim = 256
+    d.head_nlayers = 3
+    d.norm_last_layer = True  # weight-normalised last layer with its norm fixed to 1
+    d.use_bn_in_head = False
+    d.student_temp = 0.1
+    d.center_momentum = 0.9  # the EMA of the teacher's outputs subtracted before its softmax
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.optimizer = "adamw"  # adamw, sgd or lars
+    o.epochs = 100
+    o.lr = 5e-4  # for a global batch of 256, scaled linearly (main_dino.py)
+    o.min_lr = 1e-6  # the end of the cosine after warmup_epochs of linear warmup
+    o.warmup_epochs = 10
+    o.weight_decay = 0.04  # raised by a cosine to weight_decay_end
+    o.weight_decay_end = 0.4
+    o.clip_grad = 3.0  # 0 disables clipping, as in main_dino.py
     # "per_tensor" clips each gradient tensor to clip_grad (main_dino.py: utils.clip_gradients);
     # "total_norm" each sub-network's gradients (backbone, head) by their joint norm (DINOv2).
-    c.clip_mode = "per_tensor"
-    # Parameter groups beyond the method's own (dino_jax.core.optim.ParamRule): (path pattern,
-    # lr multiplier, weight-decay multiplier, frozen epochs) tuples; every matching rule applies.
-    c.param_groups = ()
+    o.clip_mode = "per_tensor"
+    # Epochs the head's last layer stays frozen (main_dino.py's freeze_last_layer).
+    o.freeze_last_layer_epochs = 1
     # Layer-wise lr decay (DINOv2's layerwise_decay): block i of a depth-L ViT gets lr times
     # rate^(L - i), the embeddings rate^(L + 1); 1.0 is off. The patch embedding's lr is further
     # times patch_embed_lr_mult.
-    c.layerwise_decay = 1.0
-    c.patch_embed_lr_mult = 1.0
-    c.freeze_last_layer = 1
-    c.momentum_teacher = 0.996
-    c.seed = 0
-    # Multi-crop.
-    c.global_crops_scale = (0.4, 1.0)
-    c.local_crops_number = 8
-    c.local_crops_scale = (0.05, 0.4)
-    c.data = ml_collections.ConfigDict()
-    # or "synthetic:textures", "tfds:imagenet2012", "folder:/path/to/images"
-    c.data.source = "synthetic:shapes"
-    c.data.split = "train"
-    c.data.data_dir = ""  # tfds data_dir ("" = tfds default)
-    c.data.global_crop_size = 224
-    c.data.local_crop_size = 96
-    c.data.blur_sigma = (0.1, 2.0)  # Gaussian blur range in output pixels; scale it with the crops
-    # True: the host only crops, resizes and flips (uint8); colour jitter, grayscale, blur,
-    # solarize and normalisation run inside the train step (device_augment.py).
-    c.data.augment_on_device = False
-    c.data.num_workers = 0  # grain worker processes (0: decode and augment in the main process)
-    c.data.num_threads = 4  # threads per process preparing batches (OpenCV and PIL free the GIL)
-    c.data.prefetch_batches = 4  # batches prepared ahead, per process
-    c.data.eval_split = "val"
-    # The k-NN monitor's queries: "" takes data.source, read with data.eval_split. A folder:ROOT
-    # holding train/ and val/ has its splits there; a folder without them is one split, so its
-    # queries need a source of their own (the monitor refuses queries that sit in its memory).
-    c.data.eval_source = ""
-    c.data.eval_resize_size = 256
-    c.data.eval_crop_size = 224
-    # Checkpoints, logs and the k-NN monitor.
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 1000
-    c.checkpoint.keep = 3
-    # Resuming with other epochs, steps_per_epoch or batch_size is refused (the schedules would
-    # jump); True resumes anyway and follows the new lengths' schedules from the saved step.
-    c.checkpoint.replan_schedules = False
+    o.layerwise_decay = 1.0
+    o.patch_embed_lr_mult = 1.0
+    # Parameter groups beyond the method's own (dino_jax.core.optim.ParamRule): (path pattern,
+    # lr multiplier, weight-decay multiplier, frozen epochs) tuples; every matching rule applies.
+    o.param_groups = ()
+
+    c.crops = m = ml_collections.ConfigDict()
+    m.global_crops_scale = (0.4, 1.0)
+    m.local_crops_number = 8
+    m.local_crops_scale = (0.05, 0.4)
+    m.global_crops_size = 224
+    m.local_crops_size = 96
+
+    c.train = r = ml_collections.ConfigDict()
+    r.batch_size = 512  # global, over all devices and hosts
+    # Iterations per epoch (DINOv2's name); None derives it from the dataset size (drop_last).
+    r.OFFICIAL_EPOCH_LENGTH = optional(int)
+    r.seed = 0
     # Weights a NEW run starts from (step 0, fresh optimizer): an official .pth (full training
     # checkpoint or backbone), a dino_jax export or workdir. A checkpoint in --workdir wins.
-    c.init_checkpoint = ""
-    # Where compiled programs persist (relative: under the workdir; "": nowhere), so that a rerun
-    # after preemption loads its programs instead of compiling them again.
-    c.compilation_cache_dir = "compilation_cache"
-    c.log = ml_collections.ConfigDict()
-    c.log.every_steps = 10  # metrics to metrics.jsonl and TensorBoard
-    c.eval = ml_collections.ConfigDict()
-    c.eval.knn_every_steps = 0  # 0: k-NN of the teacher only before and after training; -1: never
-    # Seeded, class-balanced samples of the whole split (data.sources.sample_indices).
-    c.eval.knn_train_examples = 10000  # labelled examples of data.split as the k-NN memory
-    c.eval.knn_val_examples = 2000  # examples of data.eval_split (of data.eval_source) to classify
-    c.eval.knn_k = 20
-    # The attention monitor (eval/attention_monitor.py), beside the k-NN monitor: the Jaccard
-    # index of the teacher's attention masks on this many held-out scenes with true masks (0:
-    # off), and WORKDIR/figures/attention_<step>.png with the maps of the first figure_scenes.
-    c.eval.jaccard_examples = 0
-    c.eval.figure_scenes = 4
-    c.eval.batch_size = 256
+    r.init_checkpoint = optional(str)
+
+    c.data = a = ml_collections.ConfigDict()
+    # or "synthetic:textures", "tfds:imagenet2012", "folder:/path/to/images"
+    a.source = "synthetic:shapes"
+    a.split = "train"
+    a.data_dir = optional(str)  # tfds data_dir (None: tfds's default)
+    a.blur_sigma = (0.1, 2.0)  # Gaussian blur range in output pixels; scale it with the crops
+    # True: the host only crops, resizes and flips (uint8); colour jitter, grayscale, blur,
+    # solarize and normalisation run inside the train step (core/device_augment.py).
+    a.augment_on_device = False
+    a.num_workers = 0  # grain worker processes (0: decode and augment in the main process)
+    a.num_threads = 4  # threads per process preparing batches (OpenCV and PIL free the GIL)
+    a.prefetch_batches = 4  # batches prepared ahead, per process
+    a.eval_split = "val"
+    # The k-NN monitor's queries: None takes data.source, read with data.eval_split. A
+    # folder:ROOT holding train/ and val/ has its splits there; a folder without them is one
+    # split, so its queries need a source of their own (the monitor refuses queries that sit in
+    # its memory).
+    a.eval_source = optional(str)
+    a.eval_resize_size = 256
+    a.eval_crop_size = 224
+
+    c.compute = u = ml_collections.ConfigDict()
     # Devices: mesh axes (name, size); -1 takes the remaining devices.
-    c.mesh = (("data", -1), ("fsdp", 1))
-    c.dtype = "float32"  # matmul compute dtype; params, softmax, loss and EMAs stay float32
+    u.mesh = (("data", -1), ("fsdp", 1))
+    u.dtype = "float32"  # matmul compute dtype; params, softmax, loss and EMAs stay float32
     # ViT blocks recomputed in the backward pass to save memory: "none", "block" (keep each
     # block's input only) or "dots_saveable" (keep the matmul outputs, recompute the rest).
-    c.remat = "none"
+    u.remat = "none"
     # The platform the step is built for: "auto" takes it from the mesh's devices; "cpu", "gpu"
     # or "tpu" name it (a step compiled ahead of time for other devices takes theirs).
-    c.platform = "auto"
+    u.platform = "auto"
     # On CPU meshes, dino_jax.cpu's tuned layers (written-out gradients, the C++ attention kernel
     # built on first use with the host's g++) and host-memory reuse. False: stock Flax layers,
     # as on accelerators. Ignored elsewhere.
-    c.cpu_tuning = True
+    u.cpu_tuning = True
     # The student's forward and backward as this many independent sub-batches of images (every
     # chunks-th image, so each device keeps its own): the same loss and gradient, with drop-path
     # masks drawn per chunk. XLA:CPU runs each operation on one core and overlaps independent
     # ones, so 2 keeps a 2-core CPU busier; leave 1 on accelerators.
-    c.student_chunks = 1
+    u.student_chunks = 1
+    # Where compiled programs persist (relative: under the workdir; None: nowhere), so that a
+    # rerun after preemption loads its programs instead of compiling them again.
+    u.compilation_cache_dir = optional(str, "compilation_cache")
+
+    c.checkpoint = k = ml_collections.ConfigDict()
+    k.every_steps = 1000
+    k.keep = 3
+    # Resuming with other optim.epochs, train.OFFICIAL_EPOCH_LENGTH or train.batch_size is
+    # refused (the schedules would jump); True resumes anyway and follows the new lengths'
+    # schedules from the saved step.
+    k.replan_schedules = False
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10  # metrics to metrics.jsonl and TensorBoard
+
+    c.eval = e = ml_collections.ConfigDict()
+    # The k-NN monitor: 0 runs it before and after training only, N also every N steps; None
+    # never runs it.
+    e.knn_every_steps = optional(int, 0)
+    # Seeded, class-balanced samples of the whole split (data.sources.sample_indices).
+    e.knn_train_examples = 10000  # labelled examples of data.split as the k-NN memory
+    e.knn_val_examples = 2000  # examples of data.eval_split (of data.eval_source) to classify
+    e.knn_k = 20
+    # The attention monitor (eval/attention_monitor.py), beside the k-NN monitor: the Jaccard
+    # index of the teacher's attention masks on this many held-out scenes with true masks (0:
+    # off), and WORKDIR/figures/attention_<step>.png with the maps of the first figure_scenes.
+    e.jaccard_examples = 0
+    e.figure_scenes = 4
+    e.batch_size = 256
     return c
+
+
+def optional(kind: type, default: Any = None) -> ml_collections.FieldReference:
+    """A field that may be None and takes `kind` from the command line."""
+    return ml_collections.FieldReference(default, field_type=kind)
+
+
+# Where each key of the flat layout (main_dino.py's argument names) now lives.
+MOVED_KEYS = {
+    **{k: f"student.{k}" for k in ("arch", "patch_size", "img_size", "drop_path_rate")},
+    **{k: f"student.{k}" for k in ("embed_dim", "depth", "num_heads")},
+    **{
+        k: f"teacher.{k}"
+        for k in (
+            "momentum_teacher",
+            "warmup_teacher_temp",
+            "teacher_temp",
+            "warmup_teacher_temp_epochs",
+        )
+    },
+    "out_dim": "dino.head_n_prototypes",
+    **{
+        k: f"dino.{k}"
+        for k in (
+            "head_hidden_dim",
+            "head_bottleneck_dim",
+            "head_nlayers",
+            "norm_last_layer",
+            "use_bn_in_head",
+            "student_temp",
+            "center_momentum",
+        )
+    },
+    **{
+        k: f"optim.{k}"
+        for k in (
+            "optimizer",
+            "epochs",
+            "lr",
+            "min_lr",
+            "warmup_epochs",
+            "weight_decay",
+            "weight_decay_end",
+            "clip_grad",
+            "clip_mode",
+            "layerwise_decay",
+            "patch_embed_lr_mult",
+            "param_groups",
+        )
+    },
+    "freeze_last_layer": "optim.freeze_last_layer_epochs",
+    **{k: f"crops.{k}" for k in ("global_crops_scale", "local_crops_number", "local_crops_scale")},
+    "data.global_crop_size": "crops.global_crops_size",
+    "data.local_crop_size": "crops.local_crops_size",
+    "batch_size": "train.batch_size",
+    "steps_per_epoch": "train.OFFICIAL_EPOCH_LENGTH",
+    "seed": "train.seed",
+    "init_checkpoint": "train.init_checkpoint",
+    **{
+        k: f"compute.{k}"
+        for k in (
+            "mesh",
+            "dtype",
+            "remat",
+            "platform",
+            "cpu_tuning",
+            "student_chunks",
+            "compilation_cache_dir",
+        )
+    },
+}
+# The flat layout's "unset" values, None now.
+_UNSET = {
+    "student.embed_dim": 0,
+    "student.depth": 0,
+    "student.num_heads": 0,
+    "train.OFFICIAL_EPOCH_LENGTH": 0,
+    "train.init_checkpoint": "",
+    "compute.compilation_cache_dir": "",
+    "data.data_dir": "",
+    "data.eval_source": "",
+    "eval.knn_every_steps": -1,
+}
+
+
+def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config (a workdir's or an export's config.json) in the current layout: keys of the
+    flat layout moved to their sections, their "unset" values made None. Current configs pass
+    through unchanged."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in saved.items()}
+    if isinstance(out.get("student"), dict):
+        return out
+    for old, new in MOVED_KEYS.items():
+        section, _, leaf = old.rpartition(".")
+        holder = out.get(section) if section else out
+        if not isinstance(holder, dict) or leaf not in holder:
+            continue
+        value = holder.pop(leaf)
+        new_section, new_leaf = new.split(".")
+        out.setdefault(new_section, {})[new_leaf] = value
+    for key, unset in _UNSET.items():
+        section, leaf = key.split(".")
+        if out.get(section, {}).get(leaf, None) == unset:
+            out[section][leaf] = None
+    return out
+
+
+def lookup(config: ml_collections.ConfigDict | Mapping[str, Any], key: str, default: Any = None):
+    """The value at dotted `key` ("optim.lr"), or `default` where a section or leaf is absent."""
+    value = config
+    for part in key.split("."):
+        if not isinstance(value, Mapping | ml_collections.ConfigDict) or part not in value:
+            return default
+        value = value[part]
+    return value
 
 
 def imagenet_config() -> ml_collections.ConfigDict:
@@ -153,7 +294,7 @@ def imagenet_config() -> ml_collections.ConfigDict:
     c = base_config()
     c.data.source, c.data.eval_split = "tfds:imagenet2012", "validation"
     c.data.num_workers = 16
-    c.dtype = "bfloat16"
+    c.compute.dtype = "bfloat16"
     c.eval.knn_every_steps = 25000
     return c
 
@@ -162,19 +303,21 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrink any recipe to a few CPU steps on the built-in data, keeping its arch family and
     optimizer: the `:smoke` variant every recipe accepts."""
     c = config
-    if c.arch in VIT_ARCHS:
-        c.embed_dim, c.depth, c.num_heads = 64, 2, 4
-    c.out_dim, c.head_hidden_dim, c.head_bottleneck_dim = 256, 256, 64
+    s, d, patch = c.student, c.dino, c.student.patch_size
+    if s.arch in VIT_ARCHS:
+        s.embed_dim, s.depth, s.num_heads = 64, 2, 4
+    d.head_n_prototypes, d.head_hidden_dim, d.head_bottleneck_dim = 256, 256, 64
     c.data.source, c.data.split, c.data.eval_split = "synthetic:shapes", "train", "val"
-    c.data.eval_source = ""
-    c.data.global_crop_size, c.data.local_crop_size = 2 * c.patch_size, c.patch_size
-    c.data.eval_resize_size, c.data.eval_crop_size = 2 * c.patch_size + 8, 2 * c.patch_size
+    c.data.eval_source = None
+    c.crops.global_crops_size, c.crops.local_crops_size = 2 * patch, patch
+    c.data.eval_resize_size, c.data.eval_crop_size = 2 * patch + 8, 2 * patch
     c.data.num_workers = 0
-    c.local_crops_number = min(c.local_crops_number, 2)
-    c.batch_size, c.epochs, c.steps_per_epoch = 8, 1, 4
-    c.warmup_epochs = c.warmup_teacher_temp_epochs = c.freeze_last_layer = 0
+    c.crops.local_crops_number = min(c.crops.local_crops_number, 2)
+    c.train.batch_size, c.optim.epochs, c.train.OFFICIAL_EPOCH_LENGTH = 8, 1, 4
+    c.optim.warmup_epochs = c.optim.freeze_last_layer_epochs = 0
+    c.teacher.warmup_teacher_temp_epochs = 0
     c.checkpoint.every_steps, c.log.every_steps = 2, 1
-    c.eval.knn_every_steps, c.eval.knn_train_examples, c.eval.knn_val_examples = -1, 64, 32
+    c.eval.knn_every_steps, c.eval.knn_train_examples, c.eval.knn_val_examples = None, 64, 32
     c.eval.batch_size = 16
     return c
 
@@ -203,18 +346,24 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 
 
 def unknown_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> list[str]:
-    """One message per `--config.KEY=...` of `argv` whose KEY the config lacks, naming the
-    nearest keys it has."""
+    """One message per `--config.KEY=...` of `argv` whose KEY the config lacks: where a key of
+    the flat layout moved, or the nearest keys the config has."""
     known = _dotted_keys(config)
     messages = []
     for arg in argv:
         if not arg.startswith("--config."):
             continue
         key = arg[len("--config.") :].partition("=")[0]
-        if key not in known:
-            near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(near)}?" if near else "see dino_jax/core/config.py"
-            messages.append(f"Unknown config key {key!r} in {arg!r}: {hint}")
+        if key in known:
+            continue
+        if key in MOVED_KEYS:
+            value = arg.partition("=")[2]
+            new = f"--config.{MOVED_KEYS[key]}" + (f"={value}" if "=" in arg else "")
+            messages.append(f"{arg!r}: config key {key!r} is now {MOVED_KEYS[key]!r}; use {new!r}")
+            continue
+        near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(near)}?" if near else "see dino_jax/core/config.py"
+        messages.append(f"Unknown config key {key!r} in {arg!r}: {hint}")
     return messages
 
 
@@ -229,92 +378,112 @@ def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[st
 
 def crops_summary(config: ml_collections.ConfigDict) -> str:
     """The multi-crop of `config` in words, e.g. "2x224 + 10x96"."""
-    g, l, n = config.data.global_crop_size, config.data.local_crop_size, config.local_crops_number
+    crops = config.crops
+    g, l, n = crops.global_crops_size, crops.local_crops_size, crops.local_crops_number
     return f"2x{g}" + (f" + {n}x{l}" if n else "")
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
-    """Iterations per epoch; set by the train loop from the dataset when the recipe leaves 0."""
-    if config.steps_per_epoch <= 0:
+    """Iterations per epoch; set by the train loop from the dataset when the recipe leaves None."""
+    steps = config.train.OFFICIAL_EPOCH_LENGTH
+    if steps is None or steps <= 0:
         raise ValueError(
-            f"steps_per_epoch={config.steps_per_epoch}: set it to the number of iterations per "
-            "epoch (dataset size // batch_size) before building the train step."
+            f"train.OFFICIAL_EPOCH_LENGTH={steps}: set it to the number of iterations per "
+            "epoch (dataset size // train.batch_size) before building the train step."
         )
-    return int(config.steps_per_epoch)
+    return int(steps)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks the values that would otherwise fail deep inside compilation, naming the key."""
-    _check_choice("arch", config.arch, ARCHS)
-    _check_choice("optimizer", config.optimizer, OPTIMIZERS)
-    _check_choice("clip_mode", config.clip_mode, CLIP_MODES)
-    _check_choice("dtype", config.dtype, DTYPES)
-    _check_choice("remat", config.remat, REMATS)
-    _check_choice("platform", config.platform, PLATFORMS)
-    if config.arch in VIT_ARCHS:
+    student, optim, crops = config.student, config.optim, config.crops
+    _check_choice("student.arch", student.arch, ARCHS)
+    _check_choice("optim.optimizer", optim.optimizer, OPTIMIZERS)
+    _check_choice("optim.clip_mode", optim.clip_mode, CLIP_MODES)
+    _check_choice("compute.dtype", config.compute.dtype, DTYPES)
+    _check_choice("compute.remat", config.compute.remat, REMATS)
+    _check_choice("compute.platform", config.compute.platform, PLATFORMS)
+    if student.arch in VIT_ARCHS:
         sizes = {
-            "img_size": config.img_size,
-            "data.global_crop_size": config.data.global_crop_size,
-            "data.local_crop_size": config.data.local_crop_size,
+            "student.img_size": student.img_size,
+            "crops.global_crops_size": crops.global_crops_size,
+            "crops.local_crops_size": crops.local_crops_size,
         }
         for key, size in sizes.items():
-            if size % config.patch_size:
+            if size % student.patch_size:
                 raise ValueError(
-                    f"{key}={size} is not divisible by patch_size={config.patch_size}: "
-                    f"choose a size that is a multiple of {config.patch_size}."
+                    f"{key}={size} is not divisible by student.patch_size={student.patch_size}: "
+                    f"choose a size that is a multiple of {student.patch_size}."
                 )
-        if config.embed_dim and config.num_heads and config.embed_dim % config.num_heads:
+        for key in ("embed_dim", "depth", "num_heads"):
+            if student[key] is not None and student[key] <= 0:
+                raise ValueError(
+                    f"student.{key}={student[key]} must be positive, or None for the arch's."
+                )
+        if student.embed_dim and student.num_heads and student.embed_dim % student.num_heads:
             raise ValueError(
-                f"embed_dim={config.embed_dim} is not divisible by num_heads={config.num_heads}."
+                f"student.embed_dim={student.embed_dim} is not divisible by "
+                f"student.num_heads={student.num_heads}."
             )
-    for group in config.param_groups:
+    for group in optim.param_groups:
         if len(group) != 4 or not isinstance(group[0], str):
             raise ValueError(
-                f"param_groups entry {tuple(group)!r}: give (path pattern, lr_mult, wd_mult, "
-                "frozen_epochs), e.g. ('^backbone/', 0.1, 1.0, 0)."
+                f"optim.param_groups entry {tuple(group)!r}: give (path pattern, lr_mult, "
+                "wd_mult, frozen_epochs), e.g. ('^backbone/', 0.1, 1.0, 0)."
             )
         try:
             re.compile(group[0])
         except re.error as e:
-            raise ValueError(f"param_groups pattern {group[0]!r} is not a regex: {e}.") from None
-    if config.batch_size <= 0:
-        raise ValueError(f"batch_size={config.batch_size} must be positive.")
-    if num_devices is not None and config.batch_size % num_devices:
+            raise ValueError(
+                f"optim.param_groups pattern {group[0]!r} is not a regex: {e}."
+            ) from None
+    batch = config.train.batch_size
+    if batch <= 0:
+        raise ValueError(f"train.batch_size={batch} must be positive.")
+    if num_devices is not None and batch % num_devices:
         raise ValueError(
-            f"batch_size={config.batch_size} is not divisible by {num_devices} devices: use a "
+            f"train.batch_size={batch} is not divisible by {num_devices} devices: use a "
             f"multiple of {num_devices} (the batch is split evenly over all devices)."
         )
+    steps = config.train.OFFICIAL_EPOCH_LENGTH
+    if steps is not None and steps <= 0:
+        raise ValueError(
+            f"train.OFFICIAL_EPOCH_LENGTH={steps} must be positive, or None to derive it from "
+            "the dataset size."
+        )
     _check_student_chunks(config, num_devices)
-    if config.local_crops_number < 0:
-        raise ValueError(f"local_crops_number={config.local_crops_number} must be >= 0.")
-    if config.eval.jaccard_examples > 0 and config.eval.knn_every_steps < 0:
+    if crops.local_crops_number < 0:
+        raise ValueError(f"crops.local_crops_number={crops.local_crops_number} must be >= 0.")
+    if config.eval.jaccard_examples > 0 and config.eval.knn_every_steps is None:
         raise ValueError(
             f"eval.jaccard_examples={config.eval.jaccard_examples} asks for the attention "
-            "monitor, which runs beside the k-NN monitor, and eval.knn_every_steps=-1 turns "
+            "monitor, which runs beside the k-NN monitor, and eval.knn_every_steps=None turns "
             "both off: set eval.knn_every_steps to 0 (before and after training) or N."
         )
-    if config.warmup_teacher_temp_epochs > config.epochs:
+    if config.teacher.warmup_teacher_temp_epochs > optim.epochs:
         raise ValueError(
-            f"warmup_teacher_temp_epochs={config.warmup_teacher_temp_epochs} exceeds "
-            f"epochs={config.epochs}."
+            f"teacher.warmup_teacher_temp_epochs={config.teacher.warmup_teacher_temp_epochs} "
+            f"exceeds optim.epochs={optim.epochs}."
         )
 
 
 def _check_student_chunks(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
-    chunks = config.student_chunks
+    chunks = config.compute.student_chunks
     if chunks < 1:
-        raise ValueError(f"student_chunks={chunks} must be >= 1.")
-    if chunks > 1 and (config.arch == "resnet50" or config.use_bn_in_head):
+        raise ValueError(f"compute.student_chunks={chunks} must be >= 1.")
+    if chunks > 1 and (config.student.arch == "resnet50" or config.dino.use_bn_in_head):
         raise ValueError(
-            f"student_chunks={chunks} would give BatchNorm the statistics of each chunk instead "
-            "of the whole batch: use student_chunks=1 with resnet50 or use_bn_in_head."
+            f"compute.student_chunks={chunks} would give BatchNorm the statistics of each chunk "
+            "instead of the whole batch: use compute.student_chunks=1 with resnet50 or "
+            "dino.use_bn_in_head."
         )
     devices = num_devices or 1
-    per_device = config.batch_size // devices
+    per_device = config.train.batch_size // devices
     if per_device % chunks:
         raise ValueError(
-            f"student_chunks={chunks} does not divide the images per device ({per_device} = "
-            f"batch_size {config.batch_size} / {devices} devices): use a divisor of {per_device}."
+            f"compute.student_chunks={chunks} does not divide the images per device "
+            f"({per_device} = train.batch_size {config.train.batch_size} / {devices} devices): "
+            f"use a divisor of {per_device}."
         )
 
 

@@ -143,14 +143,14 @@ def base_optimizer(name: str, lr, weight_decay) -> optax.GradientTransformation:
 def make_optimizer(
     config: ml_collections.ConfigDict, rules: Sequence[ParamRule], hp: Hyperparams, params
 ) -> optax.GradientTransformation:
-    """Clip (config.clip_mode), then step each parameter group of `params` (arrays or shapes:
+    """Clip (config.optim.clip_mode), then step each parameter group of `params` (arrays or shapes:
     only their paths are read) with its lr and weight decay; a group is skipped entirely while
     frozen, so it has its own optimizer state, advanced only when unfrozen."""
     groups = param_groups(params, rules)
     transforms = {}
     for group in set(jax.tree.leaves(groups, is_leaf=lambda x: isinstance(x, Group))):
         tx = base_optimizer(
-            config.optimizer, hp.lr * group.lr_mult, hp.weight_decay * group.wd_mult
+            config.optim.optimizer, hp.lr * group.lr_mult, hp.weight_decay * group.wd_mult
         )
         if group.frozen_epochs:
             thawed = hp.epoch >= group.frozen_epochs
@@ -158,12 +158,12 @@ def make_optimizer(
         transforms[group.label] = tx
     labels = jax.tree.map(lambda g: g.label, groups, is_leaf=lambda x: isinstance(x, Group))
     parts = optax.partition(transforms, labels)
-    if not config.clip_grad:
+    if not config.optim.clip_grad:
         return parts
     clip = {
         "per_tensor": clip_per_tensor,
         "total_norm": clip_total_norm_per_subnetwork,
-    }[config.clip_mode](config.clip_grad)
+    }[config.optim.clip_mode](config.optim.clip_grad)
     return optax.chain(clip, parts)
 
 

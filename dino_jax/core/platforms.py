@@ -2,7 +2,7 @@
 
 A step traced on one host for other devices (a CPU host compiling for a TPU slice) must build the
 program of those devices, so nothing here asks `jax.default_backend()`: the mesh's devices say
-which platform it is, or `config.platform` does.
+which platform it is, or `config.compute.platform` does.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ _GPU_NAMES = ("gpu", "cuda", "rocm")
 
 
 def mesh_platform(mesh: Mesh, requested: str = "auto") -> str:
-    """"cpu", "gpu" or "tpu": `requested` unless "auto", else the platform of the mesh's devices."""
+    """The platform ("cpu", "gpu" or "tpu"): `requested` unless "auto", else the mesh devices'."""
     if requested != "auto":
         if requested not in PLATFORMS:
             raise ValueError(
@@ -35,14 +35,14 @@ def mesh_platform(mesh: Mesh, requested: str = "auto") -> str:
 
 def model_layers(config: ml_collections.ConfigDict, mesh: Mesh) -> layers.Layers:
     """The model's blocks for the mesh's platform: on CPU, dino_jax.cpu's tuned layers unless
-    `config.cpu_tuning` is False; on GPUs with a 16-bit compute dtype, cuDNN's flash attention
+    `compute.cpu_tuning` is False; on GPUs with a 16-bit compute dtype, cuDNN's flash attention
     where cuDNN takes it; otherwise the stock layers with XLA's attention."""
-    platform = mesh_platform(mesh, config.get("platform", "auto"))
+    platform = mesh_platform(mesh, config.compute.platform)
     if platform == "cpu":
-        return cpu.LAYERS if config.get("cpu_tuning", True) else layers.STOCK
-    if platform == "gpu" and config.dtype in ("bfloat16", "float16"):
+        return cpu.LAYERS if config.compute.cpu_tuning else layers.STOCK
+    if platform == "gpu" and config.compute.dtype in ("bfloat16", "float16"):
         head_dim = model_spec(config).head_dim
-        if head_dim and cudnn_attention_works(config.dtype, head_dim):
+        if head_dim and cudnn_attention_works(config.compute.dtype, head_dim):
             return layers.stock(attention="cudnn")
     return layers.STOCK
 

@@ -76,14 +76,16 @@ def hyperparams_at(config: ml_collections.ConfigDict, step: jax.Array) -> Hyperp
     builds them with utils.py: cosine_scheduler)."""
     niter = steps_per_epoch(config)
     lr = cosine_scheduler(
-        config.lr * config.batch_size / 256.0,
-        config.min_lr,
-        config.epochs,
+        config.optim.lr * config.train.batch_size / 256.0,
+        config.optim.min_lr,
+        config.optim.epochs,
         niter,
-        warmup_epochs=config.warmup_epochs,
+        warmup_epochs=config.optim.warmup_epochs,
     )
-    wd = cosine_scheduler(config.weight_decay, config.weight_decay_end, config.epochs, niter)
-    momentum = cosine_scheduler(config.momentum_teacher, 1.0, config.epochs, niter)
+    wd = cosine_scheduler(
+        config.optim.weight_decay, config.optim.weight_decay_end, config.optim.epochs, niter
+    )
+    momentum = cosine_scheduler(config.teacher.momentum_teacher, 1.0, config.optim.epochs, niter)
     f32 = jnp.float32
     return Hyperparams(
         lr=jnp.asarray(lr(step), f32),

@@ -52,15 +52,18 @@ def param_rules(config: ml_collections.ConfigDict, method: Method) -> list[Param
     embedding's lr multiplier, then the config's own `param_groups` (pattern, lr_mult, wd_mult,
     frozen_epochs)."""
     rules = list(method.param_rules())
-    if config.layerwise_decay != 1.0 or config.patch_embed_lr_mult != 1.0:
+    if config.optim.layerwise_decay != 1.0 or config.optim.patch_embed_lr_mult != 1.0:
         depth = getattr(backbone_of(config), "depth", None)
         if depth is None:
             raise ValueError(
-                f"layerwise_decay={config.layerwise_decay} and patch_embed_lr_mult="
-                f"{config.patch_embed_lr_mult} need a ViT; arch={config.arch!r} has no blocks."
+                f"optim.layerwise_decay={config.optim.layerwise_decay} and "
+                f"optim.patch_embed_lr_mult={config.optim.patch_embed_lr_mult} need a ViT; "
+                f"student.arch={config.student.arch!r} has no blocks."
             )
-        rules += layerwise_decay_rules(config.layerwise_decay, depth, config.patch_embed_lr_mult)
-    return rules + [ParamRule(*group) for group in config.param_groups]
+        rules += layerwise_decay_rules(
+            config.optim.layerwise_decay, depth, config.optim.patch_embed_lr_mult
+        )
+    return rules + [ParamRule(*group) for group in config.optim.param_groups]
 
 
 def optimizer(config: ml_collections.ConfigDict, method: Method, hp: Hyperparams, params):
@@ -147,7 +150,7 @@ def student_gradients(
     teacher_outputs = jax.lax.stop_gradient(
         method.teacher_outputs(run_teacher, batch, state.method_state, hp)
     )
-    drop_path_rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    drop_path_rng = jax.random.fold_in(jax.random.key(config.train.seed), state.step)
 
     def loss_fn(params):
         student_stats = []
@@ -233,7 +236,7 @@ def _iteration_inputs(config: ml_collections.ConfigDict, step: jax.Array, batch:
 
 def augment_on_device(config: ml_collections.ConfigDict, step: jax.Array, batch: Batch) -> Batch:
     """uint8 crops -> the photometric half of the multi-crop, from this step's own key."""
-    key = jax.random.fold_in(jax.random.key(config.seed + 1), step)  # not drop path's stream
+    key = jax.random.fold_in(jax.random.key(config.train.seed + 1), step)  # not drop path's stream
     laws = MultiCropConfig(blur_sigma=tuple(config.data.blur_sigma))
     return device_augment.augment_batch(key, batch, laws)
 

@@ -54,7 +54,7 @@ def reuse_freed_memory() -> bool:
 
 
 def cpu_run(platform_setting: str) -> bool:
-    """Whether a run with `config.platform` = platform_setting will run on the CPU, told before
+    """Whether a run with `compute.platform` = platform_setting will run on the CPU, told before
     JAX starts (its backends start threads): "cpu", or "auto" where JAX_PLATFORMS names only the
     CPU or no accelerator plugin is installed."""
     if platform_setting != "auto":

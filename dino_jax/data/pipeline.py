@@ -35,11 +35,11 @@ MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 def multicrop_config(config: ml_collections.ConfigDict) -> MultiCropConfig:
     """The augmentation settings of a run config (main_dino.py: DataAugmentationDINO)."""
     return MultiCropConfig(
-        global_size=config.data.global_crop_size,
-        local_size=config.data.local_crop_size,
-        global_scale=tuple(config.global_crops_scale),
-        local_scale=tuple(config.local_crops_scale),
-        local_crops_number=config.local_crops_number,
+        global_size=config.crops.global_crops_size,
+        local_size=config.crops.local_crops_size,
+        global_scale=tuple(config.crops.global_crops_scale),
+        local_scale=tuple(config.crops.local_crops_scale),
+        local_crops_number=config.crops.local_crops_number,
         blur_sigma=tuple(config.data.blur_sigma),
     )
 
@@ -79,16 +79,16 @@ def train_source(config: ml_collections.ConfigDict) -> DecodedSource:
     """The decoded training source of `config.data`."""
     source = make_source(config.data.source, config.data.split, config.data.data_dir)
     # JPEGs may decode at a reduced scale as long as a global crop keeps its resolution.
-    return DecodedSource(source, min_side=config.data.global_crop_size)
+    return DecodedSource(source, min_side=config.crops.global_crops_size)
 
 
 def batches_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
     """Full global batches in one pass over the data (the reference drops the remainder)."""
-    steps = num_examples // config.batch_size
+    steps = num_examples // config.train.batch_size
     if steps == 0:
         raise ValueError(
             f"{config.data.source} has {num_examples} images, fewer than one batch of "
-            f"batch_size={config.batch_size}: lower batch_size or add data."
+            f"batch_size={config.train.batch_size}: lower batch_size or add data."
         )
     return steps
 
@@ -107,12 +107,12 @@ def train_dataset(
     "label": i32 [b]} with b = B / P (labels are -1 where the source has none).
     """
     process_index, process_count = _process_slice(process_index, process_count)
-    local_batch = _local_batch_size(config.batch_size, process_count)
+    local_batch = _local_batch_size(config.train.batch_size, process_count)
     source = train_source(config) if source is None else source
-    epoch_size = batches_per_epoch(config, len(source)) * config.batch_size
+    epoch_size = batches_per_epoch(config, len(source)) * config.train.batch_size
     ds = (
         grain.MapDataset.source(source)
-        .seed(config.seed)
+        .seed(config.train.seed)
         .shuffle()[:epoch_size]
         .repeat()  # reseeds, hence reshuffles, every epoch
         .random_map(MultiCropTransform(multicrop_config(config), config.data.augment_on_device))
@@ -164,7 +164,7 @@ def labelled_train_dataset(
         )
     ds = (
         grain.MapDataset.source(source)[:size]
-        .seed(config.seed)
+        .seed(config.train.seed)
         .shuffle()[:epoch_size]
         .repeat()
         .random_map(RandomCropFlip(crop_size))

@@ -42,8 +42,9 @@ class AttentionMonitor:
         self.backbone = build_dino(config, teacher=True).backbone
         if not isinstance(self.backbone, VisionTransformer):
             raise ValueError(
-                f"eval.jaccard_examples needs a ViT's attention maps, and arch={config.arch} has "
-                "none: set --config.eval.jaccard_examples=0."
+                "eval.jaccard_examples needs a ViT's attention maps, and "
+                f"student.arch={config.student.arch} has none: set "
+                "--config.eval.jaccard_examples=0."
             )
         if source is None:
             source = DecodedSource(make_source(self.spec, self.split, data.data_dir))

@@ -96,7 +96,7 @@ def training_stream(args, source) -> tuple[Iterator[dict[str, np.ndarray]], int]
     """(endless cropped and flipped training batches, number of training images): all of
     `source`, or a class-balanced sample of --train_examples."""
     config = cli.data_config(args.train, args.data_dir, args.resize, args.crop, args.num_workers)
-    config.seed = args.seed
+    config.train.seed = args.seed
     source = balanced_subset(source, args.train_examples)
     data = labelled_train_dataset(config, source, args.batch_size, args.crop)
     return iter(data), len(source)

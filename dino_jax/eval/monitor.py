@@ -58,7 +58,7 @@ class KnnMonitor:
         if whole["train"][0]["label"] < 0:
             raise ValueError(
                 f"{data.source} has no labels for the k-NN monitor: give it class "
-                "sub-folders, or disable the monitor with --config.eval.knn_every_steps=-1."
+                "sub-folders, or disable the monitor with --config.eval.knn_every_steps=None."
             )
         self.indices = {
             name: sample_indices(whole[name], examples)
@@ -83,7 +83,7 @@ class KnnMonitor:
             f"memory ({spec}, split {split!r}), each finding itself: {why}. Set "
             "data.eval_source to held-out labelled images (e.g. data.source=folder:ROOT/train "
             "with data.eval_source=folder:ROOT/val, or lay out ROOT/train/ and ROOT/val/ and use "
-            "folder:ROOT), or turn the monitor off with eval.knn_every_steps=-1."
+            "folder:ROOT), or turn the monitor off with eval.knn_every_steps=None."
         )
 
     def features(

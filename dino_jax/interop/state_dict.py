@@ -200,7 +200,7 @@ def infer_backbone_config(state: StateDict) -> ml_collections.ConfigDict:
     conv, the grid pos_embed was built for, the number of blocks."""
     config = base_config()
     if "conv1.weight" in state and "layer1.0.conv1.weight" in state:
-        config.arch = "resnet50"
+        config.student.arch = "resnet50"
         return config
     if "cls_token" not in state or "patch_embed.proj.weight" not in state:
         raise ValueError(
@@ -214,12 +214,12 @@ def infer_backbone_config(state: StateDict) -> ml_collections.ConfigDict:
             f"Embedding width {width} is none of the reference's ViTs "
             f"({', '.join(f'{d}: {a}' for d, (a, _) in VIT_WIDTHS.items())})."
         )
-    config.arch = VIT_WIDTHS[width][0]
-    config.patch_size = int(state["patch_embed.proj.weight"].shape[-1])
+    config.student.arch = VIT_WIDTHS[width][0]
+    config.student.patch_size = int(state["patch_embed.proj.weight"].shape[-1])
     side = math.isqrt(state["pos_embed"].shape[1] - 1)
-    config.img_size = side * config.patch_size
+    config.student.img_size = side * config.student.patch_size
     depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
-    config.depth = 0 if depth == VIT_DEPTH else depth
+    config.student.depth = None if depth == VIT_DEPTH else depth
     return config
 
 
@@ -227,31 +227,35 @@ def infer_head_config(head: StateDict, config: ml_collections.ConfigDict) -> Non
     """Set config's out_dim, head sizes, use_bn_in_head and norm_last_layer from a head state
     dict (norm_last_layer=True when weight_g is all ones)."""
     out_dim, bottleneck = head["last_layer.weight_v"].shape
-    config.out_dim, config.head_bottleneck_dim = int(out_dim), int(bottleneck)
+    config.dino.head_n_prototypes, config.dino.head_bottleneck_dim = int(out_dim), int(bottleneck)
     linears = sorted(
         (int(m.group(1)) for k in head if (m := re.fullmatch(r"mlp\.(\d+)\.weight", k))),
     )
     linears = [i for i in linears if head[f"mlp.{i}.weight"].ndim == 2]
-    config.use_bn_in_head = any(k.endswith("running_mean") for k in head)
-    config.head_nlayers = max(len(linears), 1)
+    config.dino.use_bn_in_head = any(k.endswith("running_mean") for k in head)
+    config.dino.head_nlayers = max(len(linears), 1)
     if linears:
-        config.head_hidden_dim = int(head[f"mlp.{linears[0]}.weight"].shape[0])
+        config.dino.head_hidden_dim = int(head[f"mlp.{linears[0]}.weight"].shape[0])
     weight_g = head.get("last_layer.weight_g")
-    config.norm_last_layer = weight_g is None or bool(
+    config.dino.norm_last_layer = weight_g is None or bool(
         np.allclose(weight_g, 1.0, rtol=0, atol=WEIGHT_G_ATOL)
     )
 
 
 def check_requested(config, arch: str | None, patch_size: int | None, source) -> None:
     """Refuse an explicit arch / patch_size that disagrees with the tensors of `source`."""
-    if arch is not None and arch != config.arch:
+    if arch is not None and arch != config.student.arch:
         raise ValueError(
-            f"{source} holds a {config.arch}, not the requested arch={arch!r}; leave arch=None "
-            "to infer it."
+            f"{source} holds a {config.student.arch}, not the requested arch={arch!r}; leave "
+            "arch=None to infer it."
         )
-    if patch_size is not None and config.arch != "resnet50" and patch_size != config.patch_size:
+    if (
+        patch_size is not None
+        and config.student.arch != "resnet50"
+        and patch_size != config.student.patch_size
+    ):
         raise ValueError(
-            f"{source} holds patch_size={config.patch_size}, not the requested "
+            f"{source} holds patch_size={config.student.patch_size}, not the requested "
             f"patch_size={patch_size}; leave patch_size=None to infer it."
         )
 
@@ -346,7 +350,9 @@ def to_state_dict(variables: dict, key_of: Callable[[tuple[str, ...]], str]) -> 
 
 
 def _head_key_fn(config) -> Callable[[tuple[str, ...]], str]:
-    return lambda names: head_key(names, use_bn=config.use_bn_in_head, nlayers=config.head_nlayers)
+    return lambda names: head_key(
+        names, use_bn=config.dino.use_bn_in_head, nlayers=config.dino.head_nlayers
+    )
 
 
 def head_from_state_dict(head: StateDict, abstract: dict, config, what: str) -> dict:
@@ -360,7 +366,7 @@ def head_from_state_dict(head: StateDict, abstract: dict, config, what: str) -> 
             raise ValueError(
                 f"The {what}'s last_layer.weight_g is not all ones (it ranges over "
                 f"[{weight_g.min():.4g}, {weight_g.max():.4g}]): it was trained with "
-                "norm_last_layer=False. Set config.norm_last_layer=False to import it."
+                "norm_last_layer=False. Set config.dino.norm_last_layer=False to import it."
             )
     return from_state_dict(head, abstract, _head_key_fn(config), what)
 
@@ -413,7 +419,7 @@ def load_torch_backbone(
 
 def _abstract_variables(model, config) -> dict:
     """The shapes of `model`'s variables (a ResNet is checked at a small input)."""
-    size = config.img_size if config.arch != "resnet50" else 64
+    size = config.student.img_size if config.student.arch != "resnet50" else 64
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
 
 

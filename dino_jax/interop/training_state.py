@@ -74,7 +74,7 @@ def import_full_checkpoint(
     moments and step count, SGD's or LARS' momentum buffers) are imported, so that the next
     iteration is the reference's; a file without optimizer state starts the moments at zero
     (logged). `step` is the checkpoint's epoch (the next one to run) times
-    `config.steps_per_epoch`. `config` must describe the same model (arch,
+    `config.train.OFFICIAL_EPOCH_LENGTH`. `config` must describe the same model (arch,
     patch_size, size overrides, out_dim, head_*, use_bn_in_head, norm_last_layer): every
     unknown or missing key and every mismatched shape is listed in the ValueError otherwise.
     With a mesh, the state is placed with the shardings of `step.state_sharding`.
@@ -88,7 +88,9 @@ def import_full_checkpoint(
     center = _center(checkpoint)
     if center is None:
         raise ValueError(f"{path} has no dino_loss.center: not a DINO training checkpoint.")
-    center = _checked_center(center, (1, config.out_dim), config, f"dino_loss.center of {path}")
+    center = _checked_center(
+        center, (1, config.dino.head_n_prototypes), config, f"dino_loss.center of {path}"
+    )
     abstract = jax.eval_shape(lambda key: dino_step.init_state(config, key), jax.random.key(0))
     networks = {w: split_network(network_state_dict(checkpoint, w)) for w in NETWORKS}
     step = int(checkpoint["epoch"]) * steps_per_epoch(config)
@@ -106,7 +108,7 @@ def init_state_from(
     source: str | epath.PathLike, config: ml_collections.ConfigDict, rng, mesh=None
 ):
     """(TrainState, what was taken) to start a NEW run from trained weights (the training
-    command's `config.init_checkpoint`): step 0, a fresh optimizer state, and from `source`
+    command's `config.train.init_checkpoint`): step 0, a fresh optimizer state, and from `source`
 
     - an official full training checkpoint (main_dino.py: train_dino's checkpoint.pth): its
       student, teacher, BatchNorm statistics and center;
@@ -129,7 +131,9 @@ def init_state_from(
     _check_backbone_fits(backbone, abstract.student["backbone"], config, found.num_heads, path)
     center = found.center
     if center is not None:
-        center = _checked_center(center, (config.out_dim,), config, f"The center of {path}")
+        center = _checked_center(
+            center, (config.dino.head_n_prototypes,), config, f"The center of {path}"
+        )
     for which, (backbone, head) in found.networks.items():
         _network_variables(backbone, head, which, abstract, config, path)
     fresh = dino_step.init_state(config, rng, mesh)
@@ -232,7 +236,7 @@ def _check_backbone_fits(state: StateDict, abstract: dict, config, num_heads, so
         raise ValueError(
             f"init_checkpoint {source} has "
             + ", ".join(f"{key} {got[key]}" for key in diffs)
-            + f"; the config (arch {config.arch}) builds "
+            + f"; the config (arch {config.student.arch}) builds "
             + ", ".join(f"{key} {want[key]}" for key in diffs)
             + ". Set arch, patch_size, img_size and embed_dim/depth/num_heads to the file's."
         )
@@ -298,13 +302,13 @@ def _optimizer_state(checkpoint: dict, student: StateDict, fresh, abstract, conf
     for group, group_names in zip(groups, names, strict=True):
         for index, name in zip(group["params"], group_names, strict=True):
             by_name[name] = saved["state"].get(index, {})
-    buffers = _TORCH_BUFFERS[config.optimizer]
+    buffers = _TORCH_BUFFERS[config.optim.optimizer]
     found = {key for entry in by_name.values() for key in entry if key != "step"}
     if found and not found <= set(buffers):
         raise ValueError(
             f"The optimizer state of {source} holds {sorted(found)}, not the state of "
-            f"config.optimizer={config.optimizer!r} ({sorted(buffers)}). Set the optimizer the "
-            "run was trained with."
+            f"optim.optimizer={config.optim.optimizer!r} ({sorted(buffers)}). Set the optimizer "
+            "the run was trained with."
         )
     counts = _step_counts(by_name, abstract.student, config, source)
     trees = {
@@ -336,7 +340,7 @@ def _trainable_names(student: StateDict, config) -> tuple[list[str], list[str]]:
     for name, value in student.items():
         if name.rsplit(".", 1)[-1] in (*IGNORED_BUFFERS, "running_mean", "running_var"):
             continue
-        if config.norm_last_layer and name.endswith("last_layer.weight_g"):
+        if config.dino.norm_last_layer and name.endswith("last_layer.weight_g"):
             continue
         (other if name.endswith(".bias") or value.ndim == 1 else decayed).append(name)
     return decayed, other
@@ -352,7 +356,9 @@ def _step_counts(by_name: dict, params, config, source) -> dict[str, int]:
         if part == "backbone":
             name = f"backbone.{backbone_key(tuple(rest))}"
         else:
-            key = head_key(tuple(rest), use_bn=config.use_bn_in_head, nlayers=config.head_nlayers)
+            key = head_key(
+                tuple(rest), use_bn=config.dino.use_bn_in_head, nlayers=config.dino.head_nlayers
+            )
             name = f"head.{key}"
         entry = by_name.get(name) or {}
         label = group_of("/".join(path), rules).label
@@ -435,8 +441,8 @@ def _center(checkpoint: dict) -> np.ndarray | None:
 def _checked_center(center: np.ndarray, shape: tuple, config, what: str) -> np.ndarray:
     if tuple(center.shape) != shape:
         raise ValueError(
-            f"{what} has shape {tuple(center.shape)}, the config's out_dim={config.out_dim} "
-            f"needs {shape}."
+            f"{what} has shape {tuple(center.shape)}, the config's "
+            f"dino.head_n_prototypes={config.dino.head_n_prototypes} needs {shape}."
         )
     return np.asarray(center, np.float32).reshape(-1)
 

@@ -33,11 +33,11 @@ class Dino:
         """{"global": [B, 2, G, G, 3], "local": [B, n, L, L, 3] (absent when n = 0)}: float32
         normalised crops, or uint8 ones when the step augments them (data.augment_on_device)."""
         c = self.config
-        b, g, l = c.batch_size, c.data.global_crop_size, c.data.local_crop_size
+        b, g, l = c.train.batch_size, c.crops.global_crops_size, c.crops.local_crops_size
         dtype = np.uint8 if c.data.augment_on_device else np.float32
         spec = {"global": jax.ShapeDtypeStruct((b, 2, g, g, 3), dtype)}
-        if c.local_crops_number:
-            n = c.local_crops_number
+        if c.crops.local_crops_number:
+            n = c.crops.local_crops_number
             spec["local"] = jax.ShapeDtypeStruct((b, n, l, l, 3), dtype)
         return spec
 
@@ -49,17 +49,19 @@ class Dino:
         )
 
     def init_inputs(self) -> tuple[jax.Array, ...]:
-        size = self.config.data.global_crop_size
+        size = self.config.crops.global_crops_size
         return (jnp.zeros((1, 2, size, size, 3), jnp.float32),)
 
     def init_state(self) -> dict[str, jax.Array]:
-        return {"center": jnp.zeros([self.config.out_dim], jnp.float32)}
+        return {"center": jnp.zeros([self.config.dino.head_n_prototypes], jnp.float32)}
 
     def teacher_temp(self, hp: Hyperparams) -> jax.Array:
         """main_dino.py: DINOLoss.teacher_temp_schedule, per epoch."""
         c = self.config
         schedule = teacher_temp_schedule(
-            c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_epochs
+            c.teacher.warmup_teacher_temp,
+            c.teacher.teacher_temp,
+            c.teacher.warmup_teacher_temp_epochs,
         )
         return jnp.asarray(schedule(hp.epoch), jnp.float32)
 
@@ -72,7 +74,7 @@ class Dino:
         `student_chunks` > 1 the student runs on strided chunks of the batch in turn (less
         memory), each with its own stochastic-depth key; the mean of their batch-mean losses is
         the batch mean."""
-        chunks = self.config.student_chunks
+        chunks = self.config.compute.student_chunks
         temp = self.teacher_temp(hp)
         losses = []
         for j in range(chunks):
@@ -83,7 +85,9 @@ class Dino:
             )
             targets = _chunk(teacher_logits, j, chunks, axis=1)
             losses.append(
-                dino.dino_loss(logits, targets, state["center"], temp, self.config.student_temp)
+                dino.dino_loss(
+                    logits, targets, state["center"], temp, self.config.dino.student_temp
+                )
             )
         metrics = {
             "teacher_temp": temp,
@@ -92,7 +96,9 @@ class Dino:
         return sum(losses) / chunks, metrics
 
     def update_state(self, state, teacher_logits, hp: Hyperparams) -> dict[str, jax.Array]:
-        center = dino.update_center(state["center"], teacher_logits, self.config.center_momentum)
+        center = dino.update_center(
+            state["center"], teacher_logits, self.config.dino.center_momentum
+        )
         return {"center": center}
 
     def param_rules(self) -> Sequence[ParamRule]:
@@ -100,7 +106,7 @@ class Dino:
         `freeze_last_layer` epochs (main_dino.py: cancel_gradients_last_layer)."""
         return [
             ParamRule(NOT_DECAYED, wd_mult=0.0),
-            ParamRule(LAST_LAYER, frozen_epochs=self.config.freeze_last_layer),
+            ParamRule(LAST_LAYER, frozen_epochs=self.config.optim.freeze_last_layer_epochs),
         ]
 
 

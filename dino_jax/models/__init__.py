@@ -70,12 +70,12 @@ def build_backbone(
 def backbone_of(config: ml_collections.ConfigDict):
     """The float32, stochastic-depth-free backbone module that `config` trains."""
     return build_backbone(
-        config.arch,
-        patch_size=config.patch_size,
-        img_size=config.img_size,
-        embed_dim=config.embed_dim,
-        depth=config.depth,
-        num_heads=config.num_heads,
+        config.student.arch,
+        patch_size=config.student.patch_size,
+        img_size=config.student.img_size,
+        embed_dim=config.student.embed_dim,
+        depth=config.student.depth,
+        num_heads=config.student.num_heads,
     )
 
 
@@ -84,26 +84,26 @@ def build_dino(
 ) -> MultiCrop:
     """The student (with stochastic depth) or the teacher (without) network of `config`, built
     from `layers` (the platform's, `dino_jax.core.platforms.model_layers`)."""
-    dtype = jnp.dtype(config.dtype)
+    dtype = jnp.dtype(config.compute.dtype)
     backbone = build_backbone(
-        config.arch,
-        patch_size=config.patch_size,
-        drop_path_rate=0.0 if teacher else config.drop_path_rate,
-        img_size=config.img_size,
+        config.student.arch,
+        patch_size=config.student.patch_size,
+        drop_path_rate=0.0 if teacher else config.student.drop_path_rate,
+        img_size=config.student.img_size,
         dtype=dtype,
-        remat=config.get("remat", "none"),
+        remat=config.compute.remat,
         layers=layers,
-        embed_dim=config.embed_dim,
-        depth=config.depth,
-        num_heads=config.num_heads,
+        embed_dim=config.student.embed_dim,
+        depth=config.student.depth,
+        num_heads=config.student.num_heads,
     )
     head = DINOHead(
-        out_dim=config.out_dim,
-        use_bn=config.use_bn_in_head,
-        norm_last_layer=config.norm_last_layer,
-        nlayers=config.head_nlayers,
-        hidden_dim=config.head_hidden_dim,
-        bottleneck_dim=config.head_bottleneck_dim,
+        out_dim=config.dino.head_n_prototypes,
+        use_bn=config.dino.use_bn_in_head,
+        norm_last_layer=config.dino.norm_last_layer,
+        nlayers=config.dino.head_nlayers,
+        hidden_dim=config.dino.head_hidden_dim,
+        bottleneck_dim=config.dino.head_bottleneck_dim,
         dtype=dtype,
         layers=layers,
     )

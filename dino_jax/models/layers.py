@@ -92,7 +92,10 @@ def dense(features: int, dtype: Any, name: str) -> Dense:
 def layer_norm(name: str | None = None) -> nn.LayerNorm:
     """torch's LayerNorm: eps 1e-6, two-pass variance, float32 whatever the compute dtype."""
     return nn.LayerNorm(
-        epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+        epsilon=LN_EPS,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
         name=name,
     )
 

@@ -9,7 +9,9 @@ import ml_collections
 
 # The config keys that describe a backbone: a checkpoint's arrays fit only a config that agrees on
 # every one of them.
-CONFIG_KEYS = ("arch", "patch_size", "img_size", "embed_dim", "depth", "num_heads")
+CONFIG_KEYS = tuple(
+    f"student.{k}" for k in ("arch", "patch_size", "img_size", "embed_dim", "depth", "num_heads")
+)
 VIT_OUTPUTS = ("cls", "patch_tokens", "intermediate_layers", "attention")
 
 
@@ -41,12 +43,15 @@ VIT_ARCHS = tuple(name for name, spec in ARCH_SPECS.items() if spec.family == "v
 
 
 def model_spec(config: ml_collections.ConfigDict) -> ArchSpec:
-    """The spec of `config.arch` with the config's size overrides (embed_dim, depth, num_heads
-    where non-zero) applied to a ViT."""
-    if config.arch not in ARCH_SPECS:
-        raise ValueError(f"Unknown arch={config.arch!r}; choose one of {', '.join(ARCHS)}.")
-    spec = ARCH_SPECS[config.arch]
+    """The spec of `student.arch` with the config's size overrides (`student.embed_dim`, `depth`,
+    `num_heads` where set) applied to a ViT."""
+    if config.student.arch not in ARCH_SPECS:
+        raise ValueError(
+            f"Unknown student.arch={config.student.arch!r}; choose one of {', '.join(ARCHS)}."
+        )
+    spec = ARCH_SPECS[config.student.arch]
     if spec.family != "vit":
         return spec
-    overrides = {k: config[k] for k in ("embed_dim", "depth", "num_heads") if config.get(k)}
+    student = config.student
+    overrides = {k: student[k] for k in ("embed_dim", "depth", "num_heads") if student[k]}
     return dataclasses.replace(spec, **overrides)

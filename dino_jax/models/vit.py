@@ -201,8 +201,7 @@ class VisionTransformer(nn.Module):
         rates = np.linspace(0.0, self.drop_path_rate, self.depth)
         block = remat_block(self.remat)
         self.blocks = [
-            block(self.num_heads, self.mlp_ratio, float(rate), self.dtype, layers)
-            for rate in rates
+            block(self.num_heads, self.mlp_ratio, float(rate), self.dtype, layers) for rate in rates
         ]
         self.norm = layers.layer_norm()
 

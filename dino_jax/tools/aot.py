@@ -255,9 +255,9 @@ class CompileReport:
 
 def compile_step(config: ml_collections.ConfigDict, target: targets.Target | str):
     """(compiled, lowered, mesh) of `make_train_step(config, mesh)` over the target's devices,
-    `config.mesh` laid over them."""
+    `config.compute.mesh` laid over them."""
     target = targets.get_target(target) if isinstance(target, str) else target
-    mesh = parallel.make_mesh(config.mesh, targets.abstract_devices(target))
+    mesh = parallel.make_mesh(config.compute.mesh, targets.abstract_devices(target))
     step = make_train_step(config, mesh)
     lowered = step.lower(abstract_state(config, mesh), abstract_batch(config, mesh))
     # Triton GEMM autotuning times candidate kernels on a GPU; without one, cuBLAS it is.
@@ -300,8 +300,8 @@ def compile_report(
     """Compile the train step of `config` for `target` and report it (see CompileReport)."""
     target = targets.get_target(target) if isinstance(target, str) else target
     config = config.copy_and_resolve_references()
-    if config.steps_per_epoch <= 0:
-        config.steps_per_epoch = 1000  # any value: the schedules only need one
+    if config.train.OFFICIAL_EPOCH_LENGTH is None:
+        config.train.OFFICIAL_EPOCH_LENGTH = 1000  # any value: the schedules only need one
     start = time.perf_counter()
     compiled, lowered, mesh = compile_step(config, target)
     compile_s = time.perf_counter() - start
@@ -315,8 +315,8 @@ def compile_report(
         chip=target.chip.name,
         devices=mesh.size,
         mesh=dict(mesh.shape),
-        batch_size=config.batch_size,
-        dtype=config.dtype,
+        batch_size=config.train.batch_size,
+        dtype=config.compute.dtype,
         compile_s=compile_s,
         argument_bytes=memory.argument_size_in_bytes,
         batch_bytes=entry_parameter_bytes(hlo, "batch[")

@@ -176,10 +176,10 @@ class PreparedStep:
 
 def prepare_step(config: ml_collections.ConfigDict) -> PreparedStep:
     """Compile the train step of `config` ahead of time, with its state and a random batch."""
-    if config.steps_per_epoch <= 0:
-        config.steps_per_epoch = 1000  # any value: the schedules only need one
-    mesh = parallel.make_mesh(config.mesh)
-    state = init_state(config, jax.random.key(config.seed), mesh)
+    if config.train.OFFICIAL_EPOCH_LENGTH is None:
+        config.train.OFFICIAL_EPOCH_LENGTH = 1000  # any value: the schedules only need one
+    mesh = parallel.make_mesh(config.compute.mesh)
+    state = init_state(config, jax.random.key(config.train.seed), mesh)
     batch = parallel.to_global(random_batch(config), mesh)
     start = time.perf_counter()
     compiled = make_train_step(config, mesh).lower(state, batch).compile()
@@ -193,13 +193,13 @@ def report_step(step: PreparedStep) -> StepReport:
     counted = counted_program(config, mesh, step.state, step.batch, step.compiled)
     flops = step_flops(counted, n)
     step_s = statistics.median(step.times)
-    peak, peak_source = mesh_peak_flops(list(mesh.devices.flat), config.dtype)
+    peak, peak_source = mesh_peak_flops(list(mesh.devices.flat), config.compute.dtype)
     memory, memory_source = peak_memory(device, step.compiled)
     return StepReport(
         compile_s=step.compile_s,
         step_s=step_s,
         cpu_s=statistics.median(step.cpu_times),
-        images_per_s=config.batch_size / step_s,
+        images_per_s=config.train.batch_size / step_s,
         flops=flops,
         flops_per_s=flops / step_s,
         peak_flops=peak,
@@ -232,7 +232,7 @@ def benchmark_step(config: ml_collections.ConfigDict, steps: int, warmup: int) -
 
 def run(args: argparse.Namespace, configs: list[tuple[str, ml_collections.ConfigDict]]) -> None:
     """Print the table of `benchmark step` for `configs` ([(label, config)])."""
-    if all(c.cpu_tuning and host_memory.cpu_run(c.platform) for _, c in configs):
+    if all(c.compute.cpu_tuning and host_memory.cpu_run(c.compute.platform) for _, c in configs):
         host_memory.reuse_freed_memory()  # as the training job does, before JAX's threads start
     devices = jax.devices()
     order = "in turn, one step of each per round" if args.interleave else "one config after another"
@@ -251,9 +251,12 @@ def run(args: argparse.Namespace, configs: list[tuple[str, ml_collections.Config
         reports = (benchmark_step(c, args.steps, args.warmup) for _, c in configs)
     rows = []
     for (label, config), r in zip(configs, reports, strict=True):
-        model = f"{config.arch}/{config.patch_size}, K={config.out_dim}"
+        model = (
+            f"{config.student.arch}/{config.student.patch_size}, K={config.dino.head_n_prototypes}"
+        )
         print(
-            f"| {label} | {model} | {config.batch_size}, {crops_summary(config)} | {config.dtype} "
+            f"| {label} | {model} | {config.train.batch_size}, {crops_summary(config)} "
+            f"| {config.compute.dtype} "
             f"| {r.compile_s:.1f} | {r.step_s:.3f} | {r.images_per_s:.2f} | {r.flops / 1e9:.1f} "
             f"| {r.flops_per_s / 1e12:.3f} | {r.peak_flops / 1e12:.3f} ({r.peak_source}) "
             f"| {100 * r.mfu:.1f}% | {r.peak_memory_bytes / 2**30:.2f} ({r.memory_source}) "

@@ -145,7 +145,7 @@ from dino_jax.metrics import read_metrics
 
 records = [r for r in read_metrics(WORKDIR) if "loss" in r]
 steps = [r["step"] for r in records]
-log_k = math.log(config.out_dim)
+log_k = math.log(config.dino.head_n_prototypes)
 figure, axes = plt.subplots(1, 4, figsize=(16, 3.2), layout="constrained")
 for ax, key in zip(axes, ["loss", "teacher_entropy", "teacher_kl_uniform", "lr"], strict=True):
     ax.plot(steps, [r[key] for r in records], marker="." if len(steps) < 20 else None)

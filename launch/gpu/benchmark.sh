@@ -56,7 +56,7 @@ case $DEVICE in
     BATCH_SIZE=${BATCH_SIZE:-2} LOCAL_CROPS=${LOCAL_CROPS:-2}
     STEPS=${STEPS:-1} WARMUP=${WARMUP:-0}
     # The stock layers: the CPU attention kernel would be compiled first, then the step twice.
-    recipe=configs/vit_small16.py:smoke ours_size=(--config.cpu_tuning=False)
+    recipe=configs/vit_small16.py:smoke ours_size=(--config.compute.cpu_tuning=False)
     reference_size=(--smoke)
     export JAX_PLATFORMS=cpu
     ;;
@@ -89,8 +89,8 @@ side() {
 }
 
 side ours "$JAX_TIMEOUT" "$PYTHON" -m dino_jax.benchmark step --config "$recipe" \
-  "--config.batch_size=$BATCH_SIZE" "--config.local_crops_number=$LOCAL_CROPS" \
-  "${ours_size[@]}" --config.dtype=bfloat16 --steps "$STEPS" --warmup "$WARMUP"
+  "--config.train.batch_size=$BATCH_SIZE" "--config.crops.local_crops_number=$LOCAL_CROPS" \
+  "${ours_size[@]}" --config.compute.dtype=bfloat16 --steps "$STEPS" --warmup "$WARMUP"
 side reference "$TORCH_TIMEOUT" "$PYTHON" tests/torch_reference.py --device "$DEVICE" --fp16 \
   "${reference_size[@]}" --batch-size "$BATCH_SIZE" --local-crops "$LOCAL_CROPS" \
   --steps "$STEPS" --warmup "$WARMUP" --json "$LOG_DIR/reference.json"

@@ -4,7 +4,7 @@
 # Usage: CONFIG=configs/vit_small16.py WORKDIR=/data/dino/vits16 launch/gpu/single_node.sh \
 #          [--config.KEY=VALUE ...]
 # e.g.   CONFIG=configs/vit_small16.py WORKDIR=runs/vits16 launch/gpu/single_node.sh \
-#          --config.data.data_dir=/data/tensorflow_datasets --config.batch_size=512
+#          --config.data.data_dir=/data/tensorflow_datasets --config.train.batch_size=512
 # Only some GPUs: CUDA_VISIBLE_DEVICES=0,1 launch/gpu/single_node.sh ...
 # Rerunning the same command resumes from the newest checkpoint in WORKDIR.
 #

@@ -89,9 +89,7 @@ def make_score_fn(model: Any, mesh: Mesh, threshold: float = THRESHOLD):
         return mask_scores(maps, masks, model.patch_size, threshold)
 
     batch = parallel.batch_sharding(mesh)
-    return jax.jit(
-        scores, in_shardings=(None, batch, batch), out_shardings=batch
-    )
+    return jax.jit(scores, in_shardings=(None, batch, batch), out_shardings=batch)
 
 
 def attention_jaccard(
