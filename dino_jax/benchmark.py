@@ -37,7 +37,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from dino_jax.core.config import load_config, unknown_overrides
+from dino_jax.core.config import load_config, none_overrides, set_none, unknown_overrides
 from dino_jax.tools import aot, input_benchmark, step_benchmark, targets
 
 
@@ -51,6 +51,7 @@ def override_config(
     unknown = unknown_overrides(config, overrides)
     if unknown:
         raise ValueError("; ".join(unknown))
+    overrides, unset = none_overrides(overrides)
     argv = ["benchmark", *overrides]
     values = flags.FlagValues()
     config_flags.DEFINE_config_dict(
@@ -60,6 +61,7 @@ def override_config(
         values(argv)
     except flags.Error as e:
         raise ValueError(str(e)) from e
+    set_none(values.config, unset)
     return values.config
 
 

@@ -26,7 +26,13 @@ from tqdm import tqdm
 
 from dino_jax.checkpoint import Checkpointer, SaveFailed, export_teacher
 from dino_jax.core import parallel
-from dino_jax.core.config import load_config, unknown_overrides, validate
+from dino_jax.core.config import (
+    load_config,
+    none_overrides,
+    set_none,
+    unknown_overrides,
+    validate,
+)
 from dino_jax.core.step import abstract_batch, abstract_state, init_state, make_train_step
 from dino_jax.cpu import host_memory
 from dino_jax.data.pipeline import batches_per_epoch, train_dataset, train_source
@@ -303,7 +309,8 @@ def _check_finite(metrics: dict, step: int) -> dict[str, float]:
     if not math.isfinite(metrics["loss"]):
         raise NonFiniteLoss(
             f"Loss is {metrics['loss']} at step {step}; stopping with the last good checkpoint "
-            "kept. Try a lower lr, clip_grad, or dtype=float32 (see README: NaN losses)."
+            "kept. Try a lower optim.lr or optim.clip_grad, or compute.dtype=float32 "
+            "(docs/training.md: NaN losses)."
         )
     return metrics
 
@@ -344,9 +351,13 @@ def _without_checkpointer_tracebacks(record: logging.LogRecord) -> bool:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, but an unknown `--config.KEY` ends in one line per key naming the
-    nearest known keys, not ml_collections' traceback."""
+    nearest known keys (or its section, for a key of the flat layout), not ml_collections'
+    traceback; `--config.KEY=None` unsets an optional key."""
+    argv, unset = none_overrides(argv)
     try:
-        return app.parse_flags_with_usage(argv)
+        rest = app.parse_flags_with_usage(argv)
+        set_none(flags.FLAGS.config, unset)
+        return rest
     except (AttributeError, KeyError):
         spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
         if spec is None and "--config" in argv[:-1]:

@@ -242,8 +242,8 @@ MOVED_KEYS = {
         )
     },
 }
-# The flat layout's "unset" values, None now.
-_UNSET = {
+# The keys that may be None, with the value that meant "unset" in the flat layout.
+OPTIONAL_KEYS = {
     "student.embed_dim": 0,
     "student.depth": 0,
     "student.num_heads": 0,
@@ -271,7 +271,7 @@ def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
         value = holder.pop(leaf)
         new_section, new_leaf = new.split(".")
         out.setdefault(new_section, {})[new_leaf] = value
-    for key, unset in _UNSET.items():
+    for key, unset in OPTIONAL_KEYS.items():
         section, leaf = key.split(".")
         if out.get(section, {}).get(leaf, None) == unset:
             out[section][leaf] = None
@@ -365,6 +365,26 @@ def unknown_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) ->
         hint = f"did you mean {' or '.join(near)}?" if near else "see dino_jax/core/config.py"
         messages.append(f"Unknown config key {key!r} in {arg!r}: {hint}")
     return messages
+
+
+def none_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(`argv` without its `--config.KEY=None` overrides of OPTIONAL_KEYS, those KEYs):
+    config_flags parses a value as its field's type, so the caller sets them after parsing."""
+    rest, keys = [], []
+    for arg in argv:
+        key, _, value = arg.removeprefix("--config.").partition("=")
+        if arg.startswith("--config.") and key in OPTIONAL_KEYS and value.lower() == "none":
+            keys.append(key)
+        else:
+            rest.append(arg)
+    return rest, keys
+
+
+def set_none(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
+    """Sets each dotted key of `keys` ("student.depth") to None."""
+    for key in keys:
+        section, leaf = key.split(".")
+        config[section][leaf] = None
 
 
 def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
