@@ -26,9 +26,8 @@ def get_config(arg=None):
     c.crops.local_crops_number = 6
     c.data.num_workers = 1
     c.train.batch_size = 64
-    c.optim.epochs = (
-        10  # schedule epochs of 30 steps (the data has 20,000 images: one pass ~ 300 steps)
-    )
+    # Schedule epochs of 30 steps (the data has 20,000 images: one pass ~ 300 steps).
+    c.optim.epochs = 10
     c.train.OFFICIAL_EPOCH_LENGTH = 30
     c.optim.warmup_epochs = 1
     c.optim.lr = 1e-3

@@ -31,9 +31,8 @@ def get_config(arg=None):
     c.crops.local_crops_number = 6
     c.data.num_workers = 1
     c.train.batch_size = 64
-    c.optim.epochs = (
-        20  # schedule epochs of 30 steps (one pass over the 20,000 scenes is ~300 steps)
-    )
+    # Schedule epochs of 30 steps (one pass over the 20,000 scenes is ~300 steps).
+    c.optim.epochs = 20
     c.train.OFFICIAL_EPOCH_LENGTH = 30
     c.optim.warmup_epochs = 1
     c.optim.lr = 2e-3

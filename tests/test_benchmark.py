@@ -70,10 +70,8 @@ def test_config_overrides():
         ]
     )
     assert config.train.batch_size == 8 and config.compute.dtype == "float32"
-    assert config.crops.local_crops_size == 64 and tuple(config.crops.local_crops_scale) == (
-        0.1,
-        0.3,
-    )
+    crops = config.crops
+    assert crops.local_crops_size == 64 and tuple(crops.local_crops_scale) == (0.1, 0.3)
     assert label.startswith("configs/vit_small16.py train.batch_size=8")
     with pytest.raises(ValueError, match=r"Unknown config key 'train.bath_size'.*did you mean"):
         benchmark.parse_configs(
@@ -127,17 +125,9 @@ def vit_dino_step_matmul_flops(config) -> int:
     multiply-add): the teacher's forward on the 2 global crops, the student's forward and backward
     on the global and local crops. The backward of a matmul is two matmuls of its size (input and
     weight gradients), except the patch embedding's: no one needs the pixels' gradient."""
-    d, p, depth, mlp = (
-        config.student.embed_dim,
-        config.student.patch_size,
-        config.student.depth,
-        4 * config.student.embed_dim,
-    )
-    hidden, bottleneck, out = (
-        config.dino.head_hidden_dim,
-        config.dino.head_bottleneck_dim,
-        config.dino.head_n_prototypes,
-    )
+    student, dino = config.student, config.dino
+    d, p, depth, mlp = student.embed_dim, student.patch_size, student.depth, 4 * student.embed_dim
+    hidden, bottleneck, out = dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_n_prototypes
     assert config.dino.head_nlayers == 3
 
     def backbone_and_head(size: int) -> tuple[int, int]:

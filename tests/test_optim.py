@@ -122,11 +122,8 @@ def test_chain_matches_torch_over_steps_with_freeze(name):
     rng = np.random.default_rng(1)
     params = make_params(rng)
     config = base_config()
-    config.optim.optimizer, config.optim.clip_grad, config.optim.freeze_last_layer_epochs = (
-        name,
-        2.0,
-        FREEZE,
-    )
+    optim = config.optim
+    optim.optimizer, optim.clip_grad, optim.freeze_last_layer_epochs = name, 2.0, FREEZE
     n_steps = 6
     grads_seq = [
         jax.tree.map(lambda p: rng.normal(scale=1.5, size=p.shape).astype(np.float32), params)
@@ -211,11 +208,8 @@ def test_layerwise_decay_and_total_norm_clip_from_the_config_match_numpy():
         is_leaf=lambda x: isinstance(x, tuple),
     )
     config = base_config()
-    config.student.arch, config.student.depth, config.optim.freeze_last_layer_epochs = (
-        "vit_small",
-        depth,
-        0,
-    )
+    config.student.arch, config.student.depth = "vit_small", depth
+    config.optim.freeze_last_layer_epochs = 0
     config.optim.layerwise_decay, config.optim.patch_embed_lr_mult = rate, 0.2
     config.optim.param_groups = (("^head/mlp_0/", 3.0, 0.5, 0),)
     config.optim.clip_grad, config.optim.clip_mode = 1.5, "total_norm"

@@ -111,11 +111,8 @@ def test_relative_workdir_and_signal_handlers_given_back(tmp_path, monkeypatch):
     SIGINT handler working again once train() returns."""
     monkeypatch.chdir(tmp_path)
     config = load_config(f"{REPO / 'configs' / 'demo.py'}:smoke")
-    config.optim.epochs, config.train.OFFICIAL_EPOCH_LENGTH, config.eval.knn_every_steps = (
-        1,
-        2,
-        None,
-    )
+    config.optim.epochs, config.train.OFFICIAL_EPOCH_LENGTH = 1, 2
+    config.eval.knn_every_steps = None
 
     def kernel_handler(signum, frame):
         pass

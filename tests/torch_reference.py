@@ -485,11 +485,8 @@ def time_beside_jax(steps=5, warmup=1, batch_size=8, local_crops=8):
     from dino_jax.tools import step_benchmark
 
     config = load_config("configs/vit_small16.py")
-    config.train.batch_size, config.crops.local_crops_number, config.compute.dtype = (
-        batch_size,
-        local_crops,
-        "float32",
-    )
+    config.train.batch_size, config.crops.local_crops_number = batch_size, local_crops
+    config.compute.dtype = "float32"
     ours = step_benchmark.prepare_step(config)
     reference = make_iteration(batch_size, local_crops)
     times = []

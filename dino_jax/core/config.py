@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.student = s = ml_collections.ConfigDict()
     s.arch = "vit_small"  # vit_tiny, vit_small, vit_base (vision_transformer.py) or resnet50
-    s.patch_size = 16
+    s.patch_size = 16  # pixels per side of a ViT patch (ignored by resnet50)
     s.img_size = 224  # the resolution pos_embed is built for; other crop sizes interpolate it
     s.drop_path_rate = 0.1  # stochastic depth, rising linearly over the blocks
     # ViT size overrides (None keeps the arch's): for small experiments and tests.
@@ -54,22 +54,22 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.dino = d = ml_collections.ConfigDict()
     d.head_n_prototypes = 65536  # main_dino.py's out_dim: the head's output width
-    d.head_hidden_dim = 2048
-    d.head_bottleneck_dim = 256
-    d.head_nlayers = 3
+    d.head_hidden_dim = 2048  # the width of the head MLP's hidden layers
+    d.head_bottleneck_dim = 256  # the L2-normalised output of the MLP, before the last layer
+    d.head_nlayers = 3  # linear layers of the MLP (main_dino.py: DINOHead nlayers)
     d.norm_last_layer = True  # weight-normalised last layer with its norm fixed to 1
-    d.use_bn_in_head = False
-    d.student_temp = 0.1
+    d.use_bn_in_head = False  # BatchNorm after each hidden layer of the head
+    d.student_temp = 0.1  # the student's softmax temperature
     d.center_momentum = 0.9  # the EMA of the teacher's outputs subtracted before its softmax
 
     c.optim = o = ml_collections.ConfigDict()
     o.optimizer = "adamw"  # adamw, sgd or lars
-    o.epochs = 100
+    o.epochs = 100  # the length every schedule is laid out over
     o.lr = 5e-4  # for a global batch of 256, scaled linearly (main_dino.py)
     o.min_lr = 1e-6  # the end of the cosine after warmup_epochs of linear warmup
-    o.warmup_epochs = 10
+    o.warmup_epochs = 10  # linear lr warmup from 0
     o.weight_decay = 0.04  # raised by a cosine to weight_decay_end
-    o.weight_decay_end = 0.4
+    o.weight_decay_end = 0.4  # the weight decay at the end of training
     o.clip_grad = 3.0  # 0 disables clipping, as in main_dino.py
     # "per_tensor" clips each gradient tensor to clip_grad (main_dino.py: utils.clip_gradients);
     # "total_norm" each sub-network's gradients (backbone, head) by their joint norm (DINOv2).
@@ -85,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
     # lr multiplier, weight-decay multiplier, frozen epochs) tuples; every matching rule applies.
     o.param_groups = ()
 
+    # Multi-crop: 2 global crops and local_crops_number local ones per image, each a
+    # RandomResizedCrop of an area fraction in its scale range, resized to its size in pixels.
     c.crops = m = ml_collections.ConfigDict()
     m.global_crops_scale = (0.4, 1.0)
     m.local_crops_number = 8
@@ -96,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     r.batch_size = 512  # global, over all devices and hosts
     # Iterations per epoch (DINOv2's name); None derives it from the dataset size (drop_last).
     r.OFFICIAL_EPOCH_LENGTH = optional(int)
-    r.seed = 0
+    r.seed = 0  # parameters, augmentations, data order and drop-path masks
     # Weights a NEW run starts from (step 0, fresh optimizer): an official .pth (full training
     # checkpoint or backbone), a dino_jax export or workdir. A checkpoint in --workdir wins.
     r.init_checkpoint = optional(str)
@@ -104,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = a = ml_collections.ConfigDict()
     # or "synthetic:textures", "tfds:imagenet2012", "folder:/path/to/images"
     a.source = "synthetic:shapes"
-    a.split = "train"
+    a.split = "train"  # the split of data.source to train on
     a.data_dir = optional(str)  # tfds data_dir (None: tfds's default)
     a.blur_sigma = (0.1, 2.0)  # Gaussian blur range in output pixels; scale it with the crops
     # True: the host only crops, resizes and flips (uint8); colour jitter, grayscale, blur,
@@ -113,12 +115,13 @@ def base_config() -> ml_collections.ConfigDict:
     a.num_workers = 0  # grain worker processes (0: decode and augment in the main process)
     a.num_threads = 4  # threads per process preparing batches (OpenCV and PIL free the GIL)
     a.prefetch_batches = 4  # batches prepared ahead, per process
-    a.eval_split = "val"
+    a.eval_split = "val"  # the split the k-NN monitor classifies
     # The k-NN monitor's queries: None takes data.source, read with data.eval_split. A
     # folder:ROOT holding train/ and val/ has its splits there; a folder without them is one
     # split, so its queries need a source of their own (the monitor refuses queries that sit in
     # its memory).
     a.eval_source = optional(str)
+    # The monitor's images: resized (shorter side), then centre-cropped, as eval_knn.py does.
     a.eval_resize_size = 256
     a.eval_crop_size = 224
 
@@ -146,8 +149,8 @@ def base_config() -> ml_collections.ConfigDict:
     u.compilation_cache_dir = optional(str, "compilation_cache")
 
     c.checkpoint = k = ml_collections.ConfigDict()
-    k.every_steps = 1000
-    k.keep = 3
+    k.every_steps = 1000  # also at the end of each run and on a preemption notice
+    k.keep = 3  # the newest checkpoints kept in WORKDIR/checkpoints
     # Resuming with other optim.epochs, train.OFFICIAL_EPOCH_LENGTH or train.batch_size is
     # refused (the schedules would jump); True resumes anyway and follows the new lengths'
     # schedules from the saved step.
@@ -163,13 +166,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Seeded, class-balanced samples of the whole split (data.sources.sample_indices).
     e.knn_train_examples = 10000  # labelled examples of data.split as the k-NN memory
     e.knn_val_examples = 2000  # examples of data.eval_split (of data.eval_source) to classify
-    e.knn_k = 20
+    e.knn_k = 20  # neighbours voting, weighted by exp(similarity / 0.07) (eval_knn.py)
     # The attention monitor (eval/attention_monitor.py), beside the k-NN monitor: the Jaccard
     # index of the teacher's attention masks on this many held-out scenes with true masks (0:
     # off), and WORKDIR/figures/attention_<step>.png with the maps of the first figure_scenes.
     e.jaccard_examples = 0
     e.figure_scenes = 4
-    e.batch_size = 256
+    e.batch_size = 256  # images per forward pass of the monitors, over all devices
     return c
 
 
