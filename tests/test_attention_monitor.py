@@ -134,8 +134,8 @@ def test_monitors_score_fsdp_split_parameters_as_replicated_ones(tiny_config):
     config.eval.knn_train_examples, config.eval.knn_val_examples = 32, 16
     config.eval.jaccard_examples, config.eval.batch_size = 16, 8
     split = config.copy_and_resolve_references()
-    split.mesh = (("data", -1), ("fsdp", 2))
-    fsdp_mesh = parallel.make_mesh(split.mesh)
+    split.compute.mesh = (("data", -1), ("fsdp", 2))
+    fsdp_mesh = parallel.make_mesh(split.compute.mesh)
     teacher = init_state(split, jax.random.key(0), fsdp_mesh).teacher
     assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(teacher))
     host = jax.device_get(teacher)

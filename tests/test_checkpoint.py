@@ -151,7 +151,8 @@ def test_check_compatible_names_each_changed_model_key(tmp_path, tiny_config):
 
 def test_a_run_saved_before_methods_is_refused_in_one_line(tmp_path, tiny_config):
     old = tiny_config()
-    del old["method"]  # the saved config of that layout has no method key
+    with old.unlocked():
+        del old["method"]  # the saved config of that layout has no method key
     with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
         ckpt.save(3, small_state(3), None, old)
     with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:

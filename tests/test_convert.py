@@ -125,7 +125,7 @@ def test_infers_resnet50_with_running_stats():
 def test_unknown_width_is_refused():
     with torch.device("meta"):
         state = shapes_only(TorchViT(16, 96, 1, 3, img_size=224))
-    with pytest.raises(ValueError, match="width 96 is none of the reference's ViTs"):
+    with pytest.raises(ValueError, match="width 96 is none of the official ViTs"):
         state_dict.infer_backbone_config(state)
 
 

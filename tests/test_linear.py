@@ -44,7 +44,7 @@ def block_outputs(model, variables, images):
     _, state = model.apply(
         variables,
         images,
-        method="get_intermediate_layers",
+        method="block_outputs",
         capture_intermediates=True,
         mutable=["intermediates"],
     )
@@ -67,7 +67,7 @@ def test_features_are_the_last_four_cls_tokens_after_the_final_norm(vit):
     assert got.shape == (3, 4 * 64)
     np.testing.assert_allclose(got, want, atol=2e-5)
     # The same as the reference computes it from get_intermediate_layers.
-    layers = model.apply(variables, images, 4, method="get_intermediate_layers")
+    layers = model.apply(variables, images, 4, method="block_outputs")
     np.testing.assert_allclose(got, np.concatenate([x[:, 0] for x in layers], -1), atol=1e-6)
 
 

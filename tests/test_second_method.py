@@ -29,11 +29,10 @@ def mse_method():
     METHODS.pop("mse")
 
 
-def smoke_config(**overrides):
+def smoke_config(epoch_length: int):
     config = load_config(f"{REPO / 'configs' / 'demo.py'}:smoke")
     config.method = "mse"
-    for key, value in overrides.items():
-        config[key] = value
+    config.train.OFFICIAL_EPOCH_LENGTH = epoch_length
     return config
 
 
@@ -58,7 +57,7 @@ def test_its_loss_and_state_in_the_generic_step(tiny_config):
 
 @pytest.mark.slow
 def test_trains_checkpoints_and_resumes_with_the_same_losses(tmp_path):
-    config = smoke_config(steps_per_epoch=6)
+    config = smoke_config(epoch_length=6)
     config.checkpoint.every_steps = 3
     train_lib.train(config, str(tmp_path / "whole"))
     whole = losses_by_step(tmp_path / "whole")
@@ -67,7 +66,7 @@ def test_trains_checkpoints_and_resumes_with_the_same_losses(tmp_path):
     # The same run stopped after step 3 (its later checkpoint gone), then resumed.
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
-    train_lib.train(smoke_config(steps_per_epoch=6), str(tmp_path / "resumed"))
+    train_lib.train(smoke_config(epoch_length=6), str(tmp_path / "resumed"))
     resumed = losses_by_step(tmp_path / "resumed")
     np.testing.assert_array_equal([resumed[s] for s in whole], list(whole.values()))
 

@@ -243,7 +243,7 @@ def test_workdir_of_another_model_is_refused(tmp_path):
     assert code == 0, out
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     code, out = cli(tmp_path, "--config.dino.head_n_prototypes=512")
-    assert code != 0 and "out_dim" in out
+    assert code != 0 and "dino.head_n_prototypes: saved 256, requested 512" in out
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
@@ -267,7 +267,8 @@ def test_unknown_config_key_is_one_line_with_the_nearest_keys(tmp_path):
     assert lines == [
         "error: Unknown config key 'data.sourc' in '--config.data.sourc=folder:x': "
         "did you mean data.source or data.eval_source or data.split?",
-        "error: Unknown config key 'epoch' in '--config.epoch=3': did you mean epochs or depth?",
+        "error: Unknown config key 'epoch' in '--config.epoch=3': "
+        "did you mean optim.epochs or student.depth?",
         "error: Unknown config key 'zzzz' in '--config.zzzz=1': see dino_jax/core/config.py",
     ], out
     assert not (tmp_path / "checkpoints").exists()

@@ -103,7 +103,7 @@ def test_matches_torch_reference(patch, img_size, height, width, layers):
         return (
             model.apply(variables, x),
             model.apply(variables, x, method="get_last_selfattention"),
-            model.apply(variables, x, 2, method=VisionTransformer.get_intermediate_layers),
+            model.apply(variables, x, 2, method=VisionTransformer.block_outputs),
         )
 
     cls, attn, layers = outputs(variables, x)
@@ -134,7 +134,7 @@ def test_cls_features_skip_the_other_tokens_in_the_last_block():
         return jax.jit(fn).lower(variables, x).compile().cost_analysis()["flops"]
 
     cls = flops(model.apply)
-    full = flops(lambda v, x: model.apply(v, x, 1, method="get_intermediate_layers")[0])
+    full = flops(lambda v, x: model.apply(v, x, 1, method="block_outputs")[0])
     batch, others, dim = 2, 16, 64  # 4 x 4 patches besides the cls token
     # per token: q and proj (D x D each) and the MLP (D x 4D twice), 2 FLOPs per multiply-add
     skipped = batch * others * 2 * (2 * dim * dim + 2 * dim * 4 * dim)

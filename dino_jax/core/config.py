@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from dino_jax.models import ARCHS, REMATS, VIT_ARCHS
+from dino_jax.models import ARCHS, DINOV2_ARCHS, FFN_LAYERS, REMATS, VIT_ARCHS
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
 CLIP_MODES = ("per_tensor", "total_norm")
@@ -34,7 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.method = "dino"
 
     c.student = s = ml_collections.ConfigDict()
-    s.arch = "vit_small"  # vit_tiny, vit_small, vit_base (vision_transformer.py) or resnet50
+    # DINO's vit_tiny, vit_small, vit_base (vision_transformer.py) or resnet50; DINOv2's
+    # dinov2_vit_small, _base, _large or _giant2 (dinov2/models/vision_transformer.py).
+    s.arch = "vit_small"
     s.patch_size = 16  # pixels per side of a ViT patch (ignored by resnet50)
     s.img_size = 224  # the resolution pos_embed is built for; other crop sizes interpolate it
     s.drop_path_rate = 0.1  # stochastic depth, rising linearly over the blocks
@@ -42,6 +44,16 @@ def base_config() -> ml_collections.ConfigDict:
     s.embed_dim = optional(int)
     s.depth = optional(int)
     s.num_heads = optional(int)
+    # DINOv2's backbone options (dinov2_* archs; DINOv2's student.* names): LayerScale's initial
+    # gamma (None: no LayerScale; DINOv2 trains with 1e-5), the FFN ("mlp" or "swiglufused"),
+    # register tokens, the position-embedding resize (offset 0.1, or 0 with antialias as the
+    # hub's models with registers), and one drop-path rate for every block.
+    s.layerscale = optional(float)
+    s.ffn_layer = "mlp"
+    s.num_register_tokens = 0
+    s.interpolate_offset = 0.1
+    s.interpolate_antialias = False
+    s.drop_path_uniform = False
 
     c.teacher = t = ml_collections.ConfigDict()
     # The EMA's momentum, raised to 1 over training by a cosine (main_dino.py: momentum_schedule).
@@ -173,6 +185,7 @@ def base_config() -> ml_collections.ConfigDict:
     e.jaccard_examples = 0
     e.figure_scenes = 4
     e.batch_size = 256  # images per forward pass of the monitors, over all devices
+    c.lock()  # a misspelt or moved key fails where it is set, instead of being added
     return c
 
 
@@ -265,7 +278,7 @@ def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
     through unchanged."""
     out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in saved.items()}
     if isinstance(out.get("student"), dict):
-        return out
+        return _with_defaults(out)
     for old, new in MOVED_KEYS.items():
         section, _, leaf = old.rpartition(".")
         holder = out.get(section) if section else out
@@ -278,7 +291,16 @@ def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
         section, leaf = key.split(".")
         if out.get(section, {}).get(leaf, None) == unset:
             out[section][leaf] = None
-    return out
+    return _with_defaults(out)
+
+
+def _with_defaults(tree: dict[str, Any]) -> dict[str, Any]:
+    """`tree` with the backbone keys added since it was saved at their defaults (which
+    reproduce the models of before)."""
+    student = tree.setdefault("student", {})
+    for key, value in base_config().student.items():
+        student.setdefault(key, value)
+    return tree
 
 
 def lookup(config: ml_collections.ConfigDict | Mapping[str, Any], key: str, default: Any = None):
@@ -364,10 +386,23 @@ def unknown_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) ->
             new = f"--config.{MOVED_KEYS[key]}" + (f"={value}" if "=" in arg else "")
             messages.append(f"{arg!r}: config key {key!r} is now {MOVED_KEYS[key]!r}; use {new!r}")
             continue
-        near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        near = _nearest_keys(key, known)
         hint = f"did you mean {' or '.join(near)}?" if near else "see dino_jax/core/config.py"
         messages.append(f"Unknown config key {key!r} in {arg!r}: {hint}")
     return messages
+
+
+def _nearest_keys(key: str, known: list[str]) -> list[str]:
+    """Up to 3 known dotted keys near `key`: by the whole name, then by the leaf name (so that
+    "epoch" finds optim.epochs)."""
+    near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    by_leaf: dict[str, list[str]] = {}
+    for path in known:
+        by_leaf.setdefault(path.rpartition(".")[2], []).append(path)
+    leaf = key.rpartition(".")[2]
+    for match in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.6):
+        near.extend(by_leaf[match])
+    return list(dict.fromkeys(near))[:3]
 
 
 def none_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -443,6 +478,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 raise ValueError(
                     f"student.{key}={student[key]} must be positive, or None for the arch's."
                 )
+        _check_choice("student.ffn_layer", student.ffn_layer, FFN_LAYERS)
+        if student.arch not in DINOV2_ARCHS:
+            for key, default in (("layerscale", None), ("ffn_layer", "mlp")):
+                if student[key] != default:
+                    raise ValueError(
+                        f"student.{key}={student[key]!r} is DINOv2's: choose a dinov2_* arch, "
+                        f"or {key}={default!r} for {student.arch}."
+                    )
+            if student.num_register_tokens:
+                raise ValueError(
+                    f"student.num_register_tokens={student.num_register_tokens} is DINOv2's: "
+                    f"choose a dinov2_* arch, or 0 for {student.arch}."
+                )
+        if student.interpolate_antialias and student.interpolate_offset:
+            raise ValueError(
+                "student.interpolate_antialias resizes to a size, not by a scale: set "
+                "student.interpolate_offset=0 with it."
+            )
         if student.embed_dim and student.num_heads and student.embed_dim % student.num_heads:
             raise ValueError(
                 f"student.embed_dim={student.embed_dim} is not divisible by "

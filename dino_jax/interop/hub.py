@@ -124,15 +124,55 @@ def attention_maps(model, variables: dict, images) -> jax.Array:
     _require_vit(model, "attention_maps")
     attn = _apply(model, variables, x, method="get_last_selfattention")
     grid_h, grid_w = x.shape[1] // model.patch_size, x.shape[2] // model.patch_size
-    return attn[:, :, 0, 1:].reshape(attn.shape[0], attn.shape[1], grid_h, grid_w)
+    patches = attn[:, :, 0, 1 + model.num_register_tokens :]
+    return patches.reshape(attn.shape[0], attn.shape[1], grid_h, grid_w)
+
+
+def patch_features(model, variables: dict, images) -> jax.Array:
+    """[B, H, W, 3] images -> the final-normed patch tokens [B, H/p, W/p, D] float32 (DINOv2's
+    x_norm_patchtokens on the grid; registers dropped); ViT only."""
+    x = prepare_images(images)
+    _require_vit(model, "patch_features")
+    patches = _apply(model, variables, x, method="forward_features")["x_norm_patchtokens"]
+    grid_h, grid_w = x.shape[1] // model.patch_size, x.shape[2] // model.patch_size
+    return patches.reshape(x.shape[0], grid_h, grid_w, -1)
+
+
+def forward_features(model, variables: dict, images, masks=None) -> dict[str, jax.Array]:
+    """[B, H, W, 3] images (masks [B, N] bool for a DINOv2 ViT) -> DINOv2's forward_features:
+    x_norm_clstoken, x_norm_regtokens, x_norm_patchtokens, x_prenorm; ViT only."""
+    x = prepare_images(images)
+    _require_vit(model, "forward_features")
+    if masks is None:
+        return _apply(model, variables, x, method="forward_features")
+    return _jitted(model, "forward_features", ())(variables, x, jnp.asarray(masks, bool))
 
 
 def intermediate_layers(model, variables: dict, images, n: int = 1) -> list[jax.Array]:
-    """[B, H, W, 3] images -> the final-normed outputs of the last n blocks, each [B, 1+N, D]
-    (cls token first, then the patches row by row); ViT only."""
+    """[B, H, W, 3] images -> the final-normed outputs of the last n blocks, each [B, T, D] with
+    T = 1 + R + N (cls token first, then any registers, then the patches row by row), as DINO's
+    get_intermediate_layers gives them; ViT only."""
     x = prepare_images(images)
     _require_vit(model, "intermediate_layers")
-    return _apply(model, variables, x, n, method="get_intermediate_layers")
+    return _apply(model, variables, x, n, method="block_outputs")
+
+
+def get_intermediate_layers(
+    model,
+    variables: dict,
+    images,
+    n: int = 1,
+    reshape: bool = False,
+    return_class_token: bool = False,
+    norm: bool = True,
+) -> tuple:
+    """DINOv2's get_intermediate_layers of [B, H, W, 3] images: the last n blocks' patch tokens
+    [B, N, D] ([B, H/p, W/p, D] with reshape), paired with their cls tokens with
+    return_class_token; ViT only (`VisionTransformer.get_intermediate_layers`)."""
+    x = prepare_images(images)
+    _require_vit(model, "get_intermediate_layers")
+    static = (n, reshape, return_class_token, norm)
+    return _apply(model, variables, x, *static, method="get_intermediate_layers")
 
 
 def _require_vit(model, what: str) -> None:
@@ -147,4 +187,4 @@ def _apply(model, variables: dict, x: jax.Array, *static, method: str = "__call_
 
 @functools.lru_cache(maxsize=32)
 def _jitted(model, method: str, static: tuple):
-    return jax.jit(lambda variables, x: model.apply(variables, x, *static, method=method))
+    return jax.jit(lambda variables, *x: model.apply(variables, *x, *static, method=method))

@@ -1,9 +1,11 @@
-"""The reference's state dicts <-> our Flax variables: names, layouts, and the model read off the
+"""The official state dicts <-> our Flax variables: names, layouts, and the model read off the
 tensors.
 
-Reads the backbone-only release files (`dino_deitsmall16_pretrain.pth`, ..., a flat state dict)
-and the networks of the full training checkpoints (`student`, `teacher`, ...), and writes our
-variables back in the reference's layout, which its models load with `strict=True`.
+Reads DINO's backbone-only release files (`dino_deitsmall16_pretrain.pth`, ..., a flat state
+dict) and the networks of its full training checkpoints (`student`, `teacher`, ...), DINOv2's
+release files (`dinov2_vits14_pretrain.pth`, ..., with `blocks.{i}` or FSDP's chunked
+`blocks.{chunk}.{i}`) and the teacher of its training runs (`teacher_checkpoint.pth`), and writes
+our variables back in the official layout, which its models load with `strict=True`.
 Only the names and layouts differ: torch Linear weights are (out, in), Flax kernels (in, out);
 torch convs are (out, in, kh, kw), Flax's (kh, kw, in, out). PyTorch is imported only when a
 function needs it (the `torch` extra).
@@ -26,10 +28,11 @@ from etils import epath
 from dino_jax.core.config import base_config
 from dino_jax.models import ARCH_SPECS, backbone_of
 
-# Embedding width -> (arch, heads) of the reference's ViTs (heads cannot be read off the weights).
-# The reference's ViTs by width: (arch, num_heads).
+# The official ViTs by embedding width: (arch, num_heads), as heads cannot be read off weights.
 VIT_WIDTHS = {s.embed_dim: (a, s.num_heads) for a, s in ARCH_SPECS.items() if s.family == "vit"}
-VIT_DEPTH = ARCH_SPECS["vit_small"].depth  # every reference ViT has 12 blocks
+DINOV2_WIDTHS = {
+    s.embed_dim: (a, s.num_heads) for a, s in ARCH_SPECS.items() if s.family == "dinov2_vit"
+}
 # Buffers of torch BatchNorm that have no counterpart here (the momentum is fixed).
 IGNORED_BUFFERS = ("num_batches_tracked",)
 # weight_g of a norm_last_layer=True head is fixed at 1; allow float rounding of a saved 1.
@@ -179,6 +182,10 @@ def _unwrapped_backbone(obj: dict) -> StateDict:
     dropped (the reference loads with strict=False, which ignores them)."""
     key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
     state = {k.removeprefix("module."): v for k, v in (obj if key is None else obj[key]).items()}
+    # FSDP's block_chunks (dinov2/models/vision_transformer.py: BlockChunk) nest the blocks.
+    state = {
+        re.sub(r"^((?:backbone\.)?blocks)\.\d+\.(\d+)\.", r"\1.\2.", k): v for k, v in state.items()
+    }
     if any(k.startswith("backbone.") for k in state):
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k[:9] == "backbone."}
     others = sorted(k for k, v in state.items() if not hasattr(v, "detach"))
@@ -195,9 +202,11 @@ def _unwrapped_backbone(obj: dict) -> StateDict:
 
 
 def infer_backbone_config(state: StateDict) -> ml_collections.ConfigDict:
-    """base_config() with arch, patch_size, img_size and a ViT's depth read off a backbone
-    state dict: arch from the width (192/384/768) or ResNet keys, the patch from the patch
-    conv, the grid pos_embed was built for, the number of blocks."""
+    """base_config() with the `student` keys read off a backbone state dict: arch from the
+    ResNet keys, or from the width and a mask token (DINOv2's) for a ViT; the patch from the
+    patch conv, the grid pos_embed was built for, the number of blocks; for DINOv2 also
+    LayerScale, the FFN and the registers. Files with registers resize the position
+    embedding as the hub's `*_reg` models (offset 0, antialias), others with offset 0.1."""
     config = base_config()
     if "conv1.weight" in state and "layer1.0.conv1.weight" in state:
         config.student.arch = "resnet50"
@@ -209,17 +218,27 @@ def infer_backbone_config(state: StateDict) -> ml_collections.ConfigDict:
             f"It starts with {sorted(state)[:5]}."
         )
     width = state["cls_token"].shape[-1]
-    if width not in VIT_WIDTHS:
+    dinov2 = "mask_token" in state
+    widths = DINOV2_WIDTHS if dinov2 else VIT_WIDTHS
+    if width not in widths:
         raise ValueError(
-            f"Embedding width {width} is none of the reference's ViTs "
-            f"({', '.join(f'{d}: {a}' for d, (a, _) in VIT_WIDTHS.items())})."
+            f"Embedding width {width} is none of the official {'DINOv2 ' if dinov2 else ''}ViTs "
+            f"({', '.join(f'{d}: {a}' for d, (a, _) in widths.items())})."
         )
-    config.student.arch = VIT_WIDTHS[width][0]
-    config.student.patch_size = int(state["patch_embed.proj.weight"].shape[-1])
+    student = config.student
+    student.arch = widths[width][0]
+    student.patch_size = int(state["patch_embed.proj.weight"].shape[-1])
     side = math.isqrt(state["pos_embed"].shape[1] - 1)
-    config.student.img_size = side * config.student.patch_size
+    student.img_size = side * student.patch_size
     depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
-    config.student.depth = None if depth == VIT_DEPTH else depth
+    student.depth = None if depth == ARCH_SPECS[student.arch].depth else depth
+    if dinov2:
+        student.layerscale = 1.0 if "blocks.0.ls1.gamma" in state else None  # the hub's init
+        student.ffn_layer = "swiglufused" if "blocks.0.mlp.w12.weight" in state else "mlp"
+        registers = state.get("register_tokens")
+        student.num_register_tokens = 0 if registers is None else int(registers.shape[1])
+        if student.num_register_tokens:  # dinov2/hub/backbones.py: the *_reg models
+            student.interpolate_offset, student.interpolate_antialias = 0.0, True
     return config
 
 

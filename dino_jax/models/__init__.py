@@ -8,13 +8,30 @@ import ml_collections
 from dino_jax.models.dino import MultiCrop
 from dino_jax.models.head import DINOHead
 from dino_jax.models.layers import STOCK, Layers
-from dino_jax.models.registry import ARCH_SPECS, ARCHS, VIT_ARCHS, ArchSpec, model_spec
+from dino_jax.models.registry import (
+    ARCH_SPECS,
+    ARCHS,
+    DINOV2_ARCHS,
+    VIT_ARCHS,
+    ArchSpec,
+    model_spec,
+)
 from dino_jax.models.resnet import ResNet, resnet50
-from dino_jax.models.vit import REMATS, VisionTransformer, vit_base, vit_small, vit_tiny
+from dino_jax.models.vit import (
+    FFN_LAYERS,
+    REMATS,
+    VisionTransformer,
+    dinov2_vit,
+    vit_base,
+    vit_small,
+    vit_tiny,
+)
 
 __all__ = [
     "ARCHS",
     "ARCH_SPECS",
+    "DINOV2_ARCHS",
+    "FFN_LAYERS",
     "REMATS",
     "VIT_ARCHS",
     "ArchSpec",
@@ -26,6 +43,7 @@ __all__ = [
     "backbone_of",
     "build_backbone",
     "build_dino",
+    "dinov2_vit",
     "model_spec",
     "resnet50",
     "vit_base",
@@ -44,38 +62,57 @@ def build_backbone(
     dtype=jnp.float32,
     remat: str = "none",
     layers: Layers = STOCK,
-    **vit_overrides: int,
+    **vit_options,
 ):
-    """The backbone named by `arch` ("vit_tiny", "vit_small", "vit_base", "resnet50").
+    """The backbone named by `arch` (DINO's "vit_tiny", "vit_small", "vit_base", "resnet50";
+    DINOv2's "dinov2_vit_small", ..., "dinov2_vit_giant2").
 
-    `vit_overrides` (embed_dim, depth, num_heads) replace a ViT's size where non-zero; `remat`
+    `vit_options` are VisionTransformer fields: the sizes (embed_dim, depth, num_heads) replace
+    a ViT's where set, DINOv2's options (layerscale, ffn_layer, ...) apply as given; `remat`
     (ViTs only) recomputes blocks in the backward pass; `layers` (ViTs only) are the platform's
     blocks (`dino_jax.core.platforms.model_layers`), stock Flax by default.
     """
     if arch in VIT_ARCHS:
-        vit = _VITS[arch](
-            patch_size=patch_size,
-            drop_path_rate=drop_path_rate,
-            img_size=img_size,
-            dtype=dtype,
-            remat=remat,
-            layers=layers,
+        fields = {
+            "patch_size": patch_size,
+            "drop_path_rate": drop_path_rate,
+            "img_size": img_size,
+            "dtype": dtype,
+            "remat": remat,
+            "layers": layers,
+        }
+        vit = dinov2_vit(arch, **fields) if arch in DINOV2_ARCHS else _VITS[arch](**fields)
+        sizes = ("embed_dim", "depth", "num_heads")
+        return vit.clone(
+            **{k: v for k, v in vit_options.items() if k not in sizes or v is not None}
         )
-        return vit.clone(**{k: v for k, v in vit_overrides.items() if v})
     if arch == "resnet50":
         return resnet50(dtype=dtype)
     raise ValueError(f"Unknown arch={arch!r}; choose one of {', '.join(ARCHS)}.")
 
 
+def vit_options(student: ml_collections.ConfigDict) -> dict:
+    """The VisionTransformer fields of a config's `student` section beyond arch and patch."""
+    if student.arch not in VIT_ARCHS:
+        return {}
+    options = {
+        k: student[k]
+        for k in ("embed_dim", "depth", "num_heads", "interpolate_offset", "interpolate_antialias")
+    }
+    if student.arch in DINOV2_ARCHS:
+        keys = ("layerscale", "ffn_layer", "num_register_tokens", "drop_path_uniform")
+        options.update({k: student[k] for k in keys})
+    return options
+
+
 def backbone_of(config: ml_collections.ConfigDict):
     """The float32, stochastic-depth-free backbone module that `config` trains."""
+    student = config.student
     return build_backbone(
-        config.student.arch,
-        patch_size=config.student.patch_size,
-        img_size=config.student.img_size,
-        embed_dim=config.student.embed_dim,
-        depth=config.student.depth,
-        num_heads=config.student.num_heads,
+        student.arch,
+        patch_size=student.patch_size,
+        img_size=student.img_size,
+        **vit_options(student),
     )
 
 
@@ -85,17 +122,16 @@ def build_dino(
     """The student (with stochastic depth) or the teacher (without) network of `config`, built
     from `layers` (the platform's, `dino_jax.core.platforms.model_layers`)."""
     dtype = jnp.dtype(config.compute.dtype)
+    student = config.student
     backbone = build_backbone(
-        config.student.arch,
-        patch_size=config.student.patch_size,
-        drop_path_rate=0.0 if teacher else config.student.drop_path_rate,
-        img_size=config.student.img_size,
+        student.arch,
+        patch_size=student.patch_size,
+        drop_path_rate=0.0 if teacher else student.drop_path_rate,
+        img_size=student.img_size,
         dtype=dtype,
         remat=config.compute.remat,
         layers=layers,
-        embed_dim=config.student.embed_dim,
-        depth=config.student.depth,
-        num_heads=config.student.num_heads,
+        **vit_options(student),
     )
     head = DINOHead(
         out_dim=config.dino.head_n_prototypes,

@@ -73,7 +73,8 @@ class ProbeFeatures:
         layers = hub.intermediate_layers(self.model, variables, images, self.n_last_blocks)
         features = jnp.concatenate([x[:, 0] for x in layers], axis=-1)
         if self.avgpool:
-            patch_mean = jnp.mean(layers[-1][:, 1:], axis=1)
+            patches = layers[-1][:, 1 + self.model.num_register_tokens :]  # no cls, registers
+            patch_mean = jnp.mean(patches, axis=1)
             features = jnp.stack([features, patch_mean], axis=-1).reshape(len(features), -1)
         return jax.lax.stop_gradient(features)
 
