@@ -9,11 +9,16 @@ eval/maths/attention.py.
     # the masks' Jaccard index on 500 scenes
     python -m dino_jax.visualize_attention --checkpoint runs/demo/export \\
         --jaccard synthetic:shapes --examples 500 --image_size 128 --out runs/demo/attention
+    # DINOv2's picture: the patch features' principal components as RGB (eval/maths/pca.py)
+    python -m dino_jax.visualize_attention --pca --checkpoint dinov2_vits14_pretrain.pth \\
+        --image a.jpg b.jpg c.jpg --image_size 448 --out runs/pca
 
 The image is resized to image_size x image_size (the reference's default) and cropped to a
 multiple of the patch size. Written to --out: img.png, attn-head<i>.png (each head's map),
 mask_th<t>_head<i>.png (the image with head i's mask), attention.png (all of it on one page,
-the mean map with its mask's outline), and jaccard.json in the Jaccard mode.
+the mean map with its mask's outline), and jaccard.json in the Jaccard mode. With --pca, for the
+images together (4 scenes from --index without --image): pca.png (each image beside its
+features' first three foreground components as RGB, the foreground outlined) and pca_<i>.png.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from dino_jax.data.sources import DecodedSource, make_source
 from dino_jax.data.synthetic import ShapesSource
 from dino_jax.eval import cli, figures
 from dino_jax.eval.figures import TRUTH_COLOUR, figure_of, overlay
-from dino_jax.eval.maths import attention
+from dino_jax.eval.maths import attention, pca
 from dino_jax.interop import hub
 
 log = logging.getLogger("dino_jax")
@@ -51,7 +56,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     cli.add_checkpoint_args(parser)
     cli.add_distributed_args(parser)
-    parser.add_argument("--image", default=None, help="Image file (default: a synthetic scene).")
+    parser.add_argument(
+        "--image", nargs="+", default=None, help="Image file(s) (default: synthetic scenes)."
+    )
     parser.add_argument("--index", type=int, default=0, help="Scene of synthetic:shapes val.")
     parser.add_argument("--image_size", type=int, default=480, help="Resize to this square.")
     parser.add_argument("--threshold", type=float, default=attention.THRESHOLD, help="Mass kept.")
@@ -61,9 +68,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=500, help="Images of --jaccard (0: all).")
     parser.add_argument("--batch_size", type=int, default=64, help="Global batch of --jaccard.")
     parser.add_argument("--data_dir", default="", help="tfds data_dir of a tfds: --jaccard.")
+    parser.add_argument(
+        "--pca", action="store_true", help="DINOv2's PCA picture of the patch features instead."
+    )
+    parser.add_argument(
+        "--pca_threshold", type=float, default=0.0, help="Foreground: first component above it."
+    )
     args = parser.parse_args(argv)
-    if args.jaccard is None and args.out is None:
-        parser.error("--out DIR is required to write the attention maps.")
+    if args.image and len(args.image) > 1 and not args.pca:
+        parser.error("the attention maps take one --image; several are for --pca.")
+    if (args.jaccard is None or args.pca) and args.out is None:
+        parser.error("--out DIR is required to write the pictures.")
     if not 0.0 < args.threshold < 1.0:
         parser.error(f"--threshold={args.threshold} must be between 0 and 1 (0.6 keeps 60%).")
     return args
@@ -98,7 +113,7 @@ def square(image: np.ndarray, size: int, patch_size: int, resample: int) -> np.n
 def load_input(args: argparse.Namespace, patch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(image uint8 [S, S, 3], true mask [S, S] or None) at the model's input size."""
     if args.image is not None:
-        image, truth = read_image(args.image), None
+        image, truth = read_image(args.image[0]), None
     else:
         example = ShapesSource("val")[args.index]
         image, truth = example["image"], example["mask"]
@@ -171,6 +186,35 @@ def visualize(args: argparse.Namespace) -> dict[str, np.ndarray | None]:
     return result
 
 
+def pca_picture(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """DINOv2's picture of the images' patch features (eval/maths/pca.py), written to args.out.
+    Returns {"images" uint8 [B, S, S, 3], "rgb" [B, S/p, S/p, 3], "foreground" [B, S/p, S/p]}."""
+    model, variables = hub.load_pretrained(args.checkpoint, args.arch, args.patch_size)
+    patch = getattr(model, "patch_size", 1)
+    if args.image:
+        pictures = [read_image(path) for path in args.image]
+    else:
+        pictures = [ShapesSource("val")[args.index + i]["image"] for i in range(4)]
+        log.info("No --image: scenes %d-%d of synthetic:shapes val", args.index, args.index + 3)
+    images = np.stack([square(p, args.image_size, patch, Image.BILINEAR) for p in pictures])
+    features = np.asarray(hub.patch_features(model, variables, images))
+    rgb, mask = pca.pca_rgb(features, args.pca_threshold)
+    result = {"images": images, "rgb": rgb, "foreground": mask}
+    if jax.process_index() != 0:
+        return result
+    out = epath.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    panels = []
+    for i, (image, colours, fg) in enumerate(zip(images, rgb, mask, strict=True)):
+        pixels = np.repeat(np.repeat(colours, patch, axis=0), patch, axis=1)
+        save_png(out / f"pca_{i}.png", pixels)
+        outline = np.repeat(np.repeat(fg, patch, axis=0), patch, axis=1)
+        panels += [(f"image {i}", image, None, "white"), (f"PCA {i}", pixels, outline, "white")]
+    figures.save(figure_of(panels), out / "pca.png")
+    print(f"The patch features' principal components of {len(images)} images in {args.out}")
+    return result
+
+
 def score(args: argparse.Namespace) -> dict:
     """The Jaccard index of the masks over args.examples images of args.jaccard."""
     mesh = parallel.make_mesh((("data", -1),))
@@ -211,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     cli.initialize_distributed(args)
     cli.setup_logging()
     try:
+        if args.pca:
+            pca_picture(args)
+            return
         if args.jaccard is None:
             visualize(args)
             return
