@@ -41,9 +41,14 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.9",
             "ipykernel>=6.29",
+            # The Hugging Face export, loaded back by transformers.
+            "transformers>=4.40",
+            "safetensors>=0.4",
         ],
         # Only for importing/exporting the official PyTorch checkpoints.
         "torch": ["torch>=2.1"],
+        # Writing and reading Hugging Face directories (dino_jax.interop.hf).
+        "hf": ["safetensors>=0.4"],
         # Compiling for targets this host lacks (`benchmark compile`, dino_jax/tools/targets.py):
         # libtpu for TPU slices, the CUDA plugin without NVIDIA's libraries for GPU nodes. JAX's own
         # extras pin both to the installed jaxlib, which the plugins must match exactly. "tpu"

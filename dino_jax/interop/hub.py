@@ -18,6 +18,7 @@ from etils import epath
 
 from dino_jax import checkpoint
 from dino_jax.core.augment_laws import IMAGENET_MEAN, IMAGENET_STD
+from dino_jax.interop import hf
 from dino_jax.interop.state_dict import check_requested, load_torch_backbone
 from dino_jax.models import VisionTransformer, backbone_of
 
@@ -37,6 +38,9 @@ def load_pretrained(
     - an official DINO `.pth`: a backbone-only release file or a full training checkpoint
       (`which` picks its "teacher", the default, or "student"); `arch` and `patch_size` are
       inferred from the tensors when not given;
+    - an official DINOv2 `.pth`: a release file or a training run's teacher_checkpoint.pth;
+    - a Hugging Face directory (config.json + model.safetensors) of a ViTModel, Dinov2Model or
+      Dinov2WithRegistersModel (`dino_jax.interop.hf`);
     - a dino_jax export directory (`<workdir>/export`: config.json + the teacher);
     - a dino_jax training workdir: its export/ if present, else the newest checkpoint.
     Given `arch` / `patch_size` must agree with what the file holds (ValueError otherwise).
@@ -49,6 +53,10 @@ def load_pretrained(
         raise FileNotFoundError(f"No checkpoint, export or workdir at {path}.")
     if not path.is_dir():
         model, variables, _ = load_torch_backbone(path, arch, patch_size, which)
+        return model, variables
+    if hf.is_hf_dir(path):
+        model, variables, config = hf.load_hf(path)
+        check_requested(config, arch, patch_size, path)
         return model, variables
     config, params, batch_stats = _load_dino_jax(path, which)
     check_requested(config, arch, patch_size, path)
