@@ -286,6 +286,17 @@ def _release_file(path: Path) -> None:
     save_release_vit(path, depth=4)
 
 
+def _dinov2_release_file(path: Path) -> None:
+    """A ViT-S/14 release file with 4 registers at 518 px, random, of depth 4."""
+    import torch
+    from torch_dinov2 import TorchDinoViT
+    from torch_reference import randomize_
+
+    registers = {"num_register_tokens": 4, "interpolate_offset": 0.0}
+    model = TorchDinoViT(depth=4, layerscale=1.0, interpolate_antialias=True, **registers)
+    torch.save(randomize_(model, 0).state_dict(), path)
+
+
 def _full_checkpoint(path: Path) -> None:
     """A reference training checkpoint, random: ViT-S/16 of depth 2 with a small head."""
     import torch
@@ -300,6 +311,7 @@ def _full_checkpoint(path: Path) -> None:
 DOWNLOADS = {
     "dino_deitsmall16_pretrain.pth": _release_file,
     "dino_deitsmall16_pretrain_full_checkpoint.pth": _full_checkpoint,
+    "dinov2_vits14_reg4_pretrain.pth": _dinov2_release_file,
 }
 PYTHON_BLOCKS = [
     (page, line, code) for page in LINKED for lang, line, code in _blocks(page) if lang == "python"
