@@ -146,7 +146,7 @@ def counted_program(config: ml_collections.ConfigDict, mesh, state, batch, compi
     if attention_kernel.FORWARD not in compiled.as_text():
         return compiled
     with_xla = config.copy_and_resolve_references()
-    with_xla.cpu_tuning = False
+    with_xla.compute.cpu_tuning = False
     return make_train_step(with_xla, mesh).lower(state, batch).compile()
 
 
