@@ -1,1 +1,2 @@
-"""The input pipeline: sources, multi-crop augmentation, grain streams, the built-in dataset."""
+"""The input pipeline: sources, multi-crop augmentation, DINOv2's masks, grain streams, the
+built-in datasets."""
