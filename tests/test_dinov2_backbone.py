@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from gradients import assert_gradients_close
 from torch.nn import functional as F
 from torch_dinov2 import TorchDinoViT
 from torch_reference import randomize_
@@ -122,6 +123,33 @@ def test_the_cpu_layers_give_the_official_outputs(variant):
     )
     for key in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"):
         assert_close(got[key], want[key].numpy())
+
+
+@pytest.mark.parametrize("layers", ["stock", "cpu"])
+def test_scanned_blocks_equal_the_loop(layers):
+    """scan_blocks: the same outputs and parameter gradients, the parameters still one subtree
+    per block (the official names), one while loop in the program."""
+    model = build_backbone(
+        "dinov2_vit_small", 14, img_size=56, depth=4, layerscale=0.1, num_register_tokens=2
+    )
+    model = model.clone(layers=cpu.LAYERS) if layers == "cpu" else model
+    images = jax.random.normal(jax.random.key(1), (2, 42, 42, 3))
+    variables = model.init(jax.random.key(0), images)
+    scanned = model.clone(scan_blocks=True)
+    assert scanned.init(jax.random.key(0), images)["params"].keys() == variables["params"].keys()
+    for method in ("forward_features", "get_last_selfattention"):
+        want = model.apply(variables, images, method=method)
+        got = scanned.apply(variables, images, method=method)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)  # float32 summation order
+    weights = jax.random.normal(jax.random.key(2), (2, 384))  # a sum of LayerNorm outputs has
+    grads = [  # no gradient to speak of
+        jax.grad(lambda v, m=m: jnp.sum(m.apply(v, images) * weights))(variables)
+        for m in (scanned, model)
+    ]
+    assert_gradients_close(grads[0], grads[1], 1e-4)
+    program = jax.jit(lambda v, x: scanned.apply(v, x)).lower(variables, images).as_text()
+    assert program.count("stablehlo.while") == 1
 
 
 def test_stochastic_depth_is_the_officials_batch_subset():

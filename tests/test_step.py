@@ -282,6 +282,25 @@ def test_remat_step_equals_plain_step(tiny_config):
         assert_same_step(one_step(tiny_config(remat=remat), (("data", 8),), 8), plain)
 
 
+@pytest.mark.slow
+def test_scanned_blocks_step_equals_the_loop(tiny_config):
+    """A DINOv2 ViT of depth 3 (LayerScale, registers): the step with compute.scan_blocks
+    (remat or not) gives the unscanned step's gradients and updates; with drop path the scanned
+    step runs with DINOv2's batch subsets."""
+    options = {"arch": "dinov2_vit_small", "depth": 3, "layerscale": 0.1, "drop_path_rate": 0.0}
+    options["num_register_tokens"] = 2
+    plain = one_step(tiny_config(**options), (("data", 8),), 8)
+    for remat in ("none", "block"):
+        config = tiny_config(**options, remat=remat, scan_blocks=True)
+        assert_same_step(one_step(config, (("data", 8),), 8), plain)
+    config = tiny_config(**options, scan_blocks=True, drop_path_uniform=True)
+    config.student.drop_path_rate = 0.4
+    assert np.isfinite(one_step(config, (("data", 8),), 8)[2]["loss"])
+    config.student.drop_path_uniform = False
+    with pytest.raises(ValueError, match="one drop-path rate"):
+        make_train_step(config, parallel.make_mesh((("data", 8),)))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -144,6 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
     # ViT blocks recomputed in the backward pass to save memory: "none", "block" (keep each
     # block's input only) or "dots_saveable" (keep the matmul outputs, recompute the rest).
     u.remat = "none"
+    # The ViT's blocks but the last as one scan over their stacked parameters: a deep model's
+    # step compiles one block, not depth copies (minutes, not hours, for ViT-g/14). Needs one
+    # drop-path rate for every block (student.drop_path_uniform, or drop_path_rate 0).
+    u.scan_blocks = False
     # The platform the step is built for: "auto" takes it from the mesh's devices; "cpu", "gpu"
     # or "tpu" name it (a step compiled ahead of time for other devices takes theirs).
     u.platform = "auto"
@@ -491,6 +495,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                     f"student.num_register_tokens={student.num_register_tokens} is DINOv2's: "
                     f"choose a dinov2_* arch, or 0 for {student.arch}."
                 )
+        uniform = student.drop_path_uniform or student.drop_path_rate == 0
+        if config.compute.scan_blocks and not uniform:
+            raise ValueError(
+                "compute.scan_blocks runs every block with one drop-path rate: set "
+                "student.drop_path_uniform=True (DINOv2's) or student.drop_path_rate=0."
+            )
         if student.interpolate_antialias and student.interpolate_offset:
             raise ValueError(
                 "student.interpolate_antialias resizes to a size, not by a scale: set "
@@ -501,6 +511,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 f"student.embed_dim={student.embed_dim} is not divisible by "
                 f"student.num_heads={student.num_heads}."
             )
+    if config.compute.scan_blocks and student.arch not in VIT_ARCHS:
+        raise ValueError(f"compute.scan_blocks scans a ViT's blocks; {student.arch} has none.")
     for group in optim.param_groups:
         if len(group) != 4 or not isinstance(group[0], str):
             raise ValueError(

@@ -132,6 +132,7 @@ def build_dino(
         remat=config.compute.remat,
         layers=layers,
         **vit_options(student),
+        **({"scan_blocks": True} if config.compute.scan_blocks else {}),
     )
     head = DINOHead(
         out_dim=config.dino.head_n_prototypes,

@@ -319,6 +319,11 @@ class VisionTransformer(nn.Module):
     interpolate_offset: float = 0.1  # the position-embedding resize (`resize_pos_embed`)
     interpolate_antialias: bool = False
     drop_path_uniform: bool = False  # every block at drop_path_rate (DINOv2), not a linear rise
+    # Run the blocks but the last as one jax.lax.scan over their stacked parameters, so that a
+    # deep model's step compiles one block instead of depth copies. The parameters keep one
+    # subtree per block (blocks_{i}); the stack is made inside the step. Needs one drop-path
+    # rate for every block.
+    scan_blocks: bool = False
 
     def setup(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -350,6 +355,11 @@ class VisionTransformer(nn.Module):
             rates = np.full(self.depth, self.drop_path_rate)
         else:
             rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        if self.scan_blocks and len(set(rates.tolist())) > 1:
+            raise ValueError(
+                "scan_blocks runs every block with one drop-path rate: set drop_path_uniform "
+                "(DINOv2's) or drop_path_rate=0."
+            )
         block = remat_block(self.remat)
         self.blocks = [
             block(
@@ -402,18 +412,52 @@ class VisionTransformer(nn.Module):
         need_weights: bool = False,
         cls_only: bool = False,
         masks: jax.Array | None = None,
+        all_outputs: bool = False,
     ) -> tuple[list[jax.Array], jax.Array | None]:
-        """x [B, H, W, 3] -> (each block's output [B, T, D], T = 1+R+N, the last block's
+        """x [B, H, W, 3] -> (the blocks' outputs [B, T, D], T = 1+R+N: every block's with
+        all_outputs or without scan_blocks, else the last block's alone; the last block's
         attention [B, h, T, T] if need_weights else None). With cls_only, the last block's
         output is the cls token's alone, [B, 1, D]."""
         h = self._tokens(x, masks)
-        outputs = []
-        for i, block in enumerate(self.blocks):
+        outputs, scanned = [], 0
+        if self.scan_blocks and not all_outputs and not self.is_initializing():
+            scanned = self.depth - 1
+            h = self._scan(h, train, scanned)
+        for i, block in enumerate(self.blocks[scanned:], start=scanned):
             last = i == len(self.blocks) - 1
             h = self.layers.residual(h)
             h, attn = block(h, train, need_weights and last, cls_only and last)
             outputs.append(h)
         return outputs, attn
+
+    def _scan(self, h: jax.Array, train: bool, count: int) -> jax.Array:
+        """The first `count` blocks as one scan over their parameters, stacked here."""
+        blocks = [self.variables["params"][f"blocks_{i}"] for i in range(count)]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
+        block = Block(
+            self.num_heads,
+            self.mlp_ratio,
+            self.drop_path_rate,
+            self.dtype,
+            self.layers,
+            self.layerscale,
+            self.ffn_layer,
+            self.dinov2,
+            parent=None,  # applied functionally to each block's parameters, not a submodule
+        )
+        keys = None
+        if train and self.drop_path_rate > 0:
+            keys = jax.random.split(self.make_rng("drop_path"), count)
+
+        def body(h: jax.Array, xs) -> tuple[jax.Array, None]:
+            params, key = xs
+            rngs = {} if key is None else {"drop_path": key}
+            h, _ = block.apply({"params": params}, self.layers.residual(h), train, rngs=rngs)
+            return h, None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+        return jax.lax.scan(body, h, (stacked, keys))[0]
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """x [B, H, W, 3] -> cls features [B, D] float32 after the final LayerNorm. The features
@@ -449,7 +493,7 @@ class VisionTransformer(nn.Module):
         unless norm=False (DINO's get_intermediate_layers, which always norms)."""
         if not 1 <= n <= self.depth:
             raise ValueError(f"n={n} must be between 1 and depth={self.depth}")
-        outputs, _ = self._encode(x, train=False)
+        outputs, _ = self._encode(x, train=False, all_outputs=n > 1)
         return [self.norm(h) if norm else h for h in outputs[-n:]]
 
     def get_intermediate_layers(
