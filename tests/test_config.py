@@ -38,14 +38,20 @@ FLAT = {
     "eval": {"knn_every_steps": -1},
 }  # fmt: skip
 SECTIONS = ("student", "teacher", "dino", "optim", "crops", "train", "compute")
-# DINOv2's backbone keys, added after the flat layout (their defaults give DINO's ViT).
-DINOV2_STUDENT_KEYS = (
-    "layerscale",
-    "ffn_layer",
-    "num_register_tokens",
-    "interpolate_offset",
-    "interpolate_antialias",
-    "drop_path_uniform",
+# Keys added after the flat layout (their defaults give the models and runs of before).
+NEW_KEYS = (
+    *(
+        f"student.{k}"
+        for k in (
+            "layerscale",
+            "ffn_layer",
+            "num_register_tokens",
+            "interpolate_offset",
+            "interpolate_antialias",
+            "drop_path_uniform",
+        )
+    ),
+    "compute.scan_blocks",
 )
 
 
@@ -55,9 +61,11 @@ def test_a_flat_config_reads_as_the_sections():
     assert got["method"] == "dino"
     for section in SECTIONS:
         assert got[section] == want[section], section  # new keys at their defaults
-    assert got["data"] == {"data_dir": None, "eval_source": None}
-    assert got["eval"] == {"knn_every_steps": None}  # -1 was "never"
-    assert sorted(got) == sorted(["method", *SECTIONS, "data", "eval"])
+    # The sections the flat layout had keys of: the moved ones, the others at their defaults.
+    assert (got["data"]["data_dir"], got["data"]["eval_source"]) == (None, None)
+    assert got["data"]["source"] == want["data"]["source"]
+    assert got["eval"]["knn_every_steps"] is None  # -1 was "never"
+    assert sorted(got) == sorted(want)
     assert upgrade(got) == got  # the current layout passes through
 
 
@@ -69,9 +77,7 @@ def test_each_flat_key_has_one_place_and_each_optional_key_is_none_by_default():
         assert lookup(config, place, "<absent>") != "<absent>", place
     # Every leaf of the model and training sections is some flat key's place, or new since.
     leaves = {f"{s}.{leaf}" for s in SECTIONS for leaf in config[s]}
-    assert leaves == {p for p in places if p.split(".")[0] in SECTIONS} | {
-        f"student.{k}" for k in DINOV2_STUDENT_KEYS
-    }
+    assert leaves == {p for p in places if p.split(".")[0] in SECTIONS} | set(NEW_KEYS)
     assert [lookup(config, key) for key in OPTIONAL_KEYS] == [
         None, None, None, None, None, "compilation_cache", None, None, 0
     ]  # fmt: skip
@@ -131,8 +137,9 @@ def _flat(tree: dict) -> dict:
         section, leaf = key.split(".")
         if tree.get(section, {}).get(leaf, unset) is None:
             tree[section][leaf] = unset
-    for key in DINOV2_STUDENT_KEYS:  # keys the flat layout did not have
-        tree["student"].pop(key)
+    for key in NEW_KEYS:  # keys the flat layout did not have
+        section, leaf = key.split(".")
+        tree[section].pop(leaf)
     return {k: v for k, v in tree.items() if v != {}}
 
 

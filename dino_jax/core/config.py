@@ -299,11 +299,13 @@ def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _with_defaults(tree: dict[str, Any]) -> dict[str, Any]:
-    """`tree` with the backbone keys added since it was saved at their defaults (which
-    reproduce the models of before)."""
-    student = tree.setdefault("student", {})
-    for key, value in base_config().student.items():
-        student.setdefault(key, value)
+    """`tree` with the keys added to the sections since it was saved at their defaults (which
+    reproduce the models and runs of before)."""
+    for name, section in base_config().items():
+        if isinstance(section, ml_collections.ConfigDict):
+            saved = tree.setdefault(name, {})
+            for key, value in section.to_dict().items():
+                saved.setdefault(key, value)
     return tree
 
 
