@@ -24,6 +24,7 @@ from dino_jax.interop.state_dict import (
     VIT_WIDTHS,
     backbone_key,
     from_state_dict,
+    set_registers,
     to_state_dict,
 )
 from dino_jax.models import ARCH_SPECS, VisionTransformer, backbone_of
@@ -200,9 +201,7 @@ def load_hf(directory: str | epath.PathLike):
     if dinov2:
         s.layerscale = float(hf.get("layerscale_value", 1.0))
         s.ffn_layer = "swiglufused" if hf.get("use_swiglu_ffn") else "mlp"
-        s.num_register_tokens = int(hf.get("num_register_tokens", 0))
-        if s.num_register_tokens:  # the hub's *_reg models
-            s.interpolate_offset, s.interpolate_antialias = 0.0, True
+        set_registers(s, int(hf.get("num_register_tokens", 0)))
     model = backbone_of(config)
     side = s.patch_size * 2
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))

@@ -236,10 +236,16 @@ def infer_backbone_config(state: StateDict) -> ml_collections.ConfigDict:
         student.layerscale = 1.0 if "blocks.0.ls1.gamma" in state else None  # the hub's init
         student.ffn_layer = "swiglufused" if "blocks.0.mlp.w12.weight" in state else "mlp"
         registers = state.get("register_tokens")
-        student.num_register_tokens = 0 if registers is None else int(registers.shape[1])
-        if student.num_register_tokens:  # dinov2/hub/backbones.py: the *_reg models
-            student.interpolate_offset, student.interpolate_antialias = 0.0, True
+        set_registers(student, 0 if registers is None else int(registers.shape[1]))
     return config
+
+
+def set_registers(student: ml_collections.ConfigDict, count: int) -> None:
+    """A DINOv2 `student` with `count` register tokens; with registers, the position-embedding
+    resize of the hub's `*_reg` models (dinov2/hub/backbones.py: offset 0, antialias)."""
+    student.num_register_tokens = count
+    if count:
+        student.interpolate_offset, student.interpolate_antialias = 0.0, True
 
 
 def infer_head_config(head: StateDict, config: ml_collections.ConfigDict) -> None:

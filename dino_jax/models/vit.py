@@ -361,20 +361,22 @@ class VisionTransformer(nn.Module):
                 "(DINOv2's) or drop_path_rate=0."
             )
         block = remat_block(self.remat)
-        self.blocks = [
-            block(
-                self.num_heads,
-                self.mlp_ratio,
-                float(rate),
-                self.dtype,
-                layers,
-                self.layerscale,
-                self.ffn_layer,
-                self.dinov2,
-            )
-            for rate in rates
-        ]
+        self.blocks = [self._block(block, float(rate)) for rate in rates]
         self.norm = layers.layer_norm()
+
+    def _block(self, block_class: type[Block], rate: float, **kwargs: Any) -> Block:
+        """A block of this ViT (`block_class`: Block or its remat) at drop-path `rate`."""
+        return block_class(
+            self.num_heads,
+            self.mlp_ratio,
+            rate,
+            self.dtype,
+            self.layers,
+            self.layerscale,
+            self.ffn_layer,
+            self.dinov2,
+            **kwargs,
+        )
 
     def _tokens(self, x: jax.Array, masks: jax.Array | None = None) -> jax.Array:
         """x [B, H, W, 3] -> [B, 1 + R + (H/p)(W/p), D] float32: patches (the masked ones, masks
@@ -434,17 +436,8 @@ class VisionTransformer(nn.Module):
         """The first `count` blocks as one scan over their parameters, stacked here."""
         blocks = [self.variables["params"][f"blocks_{i}"] for i in range(count)]
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
-        block = Block(
-            self.num_heads,
-            self.mlp_ratio,
-            self.drop_path_rate,
-            self.dtype,
-            self.layers,
-            self.layerscale,
-            self.ffn_layer,
-            self.dinov2,
-            parent=None,  # applied functionally to each block's parameters, not a submodule
-        )
+        # Applied functionally to each block's parameters, not a submodule.
+        block = self._block(Block, self.drop_path_rate, parent=None)
         keys = None
         if train and self.drop_path_rate > 0:
             keys = jax.random.split(self.make_rng("drop_path"), count)
