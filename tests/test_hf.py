@@ -90,7 +90,8 @@ def test_a_dinov2_vit_is_a_dinov2model(tmp_path, variant):
             dim=1,
         )
         assert_close(tokens, want.numpy())
-    model, variables = dino_jax.load_pretrained(directory)
+    convert.main(["import", str(directory), "--out", str(tmp_path / "export")])
+    model, variables = dino_jax.load_pretrained(tmp_path / "export")  # through convert import
     assert model.dinov2 and model.num_register_tokens == options.get("num_register_tokens", 0)
     images = np.random.default_rng(0).normal(size=(1, 98, 112, 3)).astype(np.float32)
     with torch.no_grad():

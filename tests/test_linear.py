@@ -82,6 +82,22 @@ def test_avgpool_features_interleave_cls_and_patch_mean_like_the_reference(vit):
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+def test_avgpool_features_of_a_vit_with_registers():
+    """The patch mean leaves out the registers (dinov2/eval/linear.py: create_linear_input
+    pools get_intermediate_layers' patch tokens): the cls token, then the mean of
+    x_norm_patchtokens."""
+    model = VisionTransformer(
+        patch_size=8, img_size=32, embed_dim=64, depth=2, num_heads=4, dinov2=True,
+        layerscale=1.0, num_register_tokens=4,
+    )  # fmt: skip
+    images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
+    variables = model.init(jax.random.key(0), images)
+    out = model.apply(variables, images, method="forward_features")
+    want = np.stack([out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(axis=1)], axis=-1)
+    got = np.asarray(probe.ProbeFeatures(model, 1, avgpool=True).apply(variables, images))
+    np.testing.assert_allclose(got, want.reshape(3, -1), rtol=1e-5, atol=1e-6)
+
+
 def test_feature_settings_outside_the_model_are_refused(vit):
     with pytest.raises(ValueError, match=r"n_last_blocks=6 .* depth 5"):
         probe.ProbeFeatures(vit[0], 6)
