@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dino_jax.data.masking import BlockMasking, batch_masks, upper_bound
+from dino_jax.data.masking import BlockMasking, batch_masks
+from dino_jax.methods.dinov2 import mask_upper_bound as upper_bound
 
 
 def official_mask(height, width, num_masking_patches, max_num_patches, min_num_patches=4):

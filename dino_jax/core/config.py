@@ -21,6 +21,8 @@ import ml_collections
 from dino_jax.models import ARCHS, DINOV2_ARCHS, FFN_LAYERS, REMATS, VIT_ARCHS
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
+SCALING_RULES = ("linear_wrt_256", "sqrt_wrt_1024")
+CENTERINGS = ("centering", "sinkhorn_knopp")
 CLIP_MODES = ("per_tensor", "total_norm")
 DTYPES = ("float32", "bfloat16")
 PLATFORMS = ("auto", "cpu", "gpu", "tpu")
@@ -30,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     """The reference's defaults (main_dino.py: get_args_parser): ViT-S/16, 100 epochs, AdamW, 2
     global + 8 local crops."""
     c = ml_collections.ConfigDict()
-    # The method the generic step runs (dino_jax.methods): "dino".
+    # The method the generic step runs (dino_jax.methods): "dino" or "dinov2".
     c.method = "dino"
 
     c.student = s = ml_collections.ConfigDict()
@@ -73,11 +75,31 @@ def base_config() -> ml_collections.ConfigDict:
     d.use_bn_in_head = False  # BatchNorm after each hidden layer of the head
     d.student_temp = 0.1  # the student's softmax temperature
     d.center_momentum = 0.9  # the EMA of the teacher's outputs subtracted before its softmax
+    # DINOv2's weights of the DINO loss and of KoLeo on the student's global cls tokens.
+    d.loss_weight = 1.0
+    d.koleo_loss_weight = 0.1
+
+    # DINOv2's iBOT objective: the student sees masked global crops and learns the teacher's
+    # outputs at the masked patches (dinov2/train/ssl_meta_arch.py).
+    c.ibot = i = ml_collections.ConfigDict()
+    i.loss_weight = 1.0  # 0 turns iBOT off
+    i.mask_sample_probability = 0.5  # the fraction of global crops that get a mask
+    i.mask_ratio_min_max = (0.1, 0.5)  # the masked fraction of a crop's patches
+    # A head of its own for the patch tokens (below), else the DINO head's.
+    i.separate_head = False
+    i.head_n_prototypes = 65536
+    i.head_bottleneck_dim = 256
+    i.head_hidden_dim = 2048
+    i.head_nlayers = 3
 
     c.optim = o = ml_collections.ConfigDict()
     o.optimizer = "adamw"  # adamw, sgd or lars
     o.epochs = 100  # the length every schedule is laid out over
-    o.lr = 5e-4  # for a global batch of 256, scaled linearly (main_dino.py)
+    o.lr = 5e-4  # the lr for the scaling rule's reference batch (DINOv2's base_lr)
+    # lr * batch / 256 (main_dino.py) or lr * sqrt(batch / 1024) (DINOv2), batch global.
+    o.scaling_rule = "linear_wrt_256"
+    o.adamw_beta1 = 0.9
+    o.adamw_beta2 = 0.999
     o.min_lr = 1e-6  # the end of the cosine after warmup_epochs of linear warmup
     o.warmup_epochs = 10  # linear lr warmup from 0
     o.weight_decay = 0.04  # raised by a cosine to weight_decay_end
@@ -86,7 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
     # "per_tensor" clips each gradient tensor to clip_grad (main_dino.py: utils.clip_gradients);
     # "total_norm" each sub-network's gradients (backbone, head) by their joint norm (DINOv2).
     o.clip_mode = "per_tensor"
-    # Epochs the head's last layer stays frozen (main_dino.py's freeze_last_layer).
+    # Epochs the head's last layer stays frozen (main_dino.py's freeze_last_layer: no update;
+    # DINOv2: its lr is 0 while Adam's moments accumulate).
     o.freeze_last_layer_epochs = 1
     # Layer-wise lr decay (DINOv2's layerwise_decay): block i of a depth-L ViT gets lr times
     # rate^(L - i), the embeddings rate^(L + 1); 1.0 is off. The patch embedding's lr is further
@@ -114,6 +137,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Weights a NEW run starts from (step 0, fresh optimizer): an official .pth (full training
     # checkpoint or backbone), a dino_jax export or workdir. A checkpoint in --workdir wins.
     r.init_checkpoint = optional(str)
+    # DINOv2's teacher targets: "centering" (softmax of the centred logits, the centers EMAs)
+    # or "sinkhorn_knopp" (over the global batch).
+    r.centering = "centering"
+    # The images of one official GPU (rank): DINOv2 assigns the masks, computes KoLeo and
+    # averages the iBOT center per rank. None: the images per device of the mesh (recorded in
+    # the run's config, so that a resume on other devices keeps it).
+    r.rank_batch_size = optional(int)
 
     c.data = a = ml_collections.ConfigDict()
     # or "synthetic:textures", "tfds:imagenet2012", "folder:/path/to/images"
@@ -273,6 +303,7 @@ OPTIONAL_KEYS = {
     "data.data_dir": "",
     "data.eval_source": "",
     "eval.knn_every_steps": -1,
+    "train.rank_batch_size": 0,
 }
 
 
@@ -328,6 +359,43 @@ def imagenet_config() -> ml_collections.ConfigDict:
     c.compute.dtype = "bfloat16"
     c.eval.knn_every_steps = 25000
     return c
+
+
+def dinov2_config() -> ml_collections.ConfigDict:
+    """DINOv2's defaults (dinov2/configs/ssl_default_config.yaml): ViT-L/16 with LayerScale and
+    uniform stochastic depth 0.3, DINO + iBOT + KoLeo with softmax centering, lr 0.004 scaled by
+    sqrt(batch / 1024), layer-wise decay 0.9, epochs of 1250 iterations."""
+    c = base_config()
+    c.method = "dinov2"
+    s = c.student
+    s.arch, s.patch_size, s.drop_path_rate = "dinov2_vit_large", 16, 0.3
+    s.layerscale, s.drop_path_uniform = 1e-5, True
+    c.teacher.momentum_teacher, c.teacher.teacher_temp = 0.992, 0.07
+    c.teacher.warmup_teacher_temp_epochs = 30
+    c.dino.norm_last_layer = False  # DINOv2's DINOHead always trains weight_g
+    o = c.optim
+    o.lr, o.scaling_rule, o.clip_mode = 0.004, "sqrt_wrt_1024", "total_norm"
+    o.layerwise_decay, o.patch_embed_lr_mult = 0.9, 0.2
+    c.crops.global_crops_scale, c.crops.local_crops_scale = (0.32, 1.0), (0.05, 0.32)
+    c.train.batch_size, c.train.OFFICIAL_EPOCH_LENGTH = 64, 1250
+    return c
+
+
+def rank_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """train.rank_batch_size, or the images per device of `num_devices` when it is None."""
+    size = config.train.rank_batch_size
+    return config.train.batch_size // num_devices if size is None else size
+
+
+def with_rank_batch_size(
+    config: ml_collections.ConfigDict, num_devices: int
+) -> ml_collections.ConfigDict:
+    """`config`, or a copy with train.rank_batch_size set from `num_devices` where it is None."""
+    if config.train.rank_batch_size is not None:
+        return config
+    config = config.copy_and_resolve_references()
+    config.train.rank_batch_size = rank_batch_size(config, num_devices)
+    return config
 
 
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -463,6 +531,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     student, optim, crops = config.student, config.optim, config.crops
     _check_choice("student.arch", student.arch, ARCHS)
     _check_choice("optim.optimizer", optim.optimizer, OPTIMIZERS)
+    _check_choice("optim.scaling_rule", optim.scaling_rule, SCALING_RULES)
     _check_choice("optim.clip_mode", optim.clip_mode, CLIP_MODES)
     _check_choice("compute.dtype", config.compute.dtype, DTYPES)
     _check_choice("compute.remat", config.compute.remat, REMATS)
@@ -542,6 +611,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             "the dataset size."
         )
     _check_student_chunks(config, num_devices)
+    if config.method == "dinov2":
+        _check_dinov2(config, num_devices)
     if crops.local_crops_number < 0:
         raise ValueError(f"crops.local_crops_number={crops.local_crops_number} must be >= 0.")
     if config.eval.jaccard_examples > 0 and config.eval.knn_every_steps is None:
@@ -555,6 +626,69 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"teacher.warmup_teacher_temp_epochs={config.teacher.warmup_teacher_temp_epochs} "
             f"exceeds optim.epochs={optim.epochs}."
         )
+
+
+def _check_dinov2(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+    """DINOv2's settings (dinov2/train/ssl_meta_arch.py), in one line each."""
+    student, ibot, dino = config.student, config.ibot, config.dino
+    if student.arch not in DINOV2_ARCHS:
+        raise ValueError(
+            f"method='dinov2' masks patches with DINOv2's mask token: choose a dinov2_* "
+            f"student.arch ({', '.join(DINOV2_ARCHS)}), not {student.arch!r}."
+        )
+    _check_choice("train.centering", config.train.centering, CENTERINGS)
+    if dino.loss_weight <= 0 and ibot.loss_weight <= 0:
+        raise ValueError(
+            "dino.loss_weight and ibot.loss_weight are both 0: DINOv2 has nothing to learn; "
+            "give one of them a positive weight."
+        )
+    if dino.loss_weight <= 0 and dino.koleo_loss_weight > 0:
+        raise ValueError(
+            f"dino.koleo_loss_weight={dino.koleo_loss_weight} is applied with the DINO loss, "
+            "which dino.loss_weight=0 turns off: set dino.koleo_loss_weight=0 too."
+        )
+    if ibot.loss_weight > 0:
+        low, high = ibot.mask_ratio_min_max
+        if not 0 < low <= high < 1:
+            raise ValueError(
+                f"ibot.mask_ratio_min_max={tuple(ibot.mask_ratio_min_max)} must be within "
+                "(0, 1) with min <= max, e.g. (0.1, 0.5)."
+            )
+        if not 0 < ibot.mask_sample_probability <= 1:
+            raise ValueError(
+                f"ibot.mask_sample_probability={ibot.mask_sample_probability} must be in "
+                "(0, 1]: the fraction of global crops that get a mask."
+            )
+        grid = config.crops.global_crops_size // student.patch_size
+        if int(grid * grid * low) < 1:
+            raise ValueError(
+                f"ibot.mask_ratio_min_max={tuple(ibot.mask_ratio_min_max)} masks no patch of "
+                f"a {grid}x{grid} global crop: raise the ratios or crops.global_crops_size."
+            )
+    elif ibot.separate_head:
+        raise ValueError(
+            "ibot.separate_head=True asks for an iBOT head that ibot.loss_weight=0 never "
+            "builds: set ibot.separate_head=False, or a positive ibot.loss_weight."
+        )
+    if dino.use_bn_in_head:
+        raise ValueError("dino.use_bn_in_head is DINO's: DINOv2's heads have no BatchNorm.")
+    if config.compute.student_chunks != 1:
+        raise ValueError(
+            f"compute.student_chunks={config.compute.student_chunks} is DINO's: use 1 with "
+            "method='dinov2'."
+        )
+    batch, rank = config.train.batch_size, config.train.rank_batch_size
+    if rank is None and num_devices is not None:
+        rank = batch // num_devices
+    if rank is not None:
+        if rank <= 0 or batch % rank:
+            raise ValueError(f"train.rank_batch_size={rank} must divide train.batch_size={batch}.")
+        if rank == 1 and dino.koleo_loss_weight > 0:
+            raise ValueError(
+                "KoLeo needs 2 or more images per rank (the official gives NaN with 1): "
+                "raise train.batch_size or train.rank_batch_size, or set "
+                "dino.koleo_loss_weight=0."
+            )
 
 
 def _check_student_chunks(config: ml_collections.ConfigDict, num_devices: int | None) -> None:

@@ -101,3 +101,17 @@ def koleo_loss(x: jax.Array) -> jax.Array:
     nearest = x[jnp.argmax(dots, axis=1)]
     distances = jnp.linalg.norm(x - nearest + KOLEO_EPS, axis=-1)
     return -jnp.mean(jnp.log(distances + KOLEO_EPS))
+
+
+def target_stats(targets: jax.Array) -> dict[str, jax.Array]:
+    """Collapse monitors of the teacher's targets [..., K] (probabilities): `teacher_entropy`,
+    the mean entropy of one target (0 when every target is one-hot), and `teacher_kl_uniform`,
+    log K minus the entropy of the mean target (log K when all pick the same prototype)."""
+    flat = targets.reshape(-1, targets.shape[-1]).astype(jnp.float32)
+    entropy = jnp.mean(-jnp.sum(jax.scipy.special.xlogy(flat, flat), axis=-1))
+    mean = jnp.mean(flat, axis=0)
+    mean_entropy = -jnp.sum(jax.scipy.special.xlogy(mean, mean))
+    return {
+        "teacher_entropy": entropy,
+        "teacher_kl_uniform": jnp.log(flat.shape[-1]) - mean_entropy,
+    }

@@ -31,12 +31,14 @@ class ParamRule:
     """Parameters whose path matches `pattern` (re.search on "a/b/kernel") get their lr times
     `lr_mult` and their weight decay times `wd_mult`; while the epoch is below `frozen_epochs`
     they are not updated at all (no step, no decay, no moment or count update: as when the
-    reference sets their gradients to None)."""
+    reference sets their gradients to None); while it is below `zero_lr_epochs` their lr is 0,
+    so they stay put while the optimizer's moments accumulate (DINOv2's last_layer_lr)."""
 
     pattern: str
     lr_mult: float = 1.0
     wd_mult: float = 1.0
     frozen_epochs: int = 0
+    zero_lr_epochs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +48,12 @@ class Group:
     lr_mult: float = 1.0
     wd_mult: float = 1.0
     frozen_epochs: int = 0
+    zero_lr_epochs: int = 0
 
     @property
     def label(self) -> str:
-        return f"lr{self.lr_mult:.6g}_wd{self.wd_mult:.6g}_frozen{self.frozen_epochs}"
+        label = f"lr{self.lr_mult:.6g}_wd{self.wd_mult:.6g}_frozen{self.frozen_epochs}"
+        return label + (f"_zerolr{self.zero_lr_epochs}" if self.zero_lr_epochs else "")
 
 
 def path_name(path) -> str:
@@ -59,13 +63,14 @@ def path_name(path) -> str:
 
 def group_of(name: str, rules: Sequence[ParamRule]) -> Group:
     """The group of the parameter at path `name` under `rules`."""
-    lr_mult, wd_mult, frozen = 1.0, 1.0, 0
+    lr_mult, wd_mult, frozen, zero_lr = 1.0, 1.0, 0, 0
     for rule in rules:
         if re.search(rule.pattern, name):
             lr_mult *= rule.lr_mult
             wd_mult *= rule.wd_mult
             frozen = max(frozen, rule.frozen_epochs)
-    return Group(lr_mult, wd_mult, frozen)
+            zero_lr = max(zero_lr, rule.zero_lr_epochs)
+    return Group(lr_mult, wd_mult, frozen, zero_lr)
 
 
 def param_groups(params, rules: Sequence[ParamRule]):
@@ -117,10 +122,12 @@ def ndim_above_1(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def base_optimizer(name: str, lr, weight_decay) -> optax.GradientTransformation:
+def base_optimizer(
+    name: str, lr, weight_decay, betas: tuple[float, float] = (0.9, 0.999)
+) -> optax.GradientTransformation:
     """One optimizer step with decoupled (AdamW) or coupled (SGD, LARS) weight decay."""
     if name == "adamw":
-        return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+        return optax.adamw(lr, b1=betas[0], b2=betas[1], eps=1e-8, weight_decay=weight_decay)
     if name == "sgd":
         # torch SGD: d = g + wd * p; buf = 0.9 buf + d; p -= lr * buf.
         return optax.chain(
@@ -149,9 +156,11 @@ def make_optimizer(
     groups = param_groups(params, rules)
     transforms = {}
     for group in set(jax.tree.leaves(groups, is_leaf=lambda x: isinstance(x, Group))):
-        tx = base_optimizer(
-            config.optim.optimizer, hp.lr * group.lr_mult, hp.weight_decay * group.wd_mult
-        )
+        lr = hp.lr * group.lr_mult
+        if group.zero_lr_epochs:
+            lr = jnp.where(hp.epoch < group.zero_lr_epochs, 0.0, lr)
+        betas = (config.optim.adamw_beta1, config.optim.adamw_beta2)
+        tx = base_optimizer(config.optim.optimizer, lr, hp.weight_decay * group.wd_mult, betas)
         if group.frozen_epochs:
             thawed = hp.epoch >= group.frozen_epochs
             tx = optax.transforms.conditionally_mask(tx, lambda _, thawed=thawed: thawed)
@@ -170,4 +179,4 @@ def make_optimizer(
 def init_hyperparams() -> Hyperparams:
     """Placeholder values for `make_optimizer(...).init`; the state does not depend on them."""
     zero = jnp.zeros([], jnp.float32)
-    return Hyperparams(zero, zero, zero, jnp.zeros([], jnp.int32))
+    return Hyperparams(zero, zero, zero, jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))

@@ -7,6 +7,7 @@ build the same curves from optax schedules so that they are evaluated inside the
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -69,6 +70,7 @@ class Hyperparams(NamedTuple):
     weight_decay: jax.Array
     momentum: jax.Array  # teacher EMA
     epoch: jax.Array  # int32: step // steps_per_epoch, for per-epoch schedules and freezes
+    step: jax.Array | None = None  # int32: the global iteration, for per-iteration schedules
 
 
 def hyperparams_at(config: ml_collections.ConfigDict, step: jax.Array) -> Hyperparams:
@@ -76,7 +78,7 @@ def hyperparams_at(config: ml_collections.ConfigDict, step: jax.Array) -> Hyperp
     builds them with utils.py: cosine_scheduler)."""
     niter = steps_per_epoch(config)
     lr = cosine_scheduler(
-        config.optim.lr * config.train.batch_size / 256.0,
+        scaled_lr(config),
         config.optim.min_lr,
         config.optim.epochs,
         niter,
@@ -92,4 +94,14 @@ def hyperparams_at(config: ml_collections.ConfigDict, step: jax.Array) -> Hyperp
         weight_decay=jnp.asarray(wd(step), f32),
         momentum=jnp.asarray(momentum(step), f32),
         epoch=jnp.asarray(step // niter, jnp.int32),
+        step=jnp.asarray(step, jnp.int32),
     )
+
+
+def scaled_lr(config: ml_collections.ConfigDict) -> float:
+    """optim.lr scaled to the global batch: linearly from 256 images (main_dino.py) or by the
+    square root from 1024 (dinov2/train/train.py: sqrt_wrt_1024)."""
+    batch = config.train.batch_size
+    if config.optim.scaling_rule == "sqrt_wrt_1024":
+        return config.optim.lr * math.sqrt(batch / 1024.0)
+    return config.optim.lr * batch / 256.0

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from dino_jax.core import device_augment, parallel, platforms
 from dino_jax.core.augment_laws import MultiCropConfig
-from dino_jax.core.config import steps_per_epoch, validate
+from dino_jax.core.config import steps_per_epoch, validate, with_rank_batch_size
 from dino_jax.core.optim import (
     ParamRule,
     init_hyperparams,
@@ -246,6 +246,7 @@ def _bound(fn: Callable, config: ml_collections.ConfigDict, mesh: Mesh) -> Calla
     platform and the fsdp gather bound; bad settings fail here, before compilation."""
     validate(config, mesh.size)
     steps_per_epoch(config)  # the schedules need it: fail now rather than while tracing
+    config = with_rank_batch_size(config, mesh.size)
     method = get_method(config)
     student, teacher = method.networks(platforms.model_layers(config, mesh))
     return partial(

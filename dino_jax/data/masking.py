@@ -73,14 +73,6 @@ class BlockMasking:
         return mask
 
 
-def upper_bound(batch: int, n_tokens: int, ratio=(0.1, 0.5), probability: float = 0.5) -> int:
-    """The most patches `batch_masks` can mask in a batch of `batch` crops: the official
-    `upperbound`, the fixed size of the masked-patch buffer (one compiled step)."""
-    n_masked = int(batch * probability)
-    highs = np.linspace(*ratio, n_masked + 1)[1:]
-    return sum(int(n_tokens * high) for high in highs)
-
-
 def batch_masks(
     rng: random.Random,
     generator: BlockMasking,

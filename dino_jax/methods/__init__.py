@@ -8,10 +8,11 @@ import ml_collections
 
 from dino_jax.methods.base import Apply, Method
 from dino_jax.methods.dino import Dino
+from dino_jax.methods.dinov2 import DinoV2
 
-__all__ = ["METHODS", "Apply", "Dino", "Method", "get_method"]
+__all__ = ["METHODS", "Apply", "Dino", "DinoV2", "Method", "get_method"]
 
-METHODS: dict[str, type] = {"dino": Dino}
+METHODS: dict[str, type] = {"dino": Dino, "dinov2": DinoV2}
 
 
 def get_method(config: ml_collections.ConfigDict) -> Method:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dino_jax.models.dino import MultiCrop
+from dino_jax.models.dinov2 import DinoV2Networks
 from dino_jax.models.head import DINOHead
 from dino_jax.models.layers import STOCK, Layers
 from dino_jax.models.registry import (
@@ -36,6 +37,7 @@ __all__ = [
     "VIT_ARCHS",
     "ArchSpec",
     "DINOHead",
+    "DinoV2Networks",
     "Layers",
     "MultiCrop",
     "ResNet",
@@ -43,6 +45,7 @@ __all__ = [
     "backbone_of",
     "build_backbone",
     "build_dino",
+    "build_dinov2",
     "dinov2_vit",
     "model_spec",
     "resnet50",
@@ -116,24 +119,29 @@ def backbone_of(config: ml_collections.ConfigDict):
     )
 
 
+def _training_backbone(config: ml_collections.ConfigDict, teacher: bool, layers: Layers):
+    """The backbone a run trains: the student's with stochastic depth, the teacher's without."""
+    student = config.student
+    return build_backbone(
+        student.arch,
+        patch_size=student.patch_size,
+        drop_path_rate=0.0 if teacher else student.drop_path_rate,
+        img_size=student.img_size,
+        dtype=jnp.dtype(config.compute.dtype),
+        remat=config.compute.remat,
+        layers=layers,
+        **vit_options(student),
+        **({"scan_blocks": True} if config.compute.scan_blocks else {}),
+    )
+
+
 def build_dino(
     config: ml_collections.ConfigDict, *, teacher: bool = False, layers: Layers = STOCK
 ) -> MultiCrop:
     """The student (with stochastic depth) or the teacher (without) network of `config`, built
     from `layers` (the platform's, `dino_jax.core.platforms.model_layers`)."""
     dtype = jnp.dtype(config.compute.dtype)
-    student = config.student
-    backbone = build_backbone(
-        student.arch,
-        patch_size=student.patch_size,
-        drop_path_rate=0.0 if teacher else student.drop_path_rate,
-        img_size=student.img_size,
-        dtype=dtype,
-        remat=config.compute.remat,
-        layers=layers,
-        **vit_options(student),
-        **({"scan_blocks": True} if config.compute.scan_blocks else {}),
-    )
+    backbone = _training_backbone(config, teacher, layers)
     head = DINOHead(
         out_dim=config.dino.head_n_prototypes,
         use_bn=config.dino.use_bn_in_head,
@@ -145,3 +153,30 @@ def build_dino(
         layers=layers,
     )
     return MultiCrop(backbone=backbone, head=head)
+
+
+def build_dinov2(
+    config: ml_collections.ConfigDict, *, teacher: bool = False, layers: Layers = STOCK
+) -> DinoV2Networks:
+    """DINOv2's student (with stochastic depth) or teacher (without) of `config`: the backbone,
+    the DINO head and, with ibot.separate_head, the iBOT head (dinov2/layers/dino_head.py:
+    DINOHead, whose last layer's weight_g is trained)."""
+    dtype = jnp.dtype(config.compute.dtype)
+
+    def head(section: ml_collections.ConfigDict) -> DINOHead:
+        return DINOHead(
+            out_dim=section.head_n_prototypes,
+            norm_last_layer=False,
+            nlayers=section.head_nlayers,
+            hidden_dim=section.head_hidden_dim,
+            bottleneck_dim=section.head_bottleneck_dim,
+            dtype=dtype,
+            layers=layers,
+        )
+
+    separate = config.ibot.separate_head and config.ibot.loss_weight > 0
+    return DinoV2Networks(
+        backbone=_training_backbone(config, teacher, layers),
+        dino_head=head(config.dino),
+        ibot_head=head(config.ibot) if separate else None,
+    )
