@@ -29,6 +29,7 @@ from dino_jax.core import parallel
 from dino_jax.core.config import (
     load_config,
     none_overrides,
+    rank_batch_size,
     set_none,
     unknown_overrides,
     validate,
@@ -143,6 +144,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     source = train_source(config)
     if config.train.OFFICIAL_EPOCH_LENGTH is None:
         config.train.OFFICIAL_EPOCH_LENGTH = batches_per_epoch(config, len(source))
+    if config.train.rank_batch_size is None:  # recorded in the run's config
+        config.train.rank_batch_size = rank_batch_size(config, jax.device_count())
     mesh = parallel.make_mesh(config.compute.mesh)
     # Built first, so that a monitor refusing its data (unlabelled, or queries that sit in the
     # memory) stops the run before anything is written.

@@ -93,3 +93,35 @@ def batch_masks(
     masks += [generator(rng, 0) for _ in range(n_masked, batch)]
     rng.shuffle(masks)
     return np.stack(masks).reshape(batch, n_tokens)
+
+
+class BatchMasks:
+    """A grain map with index: adds "masks", bool [b, 2, N], to batch `index` of this process
+    (the global step): each rank of `config.train.rank_batch_size` images gets the official
+    collate's masks for its 2 x rank global crops (crop-major there, image-major here), from a
+    `random.Random` seeded by the run's seed, the step and the rank's global number. So the masks
+    depend on neither the process count nor the workers, and a resumed iterator redraws them."""
+
+    def __init__(self, config, process_index: int = 0, process_count: int = 1):
+        crops, ibot = config.crops, config.ibot
+        grid = crops.global_crops_size // config.student.patch_size
+        self.generator = BlockMasking(grid, grid)
+        self.ratio = tuple(ibot.mask_ratio_min_max)
+        self.probability = ibot.mask_sample_probability
+        self.seed, self.rank = config.train.seed, config.train.rank_batch_size
+        local = config.train.batch_size // process_count
+        if self.rank is None or local % self.rank:
+            raise ValueError(
+                f"train.rank_batch_size={self.rank} must divide the {local} images of each of "
+                f"{process_count} processes: choose a divisor of {local}."
+            )
+        self.first_rank = process_index * (local // self.rank)
+
+    def __call__(self, index: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ranks = batch["global"].shape[0] // self.rank
+        masks = []
+        for j in range(ranks):
+            rng = random.Random(f"masks/{self.seed}/{index}/{self.first_rank + j}")
+            drawn = batch_masks(rng, self.generator, 2 * self.rank, self.ratio, self.probability)
+            masks.append(drawn.reshape(2, self.rank, -1).swapaxes(0, 1))
+        return {**batch, "masks": np.concatenate(masks)}

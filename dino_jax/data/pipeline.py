@@ -27,6 +27,7 @@ from dino_jax.data.augment import (
     render_crop,
     sample_crop_boxes,
 )
+from dino_jax.data.masking import BatchMasks
 from dino_jax.data.sources import DecodedSource, make_source
 
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
@@ -104,7 +105,8 @@ def train_dataset(
 
     Each epoch is a fresh shuffle of the data truncated to whole batches, as the reference's
     drop_last. Elements: {"global": f32 [b, 2, G, G, 3], "local": f32 [b, n, L, L, 3],
-    "label": i32 [b]} with b = B / P (labels are -1 where the source has none).
+    "label": i32 [b]} with b = B / P (labels are -1 where the source has none), and DINOv2's
+    "masks": bool [b, 2, N] (`masking.BatchMasks`).
     """
     process_index, process_count = _process_slice(process_index, process_count)
     local_batch = _local_batch_size(config.train.batch_size, process_count)
@@ -118,6 +120,8 @@ def train_dataset(
         .random_map(MultiCropTransform(multicrop_config(config), config.data.augment_on_device))
         .batch(local_batch, drop_remainder=True)[process_index::process_count]
     )
+    if config.method == "dinov2":
+        ds = ds.map_with_index(BatchMasks(config, process_index, process_count))
     return _to_iter(ds, config)
 
 
