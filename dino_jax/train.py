@@ -305,6 +305,11 @@ def _log_monitors(teacher: str, values: dict) -> None:
             values["jaccard_mean_map"],
             values["jaccard_best_head"],
         )
+        log.info(
+            "Jaccard of the linear probe of %s's patch features: %.3f",
+            teacher,
+            values["patch_jaccard"],
+        )
 
 
 def _check_finite(metrics: dict, step: int) -> dict[str, float]:

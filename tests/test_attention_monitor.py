@@ -14,6 +14,7 @@ from dino_jax.core.step import init_state
 from dino_jax.data.pipeline import MEAN, STD, resize_center_crop
 from dino_jax.data.sources import DecodedSource
 from dino_jax.eval.attention_monitor import AttentionMonitor
+from dino_jax.eval.maths import segmentation
 from dino_jax.eval.monitor import KnnMonitor
 from dino_jax.metrics import read_metrics
 from dino_jax.models import build_dino
@@ -80,6 +81,16 @@ def test_jaccard_equals_numpy_on_hand_made_masks(tiny_config):
     assert got["jaccard_best_head"] == pytest.approx(want[:-1].max(), abs=1e-6)
     # The scores differ between heads and scenes: the comparison is not of constants.
     assert len({round(j, 6) for row in per_image for j in row}) > 5
+    # The probe of the patch features: fitted on the first 5 scenes, scored on the last 5.
+    features, truths = [], []
+    for scene in scenes:
+        image = resize_center_crop(scene["image"], side, side, Image.BICUBIC)
+        x = ((image / 255.0 - np.asarray(MEAN)) / np.asarray(STD)).astype(np.float32)
+        out = backbone.apply(variables, x[None], method="forward_features")
+        features.append(np.asarray(out["x_norm_patchtokens"]).reshape(grid, grid, -1))
+        truths.append(resize_center_crop(scene["mask"], side, side, Image.NEAREST) > 0)
+    want_patch = segmentation.linear_probe_jaccard(np.stack(features), np.stack(truths), patch)
+    assert got["patch_jaccard"] == pytest.approx(want_patch, abs=1e-6)
 
     figure = monitor.figure(state.teacher, 3, "hand-made")
     assert len(figure.axes) == 3 * (config.student.num_heads + 2)
@@ -114,6 +125,7 @@ def test_training_logs_jaccard_beside_knn_and_draws_the_figures(tmp_path):
     assert [r["step"] for r in records] == [0, 2, 4]
     for r in records:
         assert 0 <= r["jaccard_mean_map"] <= 1 and 0 <= r["jaccard_best_head"] <= 1
+        assert 0 <= r["patch_jaccard"] <= 1
         assert "knn_top1" in r
     names = sorted(p.name for p in (tmp_path / "figures").iterdir())
     assert names == [

@@ -1,5 +1,7 @@
 """The attention monitor: how well the teacher's self-attention segments held-out scenes during
-training (the Jaccard index of the paper's Table 4), and the figure of its maps (its Figure 1)."""
+training (the Jaccard index of the paper's Table 4), and the figure of its maps (its Figure 1);
+beside it, how well a linear probe of its patch features segments them (eval/maths/
+segmentation.py), the dense side that DINOv2's iBOT objective trains."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dino_jax.core import parallel
 from dino_jax.data.pipeline import MEAN, STD, eval_dataset
 from dino_jax.data.sources import DecodedSource, Subset, make_source, sample_indices
 from dino_jax.eval import figures
-from dino_jax.eval.maths import attention
+from dino_jax.eval.maths import attention, segmentation
 from dino_jax.interop import hub
 from dino_jax.models import VisionTransformer, build_dino
 
@@ -57,6 +59,7 @@ class AttentionMonitor:
         self.indices = sample_indices(source, config.eval.jaccard_examples)
         self.source = Subset(source, self.indices)
         self.maps_fn = _maps_fn(self.backbone, mesh)
+        self.patches_fn = _patches_fn(self.backbone, mesh)
         log.info("Attention monitor: %d scenes of %r", len(self.indices), source.source)
 
     def _batches(self, limit: int | None = None):
@@ -67,17 +70,36 @@ class AttentionMonitor:
 
     def __call__(self, teacher_params: dict) -> dict[str, float]:
         """{"jaccard_mean_map", "jaccard_best_head"}: the mask of the heads' mean map, and of
-        the best head (chosen over all scenes), averaged over the scenes."""
+        the best head (chosen over all scenes), averaged over the scenes; "patch_jaccard": the
+        linear probe of the patch features fitted on the first half of the scenes, scored on
+        the second."""
         data, batches = self._batches()
+        variables = {"params": teacher_params["backbone"]}
         scores = attention.attention_jaccard(
-            self.backbone,
-            {"params": teacher_params["backbone"]},
-            data,
-            self.mesh,
-            num_batches=batches,
-            progress=False,
+            self.backbone, variables, data, self.mesh, num_batches=batches, progress=False
         )
-        return {"jaccard_mean_map": scores["mean_map"], "jaccard_best_head": scores["best_head"]}
+        return {
+            "jaccard_mean_map": scores["mean_map"],
+            "jaccard_best_head": scores["best_head"],
+            "patch_jaccard": self.patch_jaccard(variables),
+        }
+
+    def patch_jaccard(self, variables: dict) -> float:
+        """The Jaccard index of the linear probe of the teacher's patch features."""
+        data, batches = self._batches()
+        features, masks = [], []
+        for batch, _ in zip(data, range(batches), strict=False):
+            glob = parallel.to_global({k: batch[k] for k in ("image", "mask", "valid")}, self.mesh)
+            patches = self.patches_fn(variables, glob["image"])
+            gathered = multihost_utils.process_allgather(
+                (patches, glob["mask"], glob["valid"]), tiled=True
+            )
+            patches, truth, valid = (np.asarray(x) for x in gathered)
+            features.append(patches[valid])
+            masks.append(truth[valid].astype(bool))
+        return segmentation.linear_probe_jaccard(
+            np.concatenate(features), np.concatenate(masks), self.backbone.patch_size
+        )
 
     def figure(self, teacher_params: dict, scenes: int, title: str) -> Figure:
         """The first `scenes` scenes, each head's map and the masks: figures.attention_figure."""
@@ -111,6 +133,16 @@ def _maps_fn(model, mesh: Mesh):
     batch = parallel.batch_sharding(mesh)
     return jax.jit(
         lambda variables, images: hub.attention_maps(model, variables, images),
+        in_shardings=(None, batch),
+        out_shardings=batch,
+    )
+
+
+def _patches_fn(model, mesh: Mesh):
+    """jit(variables, images [B, H, W, 3]) -> patch features [B, h, w, D], batch-split."""
+    batch = parallel.batch_sharding(mesh)
+    return jax.jit(
+        lambda variables, images: hub.patch_features(model, variables, images),
         in_shardings=(None, batch),
         out_shardings=batch,
     )

@@ -83,6 +83,7 @@ CURVES = {
     "knn_top1": "k-NN top-1 of the teacher (%)",
     "jaccard_mean_map": "Jaccard of the mean map's mask",
     "jaccard_best_head": "Jaccard of the best head's mask",
+    "patch_jaccard": "Jaccard of the patch features' linear probe",
 }
 
 
@@ -91,7 +92,7 @@ def monitor_figure(records: Sequence[dict]) -> Figure | None:
     (`metrics.read_metrics`); None when no record has one."""
     panels = [
         ("k-NN", ["knn_top1"]),
-        ("attention masks", ["jaccard_mean_map", "jaccard_best_head"]),
+        ("segmentation", ["jaccard_mean_map", "jaccard_best_head", "patch_jaccard"]),
     ]
     panels = [(name, [k for k in keys if any(k in r for r in records)]) for name, keys in panels]
     panels = [(name, keys) for name, keys in panels if keys]
