@@ -305,11 +305,8 @@ def _log_monitors(teacher: str, values: dict) -> None:
             values["jaccard_mean_map"],
             values["jaccard_best_head"],
         )
-        log.info(
-            "Jaccard of the linear probe of %s's patch features: %.3f",
-            teacher,
-            values["patch_jaccard"],
-        )
+        probe = values["patch_jaccard"]
+        log.info("Jaccard of a linear probe of the patch features of %s: %.3f", teacher, probe)
 
 
 def _check_finite(metrics: dict, step: int) -> dict[str, float]:

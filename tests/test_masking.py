@@ -94,3 +94,58 @@ def test_the_laws_of_the_masks():
     # A block is at least 4 patches; masks are unions of rectangles of aspect within [0.3, 3.3].
     mask = generator(random.Random(3), 40)
     assert mask.sum() >= 4
+
+
+def pipeline_config(**overrides):
+    from conftest import make_tiny_config
+
+    config = make_tiny_config(method="dinov2", arch="dinov2_vit_small", rank_batch_size=2)
+    for key, value in overrides.items():
+        section, leaf = key.split(".")
+        config[section][leaf] = value
+    return config
+
+
+def test_the_pipeline_masks_each_rank_as_the_official_collate():
+    """Each rank of the batch gets collate_data_and_cast's masks for its 2 x rank global crops
+    (crop-major there, image-major in the batch), from its own seeded generator."""
+    from dino_jax.data.masking import BatchMasks
+
+    config = pipeline_config()
+    grid = config.crops.global_crops_size // config.student.patch_size
+    batch = {"global": np.zeros((8, 2, 1, 1, 3))}
+    got = BatchMasks(config)(5, batch)["masks"]
+    assert got.shape == (8, 2, grid * grid) and got.dtype == bool
+    for rank in range(4):
+        rng = random.Random(f"masks/{config.train.seed}/5/{rank}")
+        want = batch_masks(rng, BlockMasking(grid, grid), 4)  # [2 x 2 crops, N] crop-major
+        crop_major = np.swapaxes(got[2 * rank : 2 * rank + 2], 0, 1).reshape(4, -1)
+        np.testing.assert_array_equal(crop_major, want)
+        assert (crop_major.sum(axis=1) > 0).sum() <= 2  # int(4 x 0.5) crops masked per rank
+
+
+def test_the_masks_resume_and_do_not_depend_on_the_processes():
+    from dino_jax.data.pipeline import train_dataset
+
+    config = pipeline_config(**{"data.source": "synthetic:shapes"})
+    it = iter(train_dataset(config))
+    first = next(it)["masks"]
+    state = it.get_state()
+    second = next(it)["masks"]
+    assert not np.array_equal(first, second)  # a new draw every step
+    resumed = iter(train_dataset(config))
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["masks"], second)
+    halves = [
+        next(iter(train_dataset(config, process_index=p, process_count=2)))["masks"]
+        for p in range(2)
+    ]
+    np.testing.assert_array_equal(np.concatenate(halves), first)
+
+
+def test_a_rank_that_straddles_processes_is_refused():
+    from dino_jax.data.pipeline import train_dataset
+
+    config = pipeline_config(**{"train.rank_batch_size": 8})
+    with pytest.raises(ValueError, match=r"train\.rank_batch_size=8 must divide the 4 images"):
+        train_dataset(config, process_index=0, process_count=2)

@@ -28,6 +28,11 @@ RECIPES = [
     "vit_base8.py",
     "resnet50.py",
     "custom.py",
+    "dinov2_demo.py",
+    "dinov2_vits14.py",
+    "dinov2_vitl16_short.py",
+    "dinov2_vitl14.py",
+    "dinov2_vitg14.py",
 ]
 
 
@@ -86,6 +91,20 @@ def test_cli_writes_checkpoints_metrics_events_and_export(tmp_path):
 
 
 @pytest.mark.slow
+def test_dinov2_logs_the_official_loss_terms(tmp_path):
+    code, out = cli(tmp_path, config="configs/dinov2_demo.py:smoke")
+    assert code == 0, out
+    last = [m for m in read_metrics(tmp_path) if "loss" in m][-1]
+    terms = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
+    for key in (*terms, "dino_center_norm", "ibot_center_norm", "teacher_entropy"):
+        assert np.isfinite(last[key]), key
+    # The back-propagated loss: KoLeo and iBOT are logged halved, as the official shows them.
+    want = last[terms[0]] + last[terms[1]] + 2 * last["koleo_loss"] + 2 * last["ibot_loss"]
+    assert last["loss"] == pytest.approx(want, rel=1e-5)
+    assert (tmp_path / "export").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_runs_in_smoke_form(tmp_path, recipe):
     sep = "," if ":" in recipe else ":"
@@ -128,21 +147,24 @@ def test_relative_workdir_and_signal_handlers_given_back(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("config", ["configs/demo.py:smoke", "configs/dinov2_demo.py:smoke"])
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, config):
+    """Every loss of a run killed and rerun is the uninterrupted run's: the data, DINOv2's masks
+    and every random draw resume where the checkpoint left them."""
     overrides = ["--config.train.OFFICIAL_EPOCH_LENGTH=60", "--config.checkpoint.every_steps=10"]
-    code, out = cli(tmp_path / "straight", *overrides)
+    code, out = cli(tmp_path / "straight", *overrides, config=config)
     assert code == 0, out
     expected = losses_by_step(tmp_path / "straight")
 
     killed = tmp_path / "killed"
-    proc = cli(killed, *overrides, wait=False)
+    proc = cli(killed, *overrides, config=config, wait=False)
     deadline = time.time() + 300
     while time.time() < deadline and not checkpoint_steps(killed):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert checkpoint_steps(killed), "no checkpoint before the kill"
-    code, out = cli(killed, *overrides)
+    code, out = cli(killed, *overrides, config=config)
     assert code == 0, out
     assert "Resuming from the checkpoint of step" in out
     got = losses_by_step(killed)

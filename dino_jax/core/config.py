@@ -350,10 +350,10 @@ def lookup(config: ml_collections.ConfigDict | Mapping[str, Any], key: str, defa
     return value
 
 
-def imagenet_config() -> ml_collections.ConfigDict:
-    """`base_config()` on tfds:imagenet2012 (ArrayRecord) with accelerator-sized settings: the
-    common ground of the paper's recipes."""
-    c = base_config()
+def imagenet_config(c: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """`c` (default `base_config()`) on tfds:imagenet2012 (ArrayRecord) with accelerator-sized
+    settings: the common ground of the papers' recipes."""
+    c = base_config() if c is None else c
     c.data.source, c.data.eval_split = "tfds:imagenet2012", "validation"
     c.data.num_workers = 16
     c.compute.dtype = "bfloat16"
@@ -378,6 +378,20 @@ def dinov2_config() -> ml_collections.ConfigDict:
     o.layerwise_decay, o.patch_embed_lr_mult = 0.9, 0.2
     c.crops.global_crops_scale, c.crops.local_crops_scale = (0.32, 1.0), (0.05, 0.32)
     c.train.batch_size, c.train.OFFICIAL_EPOCH_LENGTH = 64, 1250
+    return c
+
+
+def dinov2_patch14(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """What dinov2/configs/train/vitl14.yaml and vitg14.yaml change from the default."""
+    c.dino.head_n_prototypes, c.dino.head_bottleneck_dim = 131072, 384
+    c.ibot.separate_head, c.ibot.head_n_prototypes = True, 131072
+    c.train.centering = "sinkhorn_knopp"
+    c.student.patch_size, c.student.drop_path_rate = 14, 0.4
+    c.student.ffn_layer = "swiglufused"
+    c.teacher.momentum_teacher = 0.994
+    o = c.optim
+    o.epochs, o.weight_decay_end, o.lr, o.warmup_epochs, o.layerwise_decay = 500, 0.2, 2e-4, 80, 1.0
+    c.crops.local_crops_size = 98
     return c
 
 
@@ -406,13 +420,19 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if s.arch in VIT_ARCHS:
         s.embed_dim, s.depth, s.num_heads = 64, 2, 4
     d.head_n_prototypes, d.head_hidden_dim, d.head_bottleneck_dim = 256, 256, 64
+    i = c.ibot
+    i.head_n_prototypes, i.head_hidden_dim, i.head_bottleneck_dim = 256, 256, 64
     c.data.source, c.data.split, c.data.eval_split = "synthetic:shapes", "train", "val"
     c.data.eval_source = None
-    c.crops.global_crops_size, c.crops.local_crops_size = 2 * patch, patch
-    c.data.eval_resize_size, c.data.eval_crop_size = 2 * patch + 8, 2 * patch
+    # DINOv2 masks at least a tenth of a global crop's patches: 16 of them, not 4.
+    side = 4 * patch if c.method == "dinov2" else 2 * patch
+    c.crops.global_crops_size, c.crops.local_crops_size = side, patch
+    c.data.eval_resize_size, c.data.eval_crop_size = side + 8, side
     c.data.num_workers = 0
     c.crops.local_crops_number = min(c.crops.local_crops_number, 2)
     c.train.batch_size, c.optim.epochs, c.train.OFFICIAL_EPOCH_LENGTH = 8, 1, 4
+    c.train.rank_batch_size = 4  # DINOv2's ranks: 2 of 4 images, whatever the devices
+    c.compute.mesh = base_config().compute.mesh  # whatever devices the machine has
     c.optim.warmup_epochs = c.optim.freeze_last_layer_epochs = 0
     c.teacher.warmup_teacher_temp_epochs = 0
     c.checkpoint.every_steps, c.log.every_steps = 2, 1
@@ -610,9 +630,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"train.OFFICIAL_EPOCH_LENGTH={steps} must be positive, or None to derive it from "
             "the dataset size."
         )
-    _check_student_chunks(config, num_devices)
     if config.method == "dinov2":
         _check_dinov2(config, num_devices)
+    _check_student_chunks(config, num_devices)
     if crops.local_crops_number < 0:
         raise ValueError(f"crops.local_crops_number={crops.local_crops_number} must be >= 0.")
     if config.eval.jaccard_examples > 0 and config.eval.knn_every_steps is None:

@@ -72,6 +72,7 @@ TARGETS = {
         Target("v4-32", "tpu", V4, "v4:2x2x4", 16, "megacore"),
         Target("v5e-16", "tpu", V5E, "v5e:4x4", 16),
         Target("v5p-32", "tpu", V5P, "v5p:2x2x4", 16, "megacore"),
+        Target("v5p-64", "tpu", V5P, "v5p:2x4x4", 32, "megacore"),
         Target("v6e-16", "tpu", V6E, "v6e:4x4", 16),
         Target("h100x8", "gpu", H100, "1x1x8", 8, spec="h100_sxm.txtpb"),
     )
