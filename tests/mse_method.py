@@ -21,7 +21,7 @@ def normalised(x):
 
 
 class MeanSquaredError:
-    def __init__(self, config):
+    def __init__(self, config, mesh=None):
         self.config = config
 
     def batch_spec(self):

@@ -182,6 +182,34 @@ def test_stochastic_depth_is_the_officials_batch_subset():
     assert np.abs(plain - want).max() > 1e-3
 
 
+def test_stochastic_depth_subsets_are_drawn_per_rank():
+    """With drop_path_groups=2 (two ranks) each rank's crops run the official's batch-subset
+    formula on subsets of its own: the torch twin on each half, with that half's subsets, gives
+    our output for it."""
+    twin, model, variables = twin_and_ours("layerscale")
+    model = model.clone(drop_path_rate=0.4, drop_path_uniform=True, drop_path_groups=2)
+    images = np.random.default_rng(1).normal(size=(6, 28, 28, 3)).astype(np.float32)
+    got, state = model.apply(
+        variables,
+        images,
+        method="forward_features",
+        train=True,
+        rngs={"drop_path": jax.random.key(4)},
+        mutable=["intermediates"],
+    )
+    drawn = state["intermediates"]
+    for rank in range(2):
+        branges = [
+            [torch.from_numpy(np.array(i[rank])) for i in drawn[f"blocks_{b}"]["drop_path_subset"]]
+            for b in range(2)
+        ]
+        assert all(len(brange) == 1 for pair in branges for brange in pair)  # int(3 * 0.6)
+        half = images[3 * rank : 3 * rank + 3]
+        with torch.no_grad():
+            want = twin.forward_features(nchw(half), branges=branges)["x_prenorm"].numpy()
+        assert_close(got["x_prenorm"][3 * rank : 3 * rank + 3], want)
+
+
 def test_init_is_the_officials():
     model = build_backbone(
         "dinov2_vit_small", 14, img_size=224, depth=2, layerscale=1e-5, num_register_tokens=4

@@ -5,6 +5,7 @@ train step of `dino_jax.core.step`, each behind the `Method` interface, chosen b
 from __future__ import annotations
 
 import ml_collections
+from jax.sharding import Mesh
 
 from dino_jax.methods.base import Apply, Method
 from dino_jax.methods.dino import Dino
@@ -15,10 +16,11 @@ __all__ = ["METHODS", "Apply", "Dino", "DinoV2", "Method", "get_method"]
 METHODS: dict[str, type] = {"dino": Dino, "dinov2": DinoV2}
 
 
-def get_method(config: ml_collections.ConfigDict) -> Method:
-    """The method `config.method` names, bound to `config`."""
+def get_method(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Method:
+    """The method `config.method` names, bound to `config` (and to the `mesh` a step is built
+    for, where the method lays out arrays of its own)."""
     if config.method not in METHODS:
         raise ValueError(
             f"Unknown method={config.method!r}; choose one of {', '.join(sorted(METHODS))}."
         )
-    return METHODS[config.method](config)
+    return METHODS[config.method](config, mesh)

@@ -26,7 +26,9 @@ Apply = Callable[..., Any]
 
 
 class Method(Protocol):
-    """What one method (DINO, DINOv2, ...) computes; bound to a config at construction."""
+    """What one method (DINO, DINOv2, ...) computes; bound at construction to a config and to
+    the mesh the step is built for (None outside a step), where the method wants to lay out
+    arrays the batch's sharding does not reach (DINOv2's per-rank buffers)."""
 
     def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes and dtypes of every entry of the GLOBAL batch the step takes (image-major:

@@ -26,7 +26,7 @@ LAST_LAYER = r"^head/last_layer/"
 class Dino:
     """The DINO method of `config` (see `dino_jax.methods.base.Method`)."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, mesh=None):
         self.config = config
 
     def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:

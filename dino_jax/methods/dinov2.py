@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dino_jax.core import dinov2_loss as losses
 from dino_jax.core.config import steps_per_epoch
@@ -44,8 +45,9 @@ def mask_upper_bound(crops: int, n_patches: int, ratio=(0.1, 0.5), probability=0
 class DinoV2:
     """The DINOv2 method of `config` (see `dino_jax.methods.base.Method`)."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
         self.config = c = config
+        self.mesh = mesh
         self.do_dino = c.dino.loss_weight > 0
         self.do_koleo = self.do_dino and c.dino.koleo_loss_weight > 0
         self.do_ibot = c.ibot.loss_weight > 0
@@ -120,6 +122,14 @@ class DinoV2:
         schedule = teacher_temp_schedule(t.warmup_teacher_temp, t.teacher_temp, warmup)
         return jnp.asarray(schedule(hp.step), jnp.float32)
 
+    def by_rank(self, x: jax.Array) -> jax.Array:
+        """`x` [R, ...] split over the devices by rank (as the batch is), where R divides
+        evenly: the buffers' nonzero and gather otherwise leave every device all ranks' logits."""
+        if self.mesh is None or x.shape[0] % self.mesh.size:
+            return x
+        spec = PartitionSpec(self.mesh.axis_names)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
     def masked_patches(self, masks: jax.Array) -> dict[str, jax.Array]:
         """bool [B, 2, N] -> per rank, the buffer of its masked patches: "index" [R, U] into
         its crop-major patch tokens, "valid" [R, U] and "weight" [R, U], 1 / (masked patches of
@@ -133,7 +143,8 @@ class DinoV2:
         index = jax.vmap(lambda m: jnp.nonzero(m, size=bound, fill_value=0)[0])(flat)
         valid = jnp.arange(bound) < jnp.sum(flat, axis=1, keepdims=True)
         weight = jnp.where(valid, jnp.take_along_axis(weights, index, axis=1), 0.0)
-        return {"index": index.astype(jnp.int32), "valid": valid, "weight": weight}
+        out = {"index": index.astype(jnp.int32), "valid": valid, "weight": weight}
+        return {k: self.by_rank(v) for k, v in out.items()}
 
     def teacher_outputs(self, teacher: Apply, batch: dict, state, hp: Hyperparams) -> dict:
         """The teacher's logits and targets: the global crops' cls tokens through the DINO head,
@@ -150,7 +161,7 @@ class DinoV2:
         else:
             outputs["dino_targets"] = losses.softmax_center(logits, state["dino_center"], temp)
         if masked is not None:
-            patches = out["patch_logits"]
+            patches = self.by_rank(out["patch_logits"])
             if sinkhorn:
                 flat = patches.reshape(-1, patches.shape[-1])
                 targets = losses.sinkhorn_knopp(flat, temp, valid=masked["valid"].reshape(-1))
@@ -201,8 +212,9 @@ class DinoV2:
             metrics["koleo_loss"] = koleo / 2  # the official shows it halved
             total += koleo
         if masked is not None:
+            patches = self.by_rank(out["patch_logits"])
             ibot = losses.ibot_masked_loss(
-                out["patch_logits"].reshape(-1, out["patch_logits"].shape[-1]),
+                patches.reshape(-1, patches.shape[-1]),
                 teacher_out["ibot_targets"].reshape(-1, teacher_out["ibot_targets"].shape[-1]),
                 masked["weight"].reshape(-1),
                 n_crops=2 * batch["global"].shape[0],

@@ -175,8 +175,13 @@ def build_dinov2(
         )
 
     separate = config.ibot.separate_head and config.ibot.loss_weight > 0
+    backbone = _training_backbone(config, teacher, layers)
+    if config.train.rank_batch_size:  # each rank draws its own stochastic-depth subsets
+        backbone = backbone.clone(
+            drop_path_groups=config.train.batch_size // config.train.rank_batch_size
+        )
     return DinoV2Networks(
-        backbone=_training_backbone(config, teacher, layers),
+        backbone=backbone,
         dino_head=head(config.dino),
         ibot_head=head(config.ibot) if separate else None,
     )

@@ -217,6 +217,9 @@ class Block(nn.Module):
     # int(b (1 - rate)) samples, added back scaled by b / subset (dinov2/layers/block.py:
     # drop_add_residual_stochastic_depth); DINO's per-sample DropPath otherwise.
     dinov2: bool = False
+    # The subsets are drawn in this many contiguous groups of the batch, each its own, as each
+    # official GPU draws from its own samples: a group stays on its devices.
+    drop_path_groups: int = 1
 
     def _drop_path(self, branch: jax.Array, train: bool) -> jax.Array:
         """Zero the branch of whole samples with prob. rate, scale the kept ones by 1/keep_prob."""
@@ -234,12 +237,33 @@ class Block(nn.Module):
         branch(x)."""
         stream = x[:, :1] if cls_only else x
         if train and self.dinov2 and self.drop_path_rate > SUBSET_DROP_PATH_ABOVE:
-            batch = x.shape[0]
-            subset = max(int(batch * (1 - self.drop_path_rate)), 1)
-            index = jax.random.permutation(self.make_rng("drop_path"), batch)[:subset]
-            self.sow("intermediates", "drop_path_subset", index)  # for tests and inspection
-            return stream.at[index].add(branch(x[index]) * (batch / subset))
+            groups = self.drop_path_groups
+            if groups == 1:
+                batch = x.shape[0]
+                subset = max(int(batch * (1 - self.drop_path_rate)), 1)
+                index = jax.random.permutation(self.make_rng("drop_path"), batch)[:subset]
+                self.sow("intermediates", "drop_path_subset", index)  # for tests and inspection
+                return stream.at[index].add(branch(x[index]) * (batch / subset))
+            return self._grouped_subset_residual(x, stream, branch)
         return stream + self._drop_path(branch(x), train)
+
+    def _grouped_subset_residual(self, x: jax.Array, stream: jax.Array, branch) -> jax.Array:
+        """The batch-subset residual drawn in `drop_path_groups` contiguous groups."""
+        groups = self.drop_path_groups
+        if x.shape[0] % groups:
+            raise ValueError(f"a batch of {x.shape[0]} is not {groups} equal drop-path groups")
+        batch = x.shape[0] // groups
+        subset = max(int(batch * (1 - self.drop_path_rate)), 1)
+        keys = jax.random.split(self.make_rng("drop_path"), groups)
+        index = jax.vmap(lambda k: jax.random.permutation(k, batch)[:subset])(keys)
+        self.sow("intermediates", "drop_path_subset", index)  # [groups, subset], per group
+        x = x.reshape(groups, batch, *x.shape[1:])
+        picked = jax.vmap(lambda rows, i: rows[i])(x, index)  # [groups, subset, ...]
+        out = branch(picked.reshape(groups * subset, *x.shape[2:])) * (batch / subset)
+        out = out.reshape(groups, subset, *out.shape[1:])
+        grouped = stream.reshape(groups, batch, *stream.shape[1:])
+        added = jax.vmap(lambda rows, i, y: rows.at[i].add(y))(grouped, index, out)
+        return added.reshape(stream.shape)
 
     @nn.compact
     def __call__(
@@ -319,6 +343,8 @@ class VisionTransformer(nn.Module):
     interpolate_offset: float = 0.1  # the position-embedding resize (`resize_pos_embed`)
     interpolate_antialias: bool = False
     drop_path_uniform: bool = False  # every block at drop_path_rate (DINOv2), not a linear rise
+    # DINOv2's batch-subset stochastic depth drawn per group of the batch (Block's).
+    drop_path_groups: int = 1
     # Run the blocks but the last as one jax.lax.scan over their stacked parameters, so that a
     # deep model's step compiles one block instead of depth copies. The parameters keep one
     # subtree per block (blocks_{i}); the stack is made inside the step. Needs one drop-path
@@ -375,6 +401,7 @@ class VisionTransformer(nn.Module):
             self.layerscale,
             self.ffn_layer,
             self.dinov2,
+            self.drop_path_groups,
             **kwargs,
         )
 

@@ -83,12 +83,15 @@ def measured_matmul_peak(
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
     """A global batch of noise shaped as the method's batch spec: uint8 levels where it asks
-    for uint8 (crops the step augments on device), else normal floats."""
+    for uint8 (crops the step augments on device), booleans (DINOv2's masks) True at 15% (the
+    official masks' rate: half the crops at ratios of 0.1 to 0.5), else normal floats."""
     rng = np.random.default_rng(seed)
     batch = {}
     for key, spec in abstract_batch(config).items():
         if spec.dtype == np.uint8:
             batch[key] = rng.integers(0, 256, spec.shape, dtype=np.uint8)
+        elif spec.dtype == np.bool_:
+            batch[key] = rng.random(spec.shape) < 0.15
         else:
             batch[key] = rng.standard_normal(spec.shape).astype(spec.dtype)
     return batch
