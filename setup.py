@@ -29,6 +29,7 @@ setup(
         "tqdm",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "matplotlib>=3.7",
+        "pyyaml>=6",  # DINOv2's official training YAMLs (convert config)
     ],
     extras_require={
         "test": [

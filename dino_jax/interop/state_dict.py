@@ -159,6 +159,13 @@ def split_network(state: StateDict) -> tuple[StateDict, StateDict]:
     return parts["backbone"], parts["head"]
 
 
+def unchunked_blocks(state: dict) -> dict:
+    """`state` with FSDP's chunked block keys `blocks.{chunk}.{i}.` (dinov2/models/
+    vision_transformer.py: BlockChunk, for block_chunks > 0; `i` is the block's index in the
+    whole ViT) as the released files' `blocks.{i}.`, under any prefix."""
+    return {re.sub(r"(^|\.)blocks\.\d+\.(\d+)\.", r"\1blocks.\2.", k): v for k, v in state.items()}
+
+
 def backbone_state_dict(obj: Any, which: str = "teacher") -> StateDict:
     """The backbone state dict of a release file (flat) or of a full checkpoint's network."""
     if is_full_checkpoint(obj):
@@ -182,10 +189,7 @@ def _unwrapped_backbone(obj: dict) -> StateDict:
     dropped (the reference loads with strict=False, which ignores them)."""
     key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
     state = {k.removeprefix("module."): v for k, v in (obj if key is None else obj[key]).items()}
-    # FSDP's block_chunks (dinov2/models/vision_transformer.py: BlockChunk) nest the blocks.
-    state = {
-        re.sub(r"^((?:backbone\.)?blocks)\.\d+\.(\d+)\.", r"\1.\2.", k): v for k, v in state.items()
-    }
+    state = unchunked_blocks(state)
     if any(k.startswith("backbone.") for k in state):
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k[:9] == "backbone."}
     others = sorted(k for k, v in state.items() if not hasattr(v, "detach"))
@@ -248,19 +252,26 @@ def set_registers(student: ml_collections.ConfigDict, count: int) -> None:
         student.interpolate_offset, student.interpolate_antialias = 0.0, True
 
 
-def infer_head_config(head: StateDict, config: ml_collections.ConfigDict) -> None:
-    """Set config's out_dim, head sizes, use_bn_in_head and norm_last_layer from a head state
-    dict (norm_last_layer=True when weight_g is all ones)."""
+def head_sizes(head: StateDict) -> dict[str, int]:
+    """The sizes of a reference DINOHead state dict, by the config's names: head_n_prototypes,
+    head_bottleneck_dim, head_nlayers and, when the MLP has hidden layers, head_hidden_dim."""
     out_dim, bottleneck = head["last_layer.weight_v"].shape
-    config.dino.head_n_prototypes, config.dino.head_bottleneck_dim = int(out_dim), int(bottleneck)
+    sizes = {"head_n_prototypes": int(out_dim), "head_bottleneck_dim": int(bottleneck)}
     linears = sorted(
         (int(m.group(1)) for k in head if (m := re.fullmatch(r"mlp\.(\d+)\.weight", k))),
     )
     linears = [i for i in linears if head[f"mlp.{i}.weight"].ndim == 2]
-    config.dino.use_bn_in_head = any(k.endswith("running_mean") for k in head)
-    config.dino.head_nlayers = max(len(linears), 1)
+    sizes["head_nlayers"] = max(len(linears), 1)
     if linears:
-        config.dino.head_hidden_dim = int(head[f"mlp.{linears[0]}.weight"].shape[0])
+        sizes["head_hidden_dim"] = int(head[f"mlp.{linears[0]}.weight"].shape[0])
+    return sizes
+
+
+def infer_head_config(head: StateDict, config: ml_collections.ConfigDict) -> None:
+    """Set config's out_dim, head sizes, use_bn_in_head and norm_last_layer from a head state
+    dict (norm_last_layer=True when weight_g is all ones)."""
+    config.dino.update(head_sizes(head))
+    config.dino.use_bn_in_head = any(k.endswith("running_mean") for k in head)
     weight_g = head.get("last_layer.weight_g")
     config.dino.norm_last_layer = weight_g is None or bool(
         np.allclose(weight_g, 1.0, rtol=0, atol=WEIGHT_G_ATOL)
@@ -469,3 +480,107 @@ def network_to_torch(variables: dict, config) -> dict:
             part_state = _with_bn_counters(head_to_state_dict(part_vars, config))
         state.update({f"{part}.{k}": torch.from_numpy(np.array(v)) for k, v in part_state.items()})
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# DINOv2's networks: SSLMetaArch's student and teacher ModuleDicts (dinov2/train/ssl_meta_arch.py),
+# whose state dicts hold `backbone.*`, `dino_head.*` and, with ibot.separate_head, `ibot_head.*`.
+
+DINOV2_PARTS = ("backbone", "dino_head", "ibot_head")
+
+
+def dinov2_part_key(part: str, config: ml_collections.ConfigDict) -> Callable[[tuple], str]:
+    """The Flax path -> state-dict key function of one part of a DINOv2 network: the backbone's,
+    or a head's with its section's nlayers (the iBOT head's is config.ibot.head_nlayers)."""
+    if part == "backbone":
+        return backbone_key
+    if part not in DINOV2_PARTS:
+        raise ValueError(f"Unknown DINOv2 network part {part!r}; choose one of {DINOV2_PARTS}.")
+    nlayers = (config.dino if part == "dino_head" else config.ibot).head_nlayers
+    return lambda names: head_key(names, use_bn=False, nlayers=nlayers)
+
+
+def split_dinov2_network(state: StateDict, what: str) -> dict[str, StateDict]:
+    """A DINOv2 network's state dict ({"backbone.…", "dino_head.…", ...}) -> {part: state dict
+    without the prefix}, FSDP's chunked blocks unchunked. Keys of no part are refused."""
+    parts: dict[str, StateDict] = {}
+    others = []
+    for key, value in unchunked_blocks(state).items():
+        part, _, rest = key.partition(".")
+        if part in DINOV2_PARTS:
+            parts.setdefault(part, {})[rest] = value
+        else:
+            others.append(key)
+    if others:
+        raise ValueError(
+            f"The {what} has keys outside {', '.join(p + '.' for p in DINOV2_PARTS)}: "
+            f"{sorted(others)[:5]}; it is not a DINOv2 network (SSLMetaArch's student/teacher)."
+        )
+    return parts
+
+
+def dinov2_networks_to_state_dict(
+    params: dict, config: ml_collections.ConfigDict, block_chunks: int = 0
+) -> StateDict:
+    """A DINOv2 network's params ({"backbone", "dino_head", maybe "ibot_head"}) -> the
+    reference's `backbone.*` / `dino_head.*` / `ibot_head.*` state dict of NumPy arrays in torch
+    layout. With block_chunks > 0 the blocks are keyed as the official training run keys them,
+    `blocks.{chunk}.{i}` with chunk = i // (depth // block_chunks) (vision_transformer.py:
+    DinoVisionTransformer builds one BlockChunk per chunk)."""
+    state = {}
+    for part, tree in params.items():
+        part_state = to_state_dict({"params": tree}, dinov2_part_key(part, config))
+        state.update({f"{part}.{key}": value for key, value in part_state.items()})
+    if block_chunks > 0 and "backbone" in params:
+        depth = len([name for name in params["backbone"] if name.startswith("blocks_")])
+        chunk = max(depth // block_chunks, 1)
+        state = {
+            re.sub(
+                r"^backbone\.blocks\.(\d+)\.",
+                lambda m: f"backbone.blocks.{int(m.group(1)) // chunk}.{m.group(1)}.",
+                key,
+            ): value
+            for key, value in state.items()
+        }
+    return state
+
+
+def dinov2_networks_from_state_dict(
+    state: StateDict, abstract: dict, config: ml_collections.ConfigDict, what: str
+) -> dict:
+    """A DINOv2 network's reference state dict -> float32 params of the parts it holds, each
+    checked against `abstract` ({part: params or ShapeDtypeStructs}, DinoV2Networks' params).
+
+    A part the model lacks (an iBOT head without ibot.separate_head), head sizes other than the
+    config's, and any key or shape that does not fit are refused with a ValueError."""
+    parts = split_dinov2_network(state, what)
+    extra = sorted(set(parts) - set(abstract))
+    if extra:
+        raise ValueError(
+            f"The {what} holds {', '.join(extra)}, which the config does not build (it builds "
+            f"{', '.join(abstract)}): set ibot.separate_head=True and ibot.loss_weight > 0 as "
+            "the run that wrote it."
+        )
+    params = {}
+    for part, part_state in parts.items():
+        if part != "backbone":
+            _check_head_sizes(part_state, part, config, what)
+        params[part] = from_state_dict(
+            part_state, {"params": abstract[part]}, dinov2_part_key(part, config), f"{part} {what}"
+        )["params"]
+    return params
+
+
+def _check_head_sizes(head: StateDict, part: str, config, what: str) -> None:
+    """One line naming the head sizes of the file that differ from the config's section."""
+    name = "dino" if part == "dino_head" else "ibot"
+    got = head_sizes(head)
+    diffs = [key for key, value in got.items() if value != config[name][key]]
+    if diffs:
+        raise ValueError(
+            f"The {part} of the {what} has "
+            + ", ".join(f"{key}={got[key]}" for key in diffs)
+            + "; the config has "
+            + ", ".join(f"{name}.{key}={config[name][key]}" for key in diffs)
+            + ": set them to the file's."
+        )

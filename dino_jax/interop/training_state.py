@@ -2,14 +2,17 @@
 TrainState, a new run started from any checkpoint or export, and a teacher backbone written back
 as a reference .pth.
 
-The names and layouts of the weights are state_dict.py's; this module assembles them into the
-TrainState of step.py.
+DINO's checkpoints (main_dino.py: train_dino's checkpoint.pth) and DINOv2's (SSLMetaArch's state
+dict, dinov2/train/ssl_meta_arch.py, with its teacher_checkpoint.pth and release backbones) are read
+as the config's method asks. The names and layouts of the weights are state_dict.py's; this module
+assembles them into the TrainState of step.py.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any, NamedTuple
 
 import jax
@@ -25,6 +28,8 @@ from dino_jax.core.config import steps_per_epoch
 from dino_jax.core.optim import group_of, init_hyperparams
 from dino_jax.interop import hub
 from dino_jax.interop.state_dict import (
+    DINOV2_PARTS,
+    DINOV2_WIDTHS,
     IGNORED_BUFFERS,
     NETWORKS,
     VIT_WIDTHS,
@@ -32,6 +37,8 @@ from dino_jax.interop.state_dict import (
     backbone_key,
     backbone_state_dict,
     backbone_to_torch,
+    dinov2_networks_from_state_dict,
+    dinov2_networks_to_state_dict,
     flat_tree,
     from_state_dict,
     head_from_state_dict,
@@ -41,8 +48,10 @@ from dino_jax.interop.state_dict import (
     infer_head_config,
     is_full_checkpoint,
     network_state_dict,
+    split_dinov2_network,
     split_network,
     split_variables,
+    to_numpy,
     to_state_dict,
     torch_load,
     torch_shape,
@@ -51,6 +60,20 @@ from dino_jax.methods import get_method
 from dino_jax.models import model_spec
 
 log = logging.getLogger("dino_jax")
+
+# SSLMetaArch's buffers beside its networks (dinov2/loss/dino_clstoken_loss.py: DINOLoss.center
+# [1, K]; dinov2/loss/ibot_patch_loss.py: iBOTPatchLoss.center [1, 1, K']) and the DinoV2
+# method_state entries that hold them.
+DINOV2_CENTERS = {"dino_loss.center": "dino_center", "ibot_patch_loss.center": "ibot_center"}
+# dinov2/fsdp/__init__.py: FSDPCheckpointer.save writes each rank's LOCAL_STATE_DICT (its shard
+# of every FSDP module's flat parameter) to `<name>.rank_<r>.pth`.
+_RANK_FILE = re.compile(r"\.rank_\d+\.pth$")
+_CONSOLIDATE = (
+    "consolidate it to a full state dict first: load it into the official SSLMetaArch with "
+    "FSDPCheckpointer on the same number of GPUs, then torch.save({'model': model.state_dict(), "
+    "'iteration': N}) inside FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT); or "
+    "start a new run from eval/<iteration>/teacher_checkpoint.pth"
+)
 
 
 def checkpoint_config(path: str | epath.PathLike) -> ml_collections.ConfigDict:
@@ -78,9 +101,28 @@ def import_full_checkpoint(
     patch_size, size overrides, out_dim, head_*, use_bn_in_head, norm_last_layer): every
     unknown or missing key and every mismatched shape is listed in the ValueError otherwise.
     With a mesh, the state is placed with the shardings of `step.state_sharding`.
+
+    With config.method="dinov2" the file is DINOv2's SSLMetaArch state dict, as a full state
+    dict: {"model": state dict, "iteration": N, ...} or the bare state dict, with
+    `student.{backbone,dino_head,ibot_head}.*`, `teacher.*` alike, `dino_loss.center` [1, K] and
+    `ibot_patch_loss.center` [1, 1, K']. Student, teacher and both centers are imported;
+    `step` is iteration + 1, where the official resumes (dinov2/train/train.py: do_train's
+    start_iter; 0 without an iteration). The optimizer state starts fresh (AdamW's moments at
+    zero, its count at 0): the official FSDPCheckpointer saves each rank's shard of it, which
+    no full state dict carries. The centers are the saved buffers, as the official's own resume
+    uses them (its last lazy center update is never saved). An FSDP per-rank file (flat_param
+    keys) is refused: consolidate it first.
     """
+    if config.method == "dinov2":
+        return _import_dinov2_checkpoint(epath.Path(path), config, mesh)
     checkpoint = torch_load(path)
     if not is_full_checkpoint(checkpoint):
+        if _ssl_meta_arch(checkpoint)[0] is not None:
+            raise ValueError(
+                f"{path} is a DINOv2 training checkpoint (SSLMetaArch's state dict): set "
+                "config.method='dinov2' (dino_jax.interop.official_config.config_from_yaml "
+                "reads the run's config.yaml)."
+            )
         raise ValueError(
             f"{path} is not a full training checkpoint (no 'student' and 'teacher'): a "
             "backbone-only file cannot resume training; load it with dino_jax.load_pretrained."
@@ -118,12 +160,21 @@ def init_state_from(
     - a dino_jax export: its teacher for both student and teacher.
     What the source lacks (a head, the center) is as `step.init_state(config, rng, mesh)` makes
     it. A source of another model is refused with a one-line ValueError naming what differs.
+
+    With config.method="dinov2" (`_init_dinov2_from`): DINOv2's full training checkpoint (the
+    SSLMetaArch state dict of `import_full_checkpoint`: student, teacher, centers), its
+    `teacher_checkpoint.pth` (dinov2/train/train.py: do_test saves {"teacher": backbone and
+    heads}: the teacher for both networks), a backbone-only file (a release file or
+    student.pretrained_weights: the backbone for both, heads and centers new), or a DINOv2
+    dino_jax workdir or export, read alike.
     """
     path = epath.Path(source)
     if not path.exists():
         raise FileNotFoundError(
             f"init_checkpoint: no .pth file, dino_jax export or workdir at {path}."
         )
+    if config.method == "dinov2":
+        return _init_dinov2_from(path, config, rng, mesh)
     found = _dino_jax_source(path) if path.is_dir() else _torch_source(path)
     # Shapes first, so that a wrong file fails before the model is initialised.
     abstract = jax.eval_shape(lambda key: dino_step.init_state(config, key), rng)
@@ -184,10 +235,7 @@ def _dino_jax_source(path: epath.Path) -> _Source:
         variables = {w: (params, stats) for w in NETWORKS}
         center, what = None, "its exported teacher for student and teacher (zero center)"
     else:
-        raise ValueError(
-            f"init_checkpoint {path} is neither a .pth file, a dino_jax export (config.json + "
-            "variables/) nor a training workdir (checkpoints/ or export/)."
-        )
+        raise ValueError(_not_a_source(path))
     # Through the reference layout, so that every source is checked and reported alike.
     networks = {}
     for which, (params, batch_stats) in variables.items():
@@ -252,15 +300,22 @@ def _state_with(base, networks: dict, center, step: int, config, source, mesh):
         params[which] = {**getattr(base, which), **loaded["params"]}
         if base.batch_stats:
             stats[which] = {**base.batch_stats[which], **loaded["batch_stats"]}
+    method_state = base.method_state if center is None else {"center": center}
+    return _assembled(params, method_state, stats, step, config, mesh)
+
+
+def _assembled(params: dict, method_state, batch_stats, step: int, config, mesh):
+    """The TrainState of `params` ({"student", "teacher"}), `method_state`, `batch_stats` and
+    `step`, with a fresh optimizer state; placed with the state's shardings on `mesh`."""
     state = dino_step.TrainState(
         step=jnp.asarray(step, jnp.int32),
         student=params["student"],
         teacher=params["teacher"],
-        method_state=base.method_state if center is None else {"center": center},
+        method_state=method_state,
         opt_state=dino_step.optimizer(
             config, get_method(config), init_hyperparams(), params["student"]
         ).init(params["student"]),
-        batch_stats=stats,
+        batch_stats=batch_stats,
     )
     if mesh is not None:
         return jax.device_put(state, dino_step.state_sharding(config, mesh))
@@ -459,3 +514,243 @@ def export_backbone(source, path: str | epath.PathLike) -> dict:
     with epath.Path(path).open("wb") as f:
         torch.save(state, f)
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# DINOv2: SSLMetaArch's state dict, its teacher_checkpoint.pth and backbone files.
+
+
+def _import_dinov2_checkpoint(path: epath.Path, config, mesh):
+    """`import_full_checkpoint` for config.method="dinov2"."""
+    obj = _official_object(path)
+    model, iteration = _ssl_meta_arch(obj)
+    if model is None:
+        raise ValueError(_not_ssl_meta_arch(obj, path))
+    networks, centers = _split_ssl_meta_arch(model, path)
+    abstract = jax.eval_shape(lambda key: dino_step.init_state(config, key), jax.random.key(0))
+    params = {
+        which: _dinov2_params(networks[which], getattr(abstract, which), config, which, path)
+        for which in NETWORKS
+    }
+    method_state = _dinov2_centers(centers, config, path)
+    if iteration is None:
+        log.info("%s holds no iteration: the imported state starts at step 0.", path)
+    step = 0 if iteration is None else int(iteration) + 1
+    return _assembled(params, method_state, {}, step, config, mesh)
+
+
+class _DinoV2Source(NamedTuple):
+    """DINOv2 weights to start from: {network: reference state dict of its parts
+    ("backbone.…", "dino_head.…", ...)}, the centers of an official checkpoint (by their
+    SSLMetaArch keys) or the method_state of a dino_jax run (or neither), the backbone's
+    attention heads where known, and a description."""
+
+    networks: dict[str, StateDict]
+    centers: StateDict | None
+    method_state: dict[str, np.ndarray] | None
+    num_heads: int | None
+    what: str
+
+
+def _init_dinov2_from(path: epath.Path, config, rng, mesh):
+    """`init_state_from` for config.method="dinov2"."""
+    found = _dinov2_dino_jax_source(path) if path.is_dir() else _dinov2_torch_source(path)
+    # Shapes first, so that a wrong file fails before the model is initialised.
+    abstract = jax.eval_shape(lambda key: dino_step.init_state(config, key), rng)
+    backbone = split_dinov2_network(found.networks["student"], f"student in {path}")
+    _check_backbone_fits(
+        backbone.get("backbone", {}), abstract.student["backbone"], config, found.num_heads, path
+    )
+    loaded = {
+        which: _dinov2_params(
+            found.networks[which], getattr(abstract, which), config, which, path, whole=False
+        )
+        for which in NETWORKS
+    }
+    method_state = None
+    if found.centers is not None:
+        method_state = _dinov2_centers(found.centers, config, path)
+    elif found.method_state is not None:
+        method_state = _checked_method_state(found.method_state, abstract.method_state, path)
+    fresh = dino_step.init_state(config, rng, mesh)
+    params = {which: {**getattr(fresh, which), **loaded[which]} for which in NETWORKS}
+    if method_state is None:
+        method_state = fresh.method_state
+    return _assembled(params, method_state, {}, 0, config, mesh), found.what
+
+
+def _official_object(path: epath.Path) -> Any:
+    """The object in an official DINOv2 .pth; FSDP's per-rank files are refused, by their name
+    (their sharded tensors do not unpickle here) or by their flat_param keys."""
+    if _RANK_FILE.search(path.name):
+        raise ValueError(
+            f"{path} is one rank's shard of an official FSDP checkpoint: {_CONSOLIDATE}."
+        )
+    obj = torch_load(path)
+    model = obj.get("model") if isinstance(obj, dict) else None
+    model = model if isinstance(model, dict) else obj
+    if isinstance(model, dict) and any(str(k).endswith("flat_param") for k in model):
+        raise ValueError(
+            f"{path} is an FSDP local (per-rank) state dict with flat_param keys: {_CONSOLIDATE}."
+        )
+    return obj
+
+
+def _ssl_meta_arch(obj: Any) -> tuple[dict | None, int | None]:
+    """(SSLMetaArch state dict, its iteration or None) of a file holding one: under "model"
+    (fvcore's Checkpointer.save, dinov2/fsdp/__init__.py: FSDPCheckpointer) or bare; (None,
+    None) for other files."""
+    if not isinstance(obj, dict):
+        return None, None
+    wrapped = isinstance(obj.get("model"), dict)
+    model = obj["model"] if wrapped else obj
+    prefixes = {str(key).partition(".")[0] for key in model}
+    if not {"student", "teacher"} <= prefixes or "student" in model:
+        return None, None
+    return model, obj.get("iteration") if wrapped else None
+
+
+def _not_ssl_meta_arch(obj: Any, path) -> str:
+    """Why `obj` cannot be imported as a DINOv2 training checkpoint, in one line."""
+    if is_full_checkpoint(obj):
+        return (
+            f"{path} is a DINO training checkpoint (main_dino.py: 'student'/'teacher' with one "
+            "'head'), not DINOv2's SSLMetaArch state dict: import it with config.method='dino'."
+        )
+    return (
+        f"{path} is not a DINOv2 training checkpoint (no student.* and teacher.* keys of "
+        "SSLMetaArch's state dict): start a new run from it with train.init_checkpoint instead."
+    )
+
+
+def _split_ssl_meta_arch(model: dict, path) -> tuple[dict[str, StateDict], StateDict]:
+    """SSLMetaArch's state dict -> ({network: its NumPy state dict}, {center key: center})."""
+    networks: dict[str, StateDict] = {which: {} for which in NETWORKS}
+    centers, others = {}, []
+    for key, value in to_numpy(model).items():
+        which, _, rest = key.partition(".")
+        if which in networks:
+            networks[which][rest] = value
+        elif key in DINOV2_CENTERS:
+            centers[key] = value
+        else:
+            others.append(key)
+    if others:
+        raise ValueError(
+            f"{path} has keys outside student.*, teacher.* and the centers: {sorted(others)[:5]}; "
+            "it is not SSLMetaArch's state dict."
+        )
+    return networks, centers
+
+
+def _dinov2_params(state: StateDict, abstract, config, which: str, source, whole=True) -> dict:
+    """The params of the DINOv2 network `which` in `state`: every part the config builds, or
+    with whole=False also the backbone alone (the heads are then the caller's)."""
+    what = f"{which} in {source}"
+    params = dinov2_networks_from_state_dict(state, abstract, config, what)
+    if set(params) == set(abstract) or (not whole and set(params) == {"backbone"}):
+        return params
+    missing = [part for part in abstract if part not in params]
+    raise ValueError(
+        f"The {what} has no {', '.join(missing)}, which the config builds (ibot.separate_head="
+        f"{config.ibot.separate_head}, ibot.loss_weight={config.ibot.loss_weight}): set them "
+        "as the run that wrote it."
+    )
+
+
+def _dinov2_centers(found: StateDict, config, source) -> dict[str, np.ndarray]:
+    """The DinoV2 method_state holding the official centers `found` ({"dino_loss.center":
+    [1, K], "ibot_patch_loss.center": [1, 1, K']}): SSLMetaArch has DINOLoss only with
+    dino.loss_weight > 0 and iBOTPatchLoss only with ibot.loss_weight > 0; an unused center
+    stays at zero."""
+    method = get_method(config)
+    fresh = {k: np.asarray(v) for k, v in method.init_state().items()}
+    used = {"dino_loss.center": method.do_dino, "ibot_patch_loss.center": method.do_ibot}
+    wanted = sorted(key for key, on in used.items() if on)
+    if sorted(found) != wanted:
+        raise ValueError(
+            f"{source} holds the centers {sorted(found)}; the config (dino.loss_weight="
+            f"{config.dino.loss_weight}, ibot.loss_weight={config.ibot.loss_weight}) has "
+            f"{wanted}: set the loss weights as the run that wrote it."
+        )
+    centers = dict(fresh)
+    for key, value in found.items():
+        ours = DINOV2_CENTERS[key]
+        shape = (1,) * (2 if ours == "ibot_center" else 1) + fresh[ours].shape
+        if tuple(value.shape) != shape:
+            section = "ibot" if ours == "ibot_center" and method.separate_head else "dino"
+            raise ValueError(
+                f"{key} of {source} has shape {tuple(value.shape)}; the config's "
+                f"{section}.head_n_prototypes={fresh[ours].shape[0]} needs {shape}."
+            )
+        centers[ours] = np.asarray(value, np.float32).reshape(-1)
+    return centers
+
+
+def _checked_method_state(found: dict, abstract: dict, source) -> dict[str, np.ndarray]:
+    """A dino_jax DINOv2 run's method_state, checked against the config's shapes."""
+    for key, leaf in abstract.items():
+        got = np.shape(found.get(key))
+        if got != leaf.shape:
+            raise ValueError(
+                f"The {key} of {source} has shape {got}; the config's needs {leaf.shape}: set "
+                "dino.head_n_prototypes and ibot.* as the run that wrote it."
+            )
+    return {key: np.asarray(found[key], np.float32) for key in abstract}
+
+
+def _dinov2_torch_source(path: epath.Path) -> _DinoV2Source:
+    obj = _official_object(path)
+    model, _ = _ssl_meta_arch(obj)
+    if model is not None:
+        networks, centers = _split_ssl_meta_arch(model, path)
+        what = "the student, teacher and centers of a DINOv2 training checkpoint"
+        return _DinoV2Source(networks, centers, None, _dinov2_heads(networks["student"]), what)
+    if is_full_checkpoint(obj):
+        raise ValueError(_not_ssl_meta_arch(obj, path))
+    teacher = obj.get("teacher") if isinstance(obj, dict) else None
+    if isinstance(teacher, dict) and any(k.startswith("dino_head.") for k in teacher):
+        # dinov2/train/train.py: do_test saves {"teacher": model.teacher.state_dict()}.
+        state = to_numpy(teacher)
+        what = "the teacher's backbone and heads (teacher_checkpoint.pth) for student and teacher"
+    else:
+        state = {f"backbone.{k}": v for k, v in backbone_state_dict(obj).items()}
+        what = "its backbone for student and teacher (new heads and centers)"
+    networks = {which: state for which in NETWORKS}
+    return _DinoV2Source(networks, None, None, _dinov2_heads(state), what)
+
+
+def _dinov2_dino_jax_source(path: epath.Path) -> _DinoV2Source:
+    if (path / "checkpoints").exists():
+        names = ("student", "teacher", "method_state")
+        saved, arrays = checkpoint.latest_arrays(path / "checkpoints", names)
+        params = {which: arrays[which] for which in NETWORKS}
+        method_state = arrays.get("method_state") or None
+        what = "the student, teacher and centers of its latest checkpoint"
+    elif (export := hub.export_of(path)) is not None:
+        saved, teacher, _ = checkpoint.load_exported(export)
+        params = {which: teacher for which in NETWORKS}
+        method_state, what = None, "its exported teacher for student and teacher (new centers)"
+    else:
+        raise ValueError(_not_a_source(path))
+    # Through the reference layout, so that every source is checked and reported alike.
+    networks = {
+        which: dinov2_networks_to_state_dict(
+            {part: tree for part, tree in network.items() if part in DINOV2_PARTS}, saved
+        )
+        for which, network in params.items()
+    }
+    return _DinoV2Source(networks, None, method_state, model_spec(saved).num_heads or None, what)
+
+
+def _not_a_source(path) -> str:
+    return (
+        f"init_checkpoint {path} is neither a .pth file, a dino_jax export (config.json + "
+        "variables/) nor a training workdir (checkpoints/ or export/)."
+    )
+
+
+def _dinov2_heads(network: StateDict) -> int | None:
+    """The attention heads of the official DINOv2 ViT of the network's width, or None."""
+    width = network.get("backbone.cls_token", np.zeros((0,))).shape[-1]
+    return DINOV2_WIDTHS[width][1] if width in DINOV2_WIDTHS else None

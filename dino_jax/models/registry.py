@@ -70,7 +70,7 @@ def model_spec(config: ml_collections.ConfigDict) -> ArchSpec:
             f"Unknown student.arch={config.student.arch!r}; choose one of {', '.join(ARCHS)}."
         )
     spec = ARCH_SPECS[config.student.arch]
-    if spec.family != "vit":
+    if spec.family not in ("vit", "dinov2_vit"):
         return spec
     student = config.student
     overrides = {k: student[k] for k in ("embed_dim", "depth", "num_heads") if student[k]}
