@@ -47,6 +47,8 @@ MODEL_KEYS = (
     "optim.layerwise_decay",
     "optim.patch_embed_lr_mult",
     "optim.freeze_last_layer_epochs",
+    "optim.freeze_backbone_epochs",
+    "ibot.separate_head",
 )
 # Keys that fix the length of every schedule (lr, weight decay, teacher momentum and temperature,
 # the frozen last layer): a resume that changes one evaluates the schedules of another run at

@@ -37,6 +37,7 @@ from dino_jax.core.config import (
 from dino_jax.core.step import abstract_batch, abstract_state, init_state, make_train_step
 from dino_jax.cpu import host_memory
 from dino_jax.data.pipeline import batches_per_epoch, train_dataset, train_source
+from dino_jax.eval.collapse import CollapseWatch
 from dino_jax.eval.monitor import Monitors
 from dino_jax.interop import training_state as interop
 from dino_jax.metrics import MetricWriter
@@ -224,6 +225,7 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer, monitor) -> dict[str
     last = {}
     bar = tqdm(total=total_steps, initial=start, disable=jax.process_index() != 0, unit="step")
     window = Throughput(config.train.batch_size)
+    collapse = CollapseWatch(config, config.train.OFFICIAL_EPOCH_LENGTH)
     with stop or contextlib.nullcontext():
         for step in range(start + 1, total_steps + 1):
             batch = parallel.to_global(_step_inputs(config, next(data)), mesh)
@@ -235,6 +237,8 @@ def _loop(config, workdir, mesh, state, data, ckpt, writer, monitor) -> dict[str
                 # Checked before any save, so that a non-finite state is never written.
                 last = {**_check_finite(jax.device_get(metrics), step), **window.read()}
                 writer.write(step, last)
+                if warning := collapse.check(step, last):
+                    log.warning(warning)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")
             every = config.eval.knn_every_steps  # the last step has its own k-NN below
             if monitor and every and step % every == 0 and step < total_steps:

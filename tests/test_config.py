@@ -52,6 +52,13 @@ NEW_KEYS = (
         )
     ),
     "compute.scan_blocks",
+    # DINOv2's (method="dinov2"), and the DINO method's defaults for them
+    "dino.loss_weight",
+    "dino.koleo_loss_weight",
+    "train.centering",
+    "train.rank_batch_size",
+    *(f"optim.{k}" for k in ("scaling_rule", "adamw_beta1", "adamw_beta2")),
+    "optim.freeze_backbone_epochs",
 )
 
 

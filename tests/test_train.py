@@ -33,6 +33,8 @@ RECIPES = [
     "dinov2_vitl16_short.py",
     "dinov2_vitl14.py",
     "dinov2_vitg14.py",
+    "continue.py",
+    "continue.py:dinov2",
 ]
 
 

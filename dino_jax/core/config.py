@@ -111,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Epochs the head's last layer stays frozen (main_dino.py's freeze_last_layer: no update;
     # DINOv2: its lr is 0 while Adam's moments accumulate).
     o.freeze_last_layer_epochs = 1
+    # Epochs the student's backbone stays frozen (no update, no moments) while the heads and the
+    # method's state settle: for a run that starts from trained weights (train.init_checkpoint).
+    o.freeze_backbone_epochs = 0
     # Layer-wise lr decay (DINOv2's layerwise_decay): block i of a depth-L ViT gets lr times
     # rate^(L - i), the embeddings rate^(L + 1); 1.0 is off. The patch embedding's lr is further
     # times patch_embed_lr_mult.
@@ -433,7 +436,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.batch_size, c.optim.epochs, c.train.OFFICIAL_EPOCH_LENGTH = 8, 1, 4
     c.train.rank_batch_size = 4  # DINOv2's ranks: 2 of 4 images, whatever the devices
     c.compute.mesh = base_config().compute.mesh  # whatever devices the machine has
-    c.optim.warmup_epochs = c.optim.freeze_last_layer_epochs = 0
+    c.optim.warmup_epochs = c.optim.freeze_last_layer_epochs = c.optim.freeze_backbone_epochs = 0
     c.teacher.warmup_teacher_temp_epochs = 0
     c.checkpoint.every_steps, c.log.every_steps = 2, 1
     c.eval.knn_every_steps, c.eval.knn_train_examples, c.eval.knn_val_examples = None, 64, 32
@@ -640,6 +643,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"eval.jaccard_examples={config.eval.jaccard_examples} asks for the attention "
             "monitor, which runs beside the k-NN monitor, and eval.knn_every_steps=None turns "
             "both off: set eval.knn_every_steps to 0 (before and after training) or N."
+        )
+    if not 0 <= optim.freeze_backbone_epochs < optim.epochs:
+        raise ValueError(
+            f"optim.freeze_backbone_epochs={optim.freeze_backbone_epochs} must be in [0, "
+            f"optim.epochs={optim.epochs}): the backbone would never train."
         )
     if config.teacher.warmup_teacher_temp_epochs > optim.epochs:
         raise ValueError(

@@ -49,8 +49,8 @@ class TrainState:
 
 def param_rules(config: ml_collections.ConfigDict, method: Method) -> list[ParamRule]:
     """The parameter groups of a run: the method's rules, layer-wise lr decay and the patch
-    embedding's lr multiplier, then the config's own `param_groups` (pattern, lr_mult, wd_mult,
-    frozen_epochs)."""
+    embedding's lr multiplier, the backbone's freeze (optim.freeze_backbone_epochs), then the
+    config's own `param_groups` (pattern, lr_mult, wd_mult, frozen_epochs)."""
     rules = list(method.param_rules())
     if config.optim.layerwise_decay != 1.0 or config.optim.patch_embed_lr_mult != 1.0:
         depth = getattr(backbone_of(config), "depth", None)
@@ -63,6 +63,8 @@ def param_rules(config: ml_collections.ConfigDict, method: Method) -> list[Param
         rules += layerwise_decay_rules(
             config.optim.layerwise_decay, depth, config.optim.patch_embed_lr_mult
         )
+    if config.optim.freeze_backbone_epochs:
+        rules.append(ParamRule(r"^backbone/", frozen_epochs=config.optim.freeze_backbone_epochs))
     return rules + [ParamRule(*group) for group in config.optim.param_groups]
 
 
@@ -247,7 +249,7 @@ def _bound(fn: Callable, config: ml_collections.ConfigDict, mesh: Mesh) -> Calla
     validate(config, mesh.size)
     steps_per_epoch(config)  # the schedules need it: fail now rather than while tracing
     config = with_rank_batch_size(config, mesh.size)
-    method = get_method(config)
+    method = get_method(config, mesh)
     student, teacher = method.networks(platforms.model_layers(config, mesh))
     return partial(
         fn,
