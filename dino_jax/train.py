@@ -302,6 +302,10 @@ def _teacher(state):
 
 def _log_monitors(teacher: str, values: dict) -> None:
     log.info("k-NN top-1 of %s: %.1f%%", teacher, values["knn_top1"])
+    if "knn_top1_retain" in values:
+        log.info(
+            "k-NN top-1 of %s on the retained source: %.1f%%", teacher, values["knn_top1_retain"]
+        )
     if "jaccard_mean_map" in values:
         log.info(
             "Jaccard of the attention masks of %s: mean map %.3f, best head %.3f",

@@ -101,3 +101,26 @@ def test_the_collapse_watch_names_each_collapse_once():
     said = [watch.check(s, peaked) for s in (9, 10, 11)]
     assert said[:2] == [None, None] and "few prototypes" in said[2]
     assert "teacher.momentum_teacher" in said[2]
+
+
+def test_the_monitor_scores_the_retained_source_beside_the_new_one(tmp_path):
+    """eval.knn_retain_source: the k-NN on the data a continued run must not forget, with that
+    source's own memory and queries."""
+    from dino_jax.eval.monitor import KnnMonitor, Monitors
+    from dino_jax.metrics import MetricWriter
+
+    config = make_tiny_config()
+    config.data.source, config.eval.knn_retain_source = "synthetic:shapes", "synthetic:textures"
+    config.data.eval_resize_size, config.data.eval_crop_size = 40, 32
+    config.eval.knn_train_examples, config.eval.knn_val_examples = 48, 24
+    config.eval.batch_size = 24
+    mesh = parallel.make_mesh(config.compute.mesh)
+    state = init_state(config, jax.random.key(0), mesh)
+    monitors = Monitors(config, mesh, str(tmp_path))
+    with MetricWriter(str(tmp_path)) as writer:
+        values = monitors(0, state.teacher, None, writer)
+    alone = config.copy_and_resolve_references()
+    alone.data.source = "synthetic:textures"
+    assert monitors.retain.splits["train"][0] == "synthetic:textures"
+    assert values["knn_top1_retain"] == KnnMonitor(alone, mesh)(state.teacher)
+    assert values["knn_top1"] == KnnMonitor(config, mesh)(state.teacher)

@@ -216,6 +216,10 @@ def base_config() -> ml_collections.ConfigDict:
     e.knn_train_examples = 10000  # labelled examples of data.split as the k-NN memory
     e.knn_val_examples = 2000  # examples of data.eval_split (of data.eval_source) to classify
     e.knn_k = 20  # neighbours voting, weighted by exp(similarity / 0.07) (eval_knn.py)
+    # A second labelled source the k-NN monitor also scores (knn_top1_retain: its data.split as
+    # the memory, its data.eval_split as the queries): what a run continued from trained weights
+    # must not forget. None: none.
+    e.knn_retain_source = optional(str)
     # The attention monitor (eval/attention_monitor.py), beside the k-NN monitor: the Jaccard
     # index of the teacher's attention masks on this many held-out scenes with true masks (0:
     # off), and WORKDIR/figures/attention_<step>.png with the maps of the first figure_scenes.

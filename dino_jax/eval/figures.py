@@ -81,6 +81,7 @@ def attention_figure(
 # The monitors' figures in metrics.jsonl, and how the curves name them.
 CURVES = {
     "knn_top1": "k-NN top-1 of the teacher (%)",
+    "knn_top1_retain": "k-NN top-1 on eval.knn_retain_source (%)",
     "jaccard_mean_map": "Jaccard of the mean map's mask",
     "jaccard_best_head": "Jaccard of the best head's mask",
     "patch_jaccard": "Jaccard of the patch features' linear probe",
@@ -91,7 +92,7 @@ def monitor_figure(records: Sequence[dict]) -> Figure | None:
     """The monitors' figures over training steps, one panel per kind, from metrics records
     (`metrics.read_metrics`); None when no record has one."""
     panels = [
-        ("k-NN", ["knn_top1"]),
+        ("k-NN", ["knn_top1", "knn_top1_retain"]),
         ("segmentation", ["jaccard_mean_map", "jaccard_best_head", "patch_jaccard"]),
     ]
     panels = [(name, [k for k in keys if any(k in r for r in records)]) for name, keys in panels]

@@ -118,9 +118,10 @@ class KnnMonitor:
 
 class Monitors:
     """The monitors a config asks for, run together at step 0, every eval.knn_every_steps and
-    after the last step: the k-NN top-1 and (eval.jaccard_examples > 0) the attention masks'
-    Jaccard go to the metrics; WORKDIR/figures/ gets attention_<step>.png (the teacher's maps on
-    eval.figure_scenes held-out scenes) and monitors.png (every figure so far, over the steps).
+    after the last step: the k-NN top-1 (and that on eval.knn_retain_source) and
+    (eval.jaccard_examples > 0) the attention masks' Jaccard go to the metrics; WORKDIR/figures/
+    gets attention_<step>.png (the teacher's maps on eval.figure_scenes held-out scenes) and
+    monitors.png (every figure so far, over the steps).
 
     Built before training starts, so that a monitor refusing its data stops the run first.
     """
@@ -128,6 +129,11 @@ class Monitors:
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, workdir: str):
         self.config, self.workdir = config, workdir
         self.knn = KnnMonitor(config, mesh)
+        self.retain = None
+        if config.eval.knn_retain_source:
+            retain = config.copy_and_resolve_references()
+            retain.data.source, retain.data.eval_source = config.eval.knn_retain_source, None
+            self.retain = KnnMonitor(retain, mesh)
         self.attention = (
             AttentionMonitor(config, mesh) if config.eval.jaccard_examples > 0 else None
         )
@@ -140,6 +146,8 @@ class Monitors:
         writer: MetricWriter,
     ) -> dict[str, float]:
         values = {"knn_top1": self.knn(teacher_params, teacher_batch_stats)}
+        if self.retain:
+            values["knn_top1_retain"] = self.retain(teacher_params, teacher_batch_stats)
         primary = jax.process_index() == 0
         out = os.path.join(self.workdir, "figures")
         if self.attention:
