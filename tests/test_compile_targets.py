@@ -48,6 +48,15 @@ MESHES = {
     "data": "--config.compute.mesh=(('data', -1), ('fsdp', 1))",
     "fsdp": f"--config.compute.mesh=(('data', -1), ('fsdp', {FSDP}))",
 }
+# DINOv2's smoke step with the batch-subset stochastic depth (rate > 0.1) and 4 ranks of 2 images
+# on the 4 chips of a v4-8: each rank's subsets and masked-patch buffers stay on its chip.
+DINOV2_RECIPE = [
+    "--config",
+    "configs/dinov2_vits14.py:smoke",
+    "--config.student.drop_path_rate=0.4",
+    "--config.train.rank_batch_size=2",
+    "--config.dino.koleo_loss_weight=0.1",
+]
 COMPILE = """
 import pickle, sys
 from dino_jax.tools import aot
@@ -77,7 +86,8 @@ def compile_report(target: str, mesh: str, shared: Path) -> aot.CompileReport:
         if not out.exists():
             if platform == "tpu":
                 fcntl.flock(libtpu, fcntl.LOCK_EX)
-            command = [AOT_PYTHON, "-c", COMPILE, target, str(out), *RECIPE, MESHES[mesh]]
+            recipe = DINOV2_RECIPE if mesh == "dinov2" else [*RECIPE, MESHES[mesh]]
+            command = [AOT_PYTHON, "-c", COMPILE, target, str(out), *recipe]
             result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
             if result.returncode:
                 pytest.fail(f"compiling for {target} failed:\n{result.stderr[-3000:]}")
@@ -170,6 +180,18 @@ def test_fsdp_reduce_scatters_gradients_and_gathers_weights(fsdp_report):
     assert not [op for op in ops if op.kind == "all-reduce" and whole in op.arrays]
     totals = aot.collective_totals(ops)
     assert totals["collective-permute"].count == totals["all-to-all"].count == 0, totals
+
+
+@pytest.mark.slow
+def test_dinov2_keeps_each_ranks_work_on_its_devices(shared_dir):
+    """DINOv2's per-rank parts (stochastic-depth subsets, the masked patches' buffers and
+    heads) run where the rank's images are: with the parameters replicated the only collectives
+    are the gradients' and the losses' all-reduces, no activation is gathered or moved."""
+    report = compile_report(TARGETS["tpu"], "dinov2", shared_dir)
+    totals = aot.collective_totals(aot.collective_ops(report.hlo))
+    assert totals["all-reduce"].count > 0
+    moved = ("all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+    assert all(totals[kind].count == 0 for kind in moved), totals
 
 
 @pytest.mark.slow

@@ -86,7 +86,7 @@ def test_each_flat_key_has_one_place_and_each_optional_key_is_none_by_default():
     leaves = {f"{s}.{leaf}" for s in SECTIONS for leaf in config[s]}
     assert leaves == {p for p in places if p.split(".")[0] in SECTIONS} | set(NEW_KEYS)
     assert [lookup(config, key) for key in OPTIONAL_KEYS] == [
-        None, None, None, None, None, "compilation_cache", None, None, 0
+        None, None, None, None, None, "compilation_cache", None, None, 0, None
     ]  # fmt: skip
 
 
