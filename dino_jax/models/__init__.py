@@ -176,7 +176,10 @@ def build_dinov2(
 
     separate = config.ibot.separate_head and config.ibot.loss_weight > 0
     backbone = _training_backbone(config, teacher, layers)
-    if config.train.rank_batch_size:  # each rank draws its own stochastic-depth subsets
+    # Each rank draws its own stochastic-depth subsets, so that on an accelerator mesh they stay
+    # on the rank's devices. The CPU layers' attention kernel partitions only whole-mesh batch
+    # splits: on a CPU the subsets are drawn over the whole batch.
+    if config.train.rank_batch_size and layers is STOCK:
         backbone = backbone.clone(
             drop_path_groups=config.train.batch_size // config.train.rank_batch_size
         )
