@@ -30,16 +30,7 @@ class Dino:
         self.config = config
 
     def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """{"global": [B, 2, G, G, 3], "local": [B, n, L, L, 3] (absent when n = 0)}: float32
-        normalised crops, or uint8 ones when the step augments them (data.augment_on_device)."""
-        c = self.config
-        b, g, l = c.train.batch_size, c.crops.global_crops_size, c.crops.local_crops_size
-        dtype = np.uint8 if c.data.augment_on_device else np.float32
-        spec = {"global": jax.ShapeDtypeStruct((b, 2, g, g, 3), dtype)}
-        if c.crops.local_crops_number:
-            n = c.crops.local_crops_number
-            spec["local"] = jax.ShapeDtypeStruct((b, n, l, l, 3), dtype)
-        return spec
+        return crops_spec(self.config)
 
     def networks(self, layers: Layers) -> tuple[nn.Module, nn.Module]:
         """The multi-crop student (with stochastic depth) and teacher (without)."""
@@ -108,6 +99,19 @@ class Dino:
             ParamRule(NOT_DECAYED, wd_mult=0.0),
             ParamRule(LAST_LAYER, frozen_epochs=self.config.optim.freeze_last_layer_epochs),
         ]
+
+
+def crops_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """{"global": [B, 2, G, G, 3], "local": [B, n, L, L, 3] (absent when n = 0)}: float32
+    normalised crops, or uint8 ones when the step augments them (data.augment_on_device)."""
+    c = config
+    b, g, l = c.train.batch_size, c.crops.global_crops_size, c.crops.local_crops_size
+    dtype = np.uint8 if c.data.augment_on_device else np.float32
+    spec = {"global": jax.ShapeDtypeStruct((b, 2, g, g, 3), dtype)}
+    if c.crops.local_crops_number:
+        n = c.crops.local_crops_number
+        spec["local"] = jax.ShapeDtypeStruct((b, n, l, l, 3), dtype)
+    return spec
 
 
 def _chunk(x: jax.Array | None, j: int, chunks: int, axis: int) -> jax.Array | None:

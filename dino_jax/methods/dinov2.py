@@ -24,6 +24,7 @@ from dino_jax.core.config import steps_per_epoch
 from dino_jax.core.optim import ParamRule
 from dino_jax.core.schedules import Hyperparams, teacher_temp_schedule
 from dino_jax.methods.base import Apply
+from dino_jax.methods.dino import crops_spec
 from dino_jax.models import Layers, build_dinov2
 
 # dinov2/utils/param_groups.py: get_params_groups_with_decay: no weight decay for biases and for
@@ -77,19 +78,11 @@ class DinoV2:
         )
 
     def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """DINO's {"global": [B, 2, G, G, 3], "local": [B, n, L, L, 3]} crops and "masks": bool
-        [B, 2, N], the patches of each global crop the student sees as the mask token."""
-        c = self.config
-        b, g, l = c.train.batch_size, c.crops.global_crops_size, c.crops.local_crops_size
-        dtype = np.uint8 if c.data.augment_on_device else np.float32
-        spec = {
-            "global": jax.ShapeDtypeStruct((b, 2, g, g, 3), dtype),
-            "masks": jax.ShapeDtypeStruct((b, 2, self.n_patches), np.bool_),
-        }
-        if c.crops.local_crops_number:
-            n = c.crops.local_crops_number
-            spec["local"] = jax.ShapeDtypeStruct((b, n, l, l, 3), dtype)
-        return spec
+        """DINO's crops (`dino.crops_spec`) and "masks": bool [B, 2, N], the patches of each
+        global crop the student sees as the mask token."""
+        b = self.config.train.batch_size
+        masks = jax.ShapeDtypeStruct((b, 2, self.n_patches), np.bool_)
+        return {**crops_spec(self.config), "masks": masks}
 
     def networks(self, layers: Layers) -> tuple[nn.Module, nn.Module]:
         return (
