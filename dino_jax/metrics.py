@@ -148,37 +148,50 @@ def read_metrics(workdir: str | epath.PathLike) -> list[dict[str, Any]]:
 
 
 def plot_metrics(
-    workdir: str | epath.PathLike,
+    runs: str | epath.PathLike | Mapping[str, str | epath.PathLike],
     keys: Sequence[str] | None = None,
     out_png: str | epath.PathLike | None = None,
 ) -> str:
     """Draws each metric against the step, one panel each, into a PNG; returns its path.
 
-    `keys`: the metrics to draw (default: every metric recorded). The PNG goes to `out_png`,
-    by default workdir/metrics.png. Needs matplotlib.
+    `runs`: a workdir, or {label: workdir} to compare runs (one line per run in every panel, and
+    a legend). `keys`: the metrics to draw (default: every metric recorded by any run). The PNG
+    goes to `out_png`, by default metrics.png in the (first) workdir. Needs matplotlib.
     """
     from matplotlib.figure import Figure  # optional: only plotting needs it
 
-    records = read_metrics(workdir)
-    recorded = list(dict.fromkeys(key for r in records for key in r if key != "step"))
+    if isinstance(runs, Mapping):
+        workdirs = {label: epath.Path(workdir) for label, workdir in runs.items()}
+    else:
+        workdirs = {"": epath.Path(runs)}
+    if not workdirs:
+        raise ValueError("plot_metrics needs at least one workdir.")
+    records = {label: read_metrics(workdir) for label, workdir in workdirs.items()}
+    recorded = list(
+        dict.fromkeys(key for rs in records.values() for r in rs for key in r if key != "step")
+    )
     keys = recorded if keys is None else list(keys)
     missing = [key for key in keys if key not in recorded]
     if missing or not keys:
-        raise ValueError(
-            f"keys={missing or keys} not found in {epath.Path(workdir) / METRICS_FILE}; "
-            f"recorded metrics: {recorded}."
-        )
+        where = ", ".join(str(workdir / METRICS_FILE) for workdir in workdirs.values())
+        raise ValueError(f"keys={missing or keys} not found in {where}; recorded: {recorded}.")
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     figure = Figure(figsize=(4 * cols, 3 * rows), layout="constrained")
     for i, key in enumerate(keys):
         axes = figure.add_subplot(rows, cols, i + 1)
-        steps, values = zip(*[(r["step"], r[key]) for r in records if key in r], strict=True)
-        axes.plot(steps, values)
+        for label, rs in records.items():
+            points = [(r["step"], r[key]) for r in rs if key in r]
+            if points:
+                steps, values = zip(*points, strict=True)
+                axes.plot(steps, values, marker="o" if len(points) < 30 else None, label=label)
         axes.set_title(key)
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
-    out = epath.Path(out_png) if out_png is not None else epath.Path(workdir) / PLOT_FILE
+        if len(records) > 1:
+            axes.legend(fontsize=7)
+    first = next(iter(workdirs.values()))
+    out = epath.Path(out_png) if out_png is not None else first / PLOT_FILE
     png = io.BytesIO()  # through memory, so that gs:// destinations work as local ones
     figure.savefig(png, format="png", dpi=100)
     out.write_bytes(png.getvalue())

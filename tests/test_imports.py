@@ -94,6 +94,7 @@ LAYERS = {
     "dino_jax.benchmark": SHELL,
     "dino_jax.convert": SHELL,
     "dino_jax.eval.cli": SHELL,
+    "dino_jax.plot": SHELL,
     "dino_jax.eval.knn": SHELL,
     "dino_jax.eval.linear": SHELL,
     "dino_jax.tools.input_benchmark": SHELL,

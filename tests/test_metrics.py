@@ -142,6 +142,37 @@ def test_plot_draws_the_recorded_curves(tmp_path):
         plot_metrics(tmp_path, keys=("los",))
 
 
+def test_plot_compares_runs_one_line_each(tmp_path, capsys):
+    """Two runs drawn into the same panels: each run's line in its own colour, through the
+    command line as through the function."""
+    from PIL import Image
+
+    from dino_jax import plot
+
+    pytest.importorskip("matplotlib")
+    for name, slope in (("frozen", 1.0), ("unfrozen", -1.0)):
+        with MetricWriter(tmp_path / name) as writer:
+            for step in range(0, 300, 60):
+                writer.write(step, {"knn_top1": 50 + slope * step / 10, "loss": 1.0})
+    out = tmp_path / "compare.png"
+    plot.main([str(tmp_path / "frozen"), str(tmp_path / "unfrozen"), "--keys", "knn_top1"])
+    plot.main(
+        [str(tmp_path / "frozen"), str(tmp_path / "unfrozen"), "--keys", "knn_top1", "--out"]
+        + [str(out)]
+    )
+    assert capsys.readouterr().out.split() == [str(tmp_path / "frozen" / "metrics.png"), str(out)]
+    rgb = np.asarray(Image.open(out).convert("RGB")).astype(int)
+
+    def pixels_of(colour):  # matplotlib's first two line colours, C0 and C1
+        return (np.abs(rgb - np.array(colour)).sum(-1) < 40).sum()
+
+    assert pixels_of((31, 119, 180)) > 200 and pixels_of((255, 127, 14)) > 200
+    with pytest.raises(SystemExit, match="one different label per workdir"):
+        plot.main([str(tmp_path / "frozen"), str(tmp_path / "unfrozen"), "--labels", "a"])
+    with pytest.raises(SystemExit, match="missing is not a directory"):
+        plot.main([str(tmp_path / "missing")])
+
+
 def test_object_store_runs_write_their_own_parts(tmp_path, monkeypatch):
     """gs:// cannot append: each (re)started run writes metrics.<start>.jsonl, read back merged."""
     monkeypatch.setattr(metrics_lib, "_is_local", lambda workdir: False)
