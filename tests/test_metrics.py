@@ -155,11 +155,9 @@ def test_plot_compares_runs_one_line_each(tmp_path, capsys):
             for step in range(0, 300, 60):
                 writer.write(step, {"knn_top1": 50 + slope * step / 10, "loss": 1.0})
     out = tmp_path / "compare.png"
-    plot.main([str(tmp_path / "frozen"), str(tmp_path / "unfrozen"), "--keys", "knn_top1"])
-    plot.main(
-        [str(tmp_path / "frozen"), str(tmp_path / "unfrozen"), "--keys", "knn_top1", "--out"]
-        + [str(out)]
-    )
+    runs = [str(tmp_path / "frozen"), str(tmp_path / "unfrozen")]
+    plot.main([*runs, "--keys", "knn_top1"])
+    plot.main([*runs, "--keys", "knn_top1", "--out", str(out)])
     assert capsys.readouterr().out.split() == [str(tmp_path / "frozen" / "metrics.png"), str(out)]
     rgb = np.asarray(Image.open(out).convert("RGB")).astype(int)
 
