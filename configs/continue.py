@@ -20,7 +20,7 @@ file's: a file of another model is refused in one line naming what differs.
    ~80% -> ~10%). So the backbone stays frozen for `optim.freeze_backbone_epochs` (2 here) while
    the heads and the centers settle on it (no update, no weight decay, no Adam moments); then
    everything trains on the recipe's schedules, from an lr warm-up. Measured on the built-in data
-   (BENCHMARKS.md): without the warm-up a run forgot 12 points of k-NN in 120 steps and warned of
+   (BENCHMARKS.md): without the warm-up a run forgot 11 points of k-NN in 120 steps and warned of
    a collapse; the frozen start kept the most, and adapted slowest where the weights fit poorly.
 
 2. Length, for N images (what counts is the images seen, iterations x batch): 10k images, 100-200
